@@ -1,0 +1,222 @@
+// Label-level supervised contrastive loss on the CPU, without an N x N matrix.
+//
+// For valid rows i (label >= 0), with s_ij = z_i.z_j / t:
+//   l_i = (t / t_base) * (LSE_{j != i} s_ij - mean_{p in P(i)} s_ip)      when P(i) is not empty.
+//
+// * The positive term goes through per-class feature sums: sum_{p in P(i)} z_p = M_{y_i} - z_i,
+//   so it costs O(N D).
+// * The log-sum-exp streams [BR x BC] tiles of S with an online max (forward, 2 N^2 D flops).
+// * The backward recomputes S from the saved row LSE. S is symmetric, so it visits only the tiles
+//   on and above the diagonal and takes both the row side and the column side of the gradient
+//   from each tile: dZ = (H + H^T) Z with H_ij = w_i exp(s_ij - LSE_i). Three products on half
+//   the tiles: 3 N^2 D flops instead of 6 N^2 D.
+// Tiles are computed with BLAS through ATen (single-threaded inside the parallel region) and the
+// element-wise work with ATen's vectorised kernels, on scratch that stays in L2.
+#include "common.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace mlcontrast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kColBlock = 512;
+// Scratch bound for the per-worker gradient accumulators of the symmetric backward.
+constexpr int64_t kAccumulatorBudgetBytes = int64_t(512) << 20;
+
+void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
+  MLC_CHECK_CPU(features);
+  MLC_CHECK_CPU(labels);
+  MLC_CHECK_FLOAT(features);
+  MLC_CHECK_INDEX(labels);
+  MLC_CHECK_DIM(features, 2);
+  MLC_CHECK_DIM(labels, 1);
+  TORCH_CHECK(labels.size(0) == features.size(0), "labels must have N = ", features.size(0), " entries");
+}
+
+// Sets the entries of a tile (rows from global row i0, columns from global column j0) that lie on
+// the global diagonal, i.e. the self-pairs, to `value`.
+void fill_diagonal(at::Tensor& tile, int64_t i0, int64_t j0, double value) {
+  tile.diagonal(i0 - j0).fill_(value);
+}
+
+// LSE_{j != i} z_i.z_j / t for every row, streamed over column tiles with an online max.
+at::Tensor row_lse(const at::Tensor& z, double inv_t) {
+  const int64_t n = z.size(0);
+  const auto zs = z * inv_t;
+  auto lse = at::empty({n}, z.options());
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    auto scratch = at::empty({kRowBlock, kColBlock}, z.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
+      const auto zi = zs.narrow(0, i0, rows);
+      auto run_max = at::full({rows}, neg_inf, z.options());
+      auto run_sum = at::zeros({rows}, z.options());
+      for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
+        const int64_t cols = std::min(kColBlock, n - j0);
+        auto s = scratch.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(s, zi, z.narrow(0, j0, cols).t());
+        fill_diagonal(s, i0, j0, neg_inf);
+        auto new_max = at::maximum(run_max, std::get<0>(s.max(1)));
+        // A row that has seen only -inf keeps a finite shift, so exp() gives 0 and not NaN.
+        auto shift = at::where(at::isinf(new_max), at::zeros_like(new_max), new_max);
+        run_sum.mul_((run_max - shift).exp_()).add_(s.sub_(shift.unsqueeze(1)).exp_().sum(1));
+        run_max = new_max;
+        if (j0 + cols >= n) lse.narrow(0, i0, rows).copy_(shift + run_sum.log());
+      }
+    }
+  });
+  return lse;
+}
+
+// dZ = (H + H^T) Z with H_ij = w_i exp(z_i.z_j / t - lse_i) (i != j), visiting tiles j >= i only.
+// Rows with w_i = 0 must have lse_i = +inf so that their terms vanish.
+at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& w, double inv_t) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t bytes_per_worker = std::max<int64_t>(1, n * d * z.element_size());
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), blocks, kAccumulatorBudgetBytes / bytes_per_worker}));
+  // Each worker owns whole tile rows and accumulates into its own [N, D] buffer, so no two threads
+  // write the same memory and the result does not depend on scheduling.
+  auto acc = at::zeros({workers, n, d}, z.options());
+  const auto zs = z * inv_t;
+  const auto lse_col = lse.unsqueeze(0), w_col = w.unsqueeze(0);
+
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    auto h_buf = at::empty({kRowBlock, kColBlock}, z.options());
+    auto e_buf = at::empty({kRowBlock, kColBlock}, z.options());
+    for (int64_t worker = w0; worker < w1; ++worker) {
+      auto dz = acc[worker];
+      for (int64_t b = 0; b < blocks; ++b) {
+        // Zig-zag ownership balances the triangle: long rows (small b) pair with short ones.
+        const int64_t pos = b % (2 * workers);
+        if ((pos < workers ? pos : 2 * workers - 1 - pos) != worker) continue;
+        const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
+        const auto zi = z.narrow(0, i0, rows), zsi = zs.narrow(0, i0, rows);
+        const auto lse_row = lse.narrow(0, i0, rows).unsqueeze(1);
+        const auto w_row = w.narrow(0, i0, rows).unsqueeze(1);
+        for (int64_t j0 = i0; j0 < n;) {
+          // The first tile of a row is the diagonal block: its row side already covers both
+          // orders of every pair inside the block.
+          const bool diagonal = j0 == i0;
+          const int64_t cols = diagonal ? rows : std::min(kColBlock, n - j0);
+          const auto zj = z.narrow(0, j0, cols);
+          auto h = h_buf.narrow(0, 0, rows).narrow(1, 0, cols);
+          at::mm_out(h, zsi, zj.t());
+          if (!diagonal) {
+            auto e = e_buf.narrow(0, 0, rows).narrow(1, 0, cols);
+            at::sub_out(e, h, lse_col.narrow(1, j0, cols)).exp_().mul_(w_col.narrow(1, j0, cols));
+            h.sub_(lse_row).exp_().mul_(w_row).add_(e);
+          } else {
+            h.sub_(lse_row).exp_().mul_(w_row);
+            fill_diagonal(h, i0, j0, 0.0);
+          }
+          dz.narrow(0, i0, rows).addmm_(h, zj);
+          dz.narrow(0, j0, cols).addmm_(h.t(), zi);
+          j0 += cols;
+        }
+      }
+    }
+  });
+  return workers == 1 ? acc[0] : acc.sum(0);
+}
+
+struct ValidSet {
+  at::Tensor index;   // undefined when all rows are valid
+  at::Tensor z;       // [Nv, D] compute dtype
+  at::Tensor labels;  // [Nv]
+};
+
+ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
+  ValidSet v;
+  auto z = to_compute(features);
+  v.index = valid_rows(labels);
+  v.z = v.index.defined() ? z.index_select(0, v.index) : z;
+  v.labels = v.index.defined() ? labels.index_select(0, v.index) : labels.contiguous();
+  return v;
+}
+
+at::Tensor scatter_rows(const at::Tensor& values, const at::Tensor& index, int64_t n) {
+  if (!index.defined()) return values;
+  auto sizes = values.sizes().vec();
+  sizes[0] = n;
+  return at::zeros(sizes, values.options()).index_copy_(0, index, values);
+}
+
+std::tuple<at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features, const at::Tensor& labels,
+                                                    double temperature, double base_temperature) {
+  check_inputs(features, labels);
+  const int64_t n = features.size(0);
+  const auto dtype = compute_dtype(features);
+  const auto v = gather_valid(features, labels);
+  const int64_t nv = v.z.size(0);
+  if (nv == 0) {
+    auto zeros = at::zeros({n}, features.options().dtype(dtype));
+    return {zeros, zeros.clone()};
+  }
+  const double inv_t = 1.0 / temperature;
+  auto lse = row_lse(v.z, inv_t);
+
+  const auto sums = class_sums(v.z, v.labels);
+  const auto n_pos = sums.counts.index_select(0, sums.inverse).sub_(1).to(dtype);
+  const auto pos_logit_sum = (v.z * (sums.sums.index_select(0, sums.inverse) - v.z)).sum(1).mul_(inv_t);
+  auto loss = at::where(n_pos.gt(0), (lse - pos_logit_sum / n_pos.clamp_min(1)) * (temperature / base_temperature),
+                        at::zeros_like(lse));
+  return {scatter_rows(loss, v.index, n), scatter_rows(lse, v.index, n)};
+}
+
+at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
+                                     const at::Tensor& labels, const at::Tensor& lse, double temperature,
+                                     double base_temperature) {
+  check_inputs(features, labels);
+  MLC_CHECK_CPU(grad_rows);
+  MLC_CHECK_CPU(lse);
+  TORCH_CHECK(grad_rows.numel() == features.size(0) && lse.numel() == features.size(0),
+              "grad_rows and lse must have N entries");
+  const int64_t n = features.size(0);
+  const auto dtype = compute_dtype(features);
+  const auto v = gather_valid(features, labels);
+  if (v.z.size(0) == 0) return at::zeros_like(features);
+
+  auto select = [&](const at::Tensor& t) {
+    auto c = t.to(dtype).reshape({-1});
+    return v.index.defined() ? c.index_select(0, v.index) : c.contiguous();
+  };
+  const auto g = select(grad_rows), lse_v = select(lse);
+  const double inv_t = 1.0 / temperature, scale = temperature / base_temperature;
+
+  const auto sums = class_sums(v.z, v.labels);
+  const auto n_pos = sums.counts.index_select(0, sums.inverse).sub_(1).to(dtype);
+  const auto has_pos = n_pos.gt(0);
+  const auto zero = at::zeros_like(g);
+  // LSE part: weight of row i in H; positive part: weight of each of its positive pairs.
+  const auto w = at::where(has_pos, g * (scale * inv_t), zero);
+  const auto a = at::where(has_pos, g * (scale * inv_t) / n_pos.clamp_min(1), zero);
+  const auto lse_eff = at::where(w.ne(0), lse_v, at::full_like(lse_v, std::numeric_limits<double>::infinity()));
+
+  auto dz = symmetric_lse_grad(v.z, lse_eff, w, inv_t);
+  // d/dz_k of -sum_i a_i z_i.(M_{y_i} - z_i): a_k (M_{y_k} - z_k) from row k, plus
+  // sum_{i in class y_k, i != k} a_i z_i = A_{y_k} - a_k z_k from the rows that have k as a positive.
+  const auto a_col = a.unsqueeze(1);
+  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse, v.z * a_col);
+  dz.sub_(a_col * (sums.sums.index_select(0, sums.inverse) - 2 * v.z) + weighted.index_select(0, sums.inverse));
+  return scatter_rows(dz, v.index, n).to(features.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mlcontrast, CPU, m) {
+  m.impl("label_supcon", &label_supcon_cpu);
+  m.impl("label_supcon_backward", &label_supcon_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace mlcontrast

@@ -1,0 +1,102 @@
+"""Which backends exist for a device, and which one a call uses.
+
+``"auto"`` tries the backends of :func:`available_backends` in order; ``MLCONTRAST_BACKEND`` replaces
+``"auto"`` by a fixed choice. An explicitly requested backend that is unavailable raises
+``RuntimeError`` saying why and how to get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _extension() -> tuple[object | None, str]:
+    """The compiled extension and, when it is missing, why."""
+    try:
+        from mlcontrast import _C  # noqa: F401  (loading it registers the torch.ops.mlcontrast kernels)
+    except ImportError as error:
+        return None, (
+            f"the compiled extension mlcontrast._C did not load ({error}); reinstall with "
+            "`pip install --no-build-isolation .` from a source checkout"
+        )
+    return _C, ""
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mlcontrast::{op}", dispatch_key)
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device``, otherwise the reason and the remedy."""
+    device = torch.device(device)
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f'backend "cpu" runs on CPU tensors only, these are on {device}'
+        ext, reason = _extension()
+        return reason if ext is None else None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f'backend "cuda" runs on CUDA tensors only, these are on {device}'
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to torch"
+        ext, reason = _extension()
+        if ext is None:
+            return reason
+        if not _has_kernel("label_supcon", "CUDA"):
+            return (
+                "mlcontrast was built without its CUDA kernels; reinstall on a machine with nvcc and a CUDA "
+                "build of torch, with MLCONTRAST_BUILD_CUDA=1 to make a failure loud"
+            )
+        return None
+    if backend == "triton":
+        from mlcontrast import ops
+
+        if device.type == "cpu" and not _interpreting_triton():
+            return 'backend "triton" runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1)'
+        if device.type not in ("cpu", "cuda"):
+            return f'backend "triton" does not run on {device}'
+        return ops.triton_unavailable_reason()
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backend names usable for tensors on ``device``, in the order ``"auto"`` tries them.
+
+    Example:
+        >>> import mlcontrast
+        >>> mlcontrast.available_backends("cpu")[-1]
+        'torch'
+    """
+    device = torch.device(device)
+    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "triton", "torch")
+    return [name for name in order if why_unavailable(name, device) is None]
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that runs a call with ``backend=`` on tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get("MLCONTRAST_BACKEND", "").strip()
+        if forced and forced != "auto":
+            if forced not in BACKENDS:
+                raise ValueError(f"MLCONTRAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
+            backend = forced
+        else:
+            return available_backends(device)[0]
+    reason = why_unavailable(backend, device)
+    if reason is not None:
+        raise RuntimeError(f'mlcontrast backend "{backend}" is unavailable: {reason}')
+    return backend

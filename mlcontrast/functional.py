@@ -1,0 +1,478 @@
+"""The public loss functions: validation, normalisation and backend dispatch.
+
+Encodings everywhere: ``labels`` ``[N]`` int64 class ids with ``-1`` for a row that takes no part;
+``targets`` ``[B, C]`` integers with ``1`` positive, ``0`` negative, ``-1`` unknown. Every function
+accepts fp32, fp16 and bf16 features, accumulates in fp32 and returns the loss in fp32 (fp64 for fp64
+features). Bad input raises before any work: ``ValueError`` for shapes, sizes, values and devices,
+``TypeError`` for dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mlcontrast import _backends, reference
+from mlcontrast.reference import NORM_EPS
+
+__all__ = [
+    "label_supcon_loss",
+    "supcon_loss",
+    "multilabel_supcon_loss",
+    "prototype_nce_loss",
+    "prototype_ce_loss",
+    "update_prototypes_",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _checking_values() -> bool:
+    # Value checks read tensor data (a host sync); torch.compile traces without them.
+    return not torch.compiler.is_compiling()
+
+
+def _check_features(x: torch.Tensor, name: str, dims: tuple[int, ...], shape: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point (fp32, fp16, bf16 or fp64), got {x.dtype}")
+    if x.dim() not in dims:
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one feature dimension, got shape {tuple(x.shape)}")
+
+
+def _check_int(x: torch.Tensor, name: str, shape: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor {shape}, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex():
+        raise TypeError(f"{name} must be an integer tensor {shape}, got {x.dtype}")
+    return x.long()
+
+
+def _check_labels(labels: torch.Tensor, n: int, num_classes: int | None = None) -> torch.Tensor:
+    if labels.dtype == torch.bool:
+        raise TypeError("labels must hold int64 class ids, got torch.bool")
+    labels = _check_int(labels, "labels", f"[N={n}]")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be [N={n}], got shape {tuple(labels.shape)}")
+    if _checking_values() and n > 0:
+        if labels.min() < -1:
+            raise ValueError("labels must be class ids >= 0, or -1 for a row that takes no part")
+        if num_classes is not None and labels.max() >= num_classes:
+            raise ValueError(f"labels must be < C = {num_classes} (the number of prototypes), got {labels.max()}")
+    return labels
+
+
+def _check_targets(targets: torch.Tensor, b: int, c: int) -> torch.Tensor:
+    targets = _check_int(targets, "targets", f"[B={b}, C={c}]")
+    if targets.shape != (b, c):
+        raise ValueError(f"targets must be [B={b}, C={c}], got shape {tuple(targets.shape)}")
+    if _checking_values() and targets.numel() > 0 and ((targets < -1) | (targets > 1)).any():
+        raise ValueError("targets must hold 1 (positive), 0 (negative) or -1 (unknown)")
+    return targets
+
+
+def _check_positive(value: float, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _check_temperatures(temperature: float, base_temperature: float | None) -> float:
+    _check_positive(temperature, "temperature")
+    if base_temperature is None:
+        return float(temperature)
+    _check_positive(base_temperature, "base_temperature")
+    return float(base_temperature)
+
+
+def _check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        found = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {found}")
+    return first
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    return _resolve_constant(backend, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend: str, device_type: str) -> str:
+    return _backends.resolve(backend, torch.device(device_type))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row kernels of the fused backends
+# ----------------------------------------------------------------------------------------------
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    # Normalise in the compute dtype: fp16/bf16 rows would lose precision before the kernel upcasts.
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=NORM_EPS)
+
+
+def _label_supcon_rows(
+    backend: str, features: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float
+) -> torch.Tensor:
+    if backend == "triton":
+        from mlcontrast.ops import label_supcon as triton_label_supcon
+
+        return triton_label_supcon.label_supcon_rows(features, labels, temperature, base_temperature)
+    return torch.ops.mlcontrast.label_supcon(features, labels, temperature, base_temperature)[0]
+
+
+def _mean_over(rows: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return rows.sum() / count.clamp(min=1).to(rows.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def label_supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Label-level supervised contrastive loss, without an N x N matrix on the fused backends.
+
+    With valid rows :math:`V = \{i : y_i \ge 0\}`, :math:`A(i) = V \setminus \{i\}`,
+    :math:`P(i) = \{j \in A(i) : y_j = y_i\}` and :math:`s_{ij} = z_i \cdot z_j / \tau`:
+
+    .. math::
+        \ell_i = \frac{\tau}{\tau_{base}} \Big( \log \sum_{j \in A(i)} e^{s_{ij}}
+                 - \frac{1}{|P(i)|} \sum_{p \in P(i)} s_{ip} \Big)  \quad (P(i) \ne \emptyset),
+        \qquad \ell_i = 0 \text{ otherwise.}
+
+    Args:
+        features: ``[N, D]`` rows z (L2-normalised first when ``normalize=True``).
+        labels: ``[N]`` int64 class ids; ``-1`` marks a row that takes no part at all.
+        temperature: :math:`\tau > 0`.
+        base_temperature: :math:`\tau_{base}`; defaults to ``temperature``.
+        reduction: ``"mean"`` (sum over :math:`|V|`, 0 when V is empty), ``"sum"`` or ``"none"`` (the ``[N]``
+            vector, 0 outside V).
+        normalize: L2-normalise the rows first.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Shape:
+        features ``[N, D]``, labels ``[N]`` → scalar, or ``[N]`` with ``reduction="none"``.
+
+    Example:
+        >>> z = torch.randn(6, 8, requires_grad=True)
+        >>> y = torch.tensor([0, 0, 1, 1, 2, -1])
+        >>> loss = label_supcon_loss(z, y, temperature=0.1, normalize=True)
+        >>> loss.backward()
+    """
+    _check_features(features, "features", (2,), "[N, D]")
+    labels = _check_labels(labels, features.shape[0])
+    base_temperature = _check_temperatures(temperature, base_temperature)
+    _check_reduction(reduction)
+    device = _check_same_device(features=features, labels=labels)
+    backend = _resolve(backend, device)
+    if backend == "torch":
+        return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
+    z = _unit(features) if normalize else features
+    rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return _mean_over(rows, (labels >= 0).sum())
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    contrast_mode: str = "all",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""A drop-in for SupContrast's ``SupConLoss``: same value and gradients for the same call.
+
+    The B*V views are the rows; a row's positives are the other views with the same label, or the
+    other views of the same sample when ``labels`` is None (SimCLR). ``contrast_mode="all"`` makes
+    every view an anchor; ``"one"`` makes view 0 the anchors, contrasted with all views. The loss is
+    :math:`(\tau/\tau_{base})` times the mean over anchors of
+    :math:`\log\sum_{a \ne i} e^{s_{ia}} - \text{mean}_{p} s_{ip}`; an anchor without positives
+    contributes 0. Features are used as given (SupContrast expects them L2-normalised).
+
+    Args:
+        features: ``[B, V, D]`` (trailing dimensions beyond the third are flattened, as SupContrast does).
+        labels: ``[B]`` integer class ids, or None.
+        temperature, base_temperature: :math:`\tau, \tau_{base} > 0`.
+        contrast_mode: ``"all"`` or ``"one"``.
+        backend: see :func:`label_supcon_loss`.
+
+    Shape:
+        features ``[B, V, D]``, labels ``[B]`` → scalar.
+
+    Example:
+        >>> z = F.normalize(torch.randn(4, 2, 16), dim=-1)
+        >>> loss = supcon_loss(z, torch.tensor([0, 1, 0, 1]))
+    """
+    if isinstance(features, torch.Tensor) and features.dim() > 3:
+        features = features.reshape(features.shape[0], features.shape[1], -1)
+    _check_features(features, "features", (3,), "[B, V, D]")
+    b, v, _ = features.shape
+    if contrast_mode not in ("all", "one"):
+        raise ValueError(f'contrast_mode must be "all" or "one", got {contrast_mode!r}')
+    base_temperature = _check_temperatures(temperature, base_temperature)
+    if labels is not None:
+        labels = _check_int(labels, "labels", f"[B={b}]")
+        if labels.shape != (b,):
+            raise ValueError(f"labels must be [B={b}], got shape {tuple(labels.shape)}")
+        device = _check_same_device(features=features, labels=labels)
+    else:
+        device = features.device
+    backend = _resolve(backend, device)
+    if backend == "torch":
+        return reference.supcon_loss(features, labels, temperature, base_temperature, contrast_mode)
+    if labels is None:
+        labels = torch.arange(b, device=device)
+    elif b > 0:
+        labels = labels - labels.min()  # any integer is a class here; -1 must not mean "ignored"
+    rows = features.transpose(0, 1).reshape(b * v, -1)  # view-major, as SupContrast
+    losses = _label_supcon_rows(backend, rows, labels.repeat(v), float(temperature), base_temperature)
+    anchors = losses[:b] if contrast_mode == "one" else losses
+    return anchors.mean()
+
+
+def multilabel_supcon_loss(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 0.2,
+    base_temperature: float | None = None,
+    backend: str = "auto",
+    legacy_sadcl: bool = False,
+) -> torch.Tensor:
+    r"""SADCL's sample-to-sample contrastive loss (SSCL) on label-level features.
+
+    Features are L2-normalised; the rows (v, b, c) with ``targets[b, c] == 1`` form the set, with the
+    class c as their label, and the loss is :func:`label_supcon_loss` over that set with
+    ``reduction="mean"``. Rows whose target is 0 or -1 take no part.
+
+    Args:
+        features: ``[B, C, D]`` or ``[B, V, C, D]`` label-level features (V views).
+        targets: ``[B, C]`` with 1 positive, 0 negative, -1 unknown.
+        temperature, base_temperature: :math:`\tau > 0`, :math:`\tau_{base}` (defaults to :math:`\tau`).
+        backend: see :func:`label_supcon_loss`.
+        legacy_sadcl: reproduce the released SADCL code's anchor mask, built in (b, v, c) order while the
+            rows are in (v, b, c) order: row (v, b, c) is an anchor only if also
+            ``targets[(v*B + b) // V, c] == 1``, and the mean still divides by V * (number of positives).
+            Never the default.
+
+    Shape:
+        features ``[B, C, D]`` or ``[B, V, C, D]``, targets ``[B, C]`` → scalar.
+
+    Example:
+        >>> z = torch.randn(4, 2, 5, 32, requires_grad=True)
+        >>> t = torch.randint(0, 2, (4, 5))
+        >>> multilabel_supcon_loss(z, t).backward()
+    """
+    _check_features(features, "features", (3, 4), "[B, C, D] or [B, V, C, D]")
+    if features.dim() == 3:
+        features = features.unsqueeze(1)
+    b, v, c, _ = features.shape
+    targets = _check_targets(targets, b, c)
+    base_temperature = _check_temperatures(temperature, base_temperature)
+    device = _check_same_device(features=features, targets=targets)
+    backend = _resolve(backend, device)
+    if backend == "torch":
+        return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
+    rows = _unit(features).transpose(0, 1).reshape(v * b * c, -1)  # (v, b, c) order
+    positive = (targets == 1).repeat(v, 1).reshape(-1)
+    classes = torch.arange(c, device=device).repeat(v * b)
+    losses = _label_supcon_rows(backend, rows, torch.where(positive, classes, -1), float(temperature), base_temperature)
+    if legacy_sadcl:
+        sample = (torch.arange(v * b, device=device) // v).repeat_interleave(c)
+        losses = losses * (targets[sample, classes] == 1)
+    return _mean_over(losses, positive.sum())
+
+
+def prototype_nce_loss(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 0.07,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""SADCL's prototype-to-sample contrastive loss (PSCL): each prototype against its class column.
+
+    With :math:`s_{bc} = \cos(z_{bc}, p_c)/\tau`, known rows :math:`K_c = \{b : t_{bc} \ge 0\}` and
+    positives :math:`P_c = \{b : t_{bc} = 1\}`:
+
+    .. math::
+        L = -\frac{1}{\sum_c |P_c|} \sum_{c : K_c \ne \emptyset}
+            \Big( \log\sum_{b \in P_c} e^{s_{bc}} - \log\sum_{b \in K_c} e^{s_{bc}} \Big),
+
+    an LSE over an empty set being 0, and L = 0 when there is no positive. A class without positives
+    in the batch still pushes its known rows away from its prototype.
+
+    Args:
+        features: ``[B, C, D]`` label-level features.
+        prototypes: ``[C, D]`` class prototypes (gradients flow to them too).
+        targets: ``[B, C]`` with 1 positive, 0 negative, -1 unknown.
+        temperature: :math:`\tau > 0`.
+        backend: see :func:`label_supcon_loss`.
+
+    Shape:
+        features ``[B, C, D]``, prototypes ``[C, D]``, targets ``[B, C]`` → scalar.
+
+    Example:
+        >>> z, p = torch.randn(8, 5, 32, requires_grad=True), torch.randn(5, 32)
+        >>> prototype_nce_loss(z, p, torch.randint(-1, 2, (8, 5))).backward()
+    """
+    _check_features(features, "features", (3,), "[B, C, D]")
+    b, c, d = features.shape
+    _check_features(prototypes, "prototypes", (2,), f"[C={c}, D={d}]")
+    if prototypes.shape != (c, d):
+        raise ValueError(f"prototypes must be [C={c}, D={d}], got shape {tuple(prototypes.shape)}")
+    targets = _check_targets(targets, b, c)
+    _check_positive(temperature, "temperature")
+    device = _check_same_device(features=features, prototypes=prototypes, targets=targets)
+    backend = _resolve(backend, device)
+    if backend == "torch":
+        return reference.prototype_nce_loss(features, prototypes, targets, temperature)
+    if backend == "triton":
+        from mlcontrast.ops import prototype_nce as triton_prototype_nce
+
+        return triton_prototype_nce.prototype_nce(features, prototypes, targets, float(temperature))
+    return torch.ops.mlcontrast.prototype_nce(features, prototypes, targets, float(temperature))[0]
+
+
+def prototype_ce_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: float = 0.1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Cross-entropy of each row against all C prototypes, by cosine similarity.
+
+    .. math::
+        L = \frac{1}{|V|} \sum_{i \in V} -\log \operatorname{softmax}_c\big(\cos(z_i, p_c)/\tau\big)_{y_i},
+        \qquad V = \{i : y_i \ge 0\}, \quad L = 0 \text{ when } V = \emptyset.
+
+    This is TRM-ML's text-region / region-prototype matching shape, and a fused linear cross-entropy
+    for small C. Gradients flow to features and prototypes.
+
+    Args:
+        features: ``[N, D]`` rows.
+        labels: ``[N]`` int64 class ids in ``[0, C)``, or -1 to ignore a row.
+        prototypes: ``[C, D]``.
+        temperature: :math:`\tau > 0`.
+        backend: see :func:`label_supcon_loss`.
+
+    Shape:
+        features ``[N, D]``, labels ``[N]``, prototypes ``[C, D]`` → scalar.
+
+    Example:
+        >>> z, p = torch.randn(10, 16, requires_grad=True), torch.randn(4, 16)
+        >>> prototype_ce_loss(z, torch.randint(0, 4, (10,)), p).backward()
+    """
+    _check_features(features, "features", (2,), "[N, D]")
+    n, d = features.shape
+    _check_features(prototypes, "prototypes", (2,), f"[C, D={d}]")
+    if prototypes.shape[1] != d or prototypes.shape[0] == 0:
+        raise ValueError(f"prototypes must be [C >= 1, D={d}], got shape {tuple(prototypes.shape)}")
+    labels = _check_labels(labels, n, num_classes=prototypes.shape[0])
+    _check_positive(temperature, "temperature")
+    device = _check_same_device(features=features, labels=labels, prototypes=prototypes)
+    backend = _resolve(backend, device)
+    if backend == "torch":
+        return reference.prototype_ce_loss(features, labels, prototypes, temperature)
+    if backend == "triton":
+        from mlcontrast.ops import prototype_ce as triton_prototype_ce
+
+        rows = triton_prototype_ce.prototype_ce_rows(features, labels, prototypes, float(temperature))
+    else:
+        rows = torch.ops.mlcontrast.prototype_ce(features, labels, prototypes, float(temperature))[0]
+    return _mean_over(rows, (labels >= 0).sum())
+
+
+def update_prototypes_(
+    prototypes: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    momentum: float = 0.99,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Moves each present class's prototype towards the mean of its rows, in place, without gradient.
+
+    .. math::
+        p_c \leftarrow m\, p_c + (1 - m) \frac{1}{|\{i : y_i = c\}|} \sum_{i : y_i = c} z_i,
+        \quad\text{then } p_c \leftarrow p_c / \max(\lVert p_c \rVert, 10^{-8}) \text{ if normalize},
+
+    for every class c present among the rows with :math:`y_i \ge 0`. Absent classes are left
+    bit-for-bit unchanged. Nothing is modified when an argument is invalid.
+
+    Args:
+        prototypes: ``[C, D]`` floating tensor, updated in place.
+        features: ``[N, D]`` rows, or ``[B, C, D]`` label-level features.
+        labels: ``[N]`` class ids (-1 ignores a row) for 2-D features, or ``[B, C]`` targets for 3-D
+            features (rows with target 1 count, with their column as class).
+        momentum: m in [0, 1].
+        normalize: L2-normalise the updated prototypes.
+        backend: see :func:`label_supcon_loss`.
+
+    Returns:
+        ``prototypes``.
+
+    Example:
+        >>> protos = F.normalize(torch.randn(3, 8), dim=1)
+        >>> _ = update_prototypes_(protos, torch.randn(5, 8), torch.tensor([0, 0, 2, -1, 2]), momentum=0.9)
+    """
+    _check_features(prototypes, "prototypes", (2,), "[C, D]")
+    c, d = prototypes.shape
+    _check_features(features, "features", (2, 3), f"[N, D={d}] or [B, C={c}, D={d}]")
+    if features.dim() == 3:
+        if features.shape[1:] != (c, d):
+            raise ValueError(f"features must be [B, C={c}, D={d}], got shape {tuple(features.shape)}")
+        targets = _check_targets(labels, features.shape[0], c)
+        classes = torch.arange(c, device=targets.device).expand_as(targets)
+        labels = torch.where(targets == 1, classes, -1).reshape(-1)
+        features = features.reshape(-1, d)
+    elif features.shape[1] != d:
+        raise ValueError(f"features must be [N, D={d}], got shape {tuple(features.shape)}")
+    labels = _check_labels(labels, features.shape[0], num_classes=c)
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number, got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    device = _check_same_device(prototypes=prototypes, features=features, labels=labels)
+    backend = _resolve(backend, device)
+    with torch.no_grad():
+        if backend == "torch":
+            reference.update_prototypes_(prototypes, features, labels, momentum, normalize)
+        elif backend == "triton":
+            from mlcontrast.ops import update_prototypes as triton_update_prototypes
+
+            triton_update_prototypes.update_prototypes_(prototypes, features, labels, float(momentum), normalize)
+        else:
+            torch.ops.mlcontrast.update_prototypes_(prototypes, features.detach(), labels, float(momentum), normalize)
+    return prototypes

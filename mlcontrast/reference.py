@@ -1,0 +1,172 @@
+"""Readable dense PyTorch definitions of every loss: the specification and backend ``"torch"``.
+
+These functions materialise the full similarity matrices and are written for clarity, not speed.
+Tests and benchmarks compare every fused backend with them. They assume validated input: the public
+functions of :mod:`mlcontrast.functional` check arguments and then call them.
+
+Computation runs in fp32 (fp64 for fp64 input) whatever the input dtype, and the loss comes back in
+that dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, used for every cosine
+
+
+def _compute(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(_compute(x), dim=-1, eps=NORM_EPS)
+
+
+def _masked_lse(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """log-sum-exp over the entries where ``mask`` holds; 0 (with zero gradient) where none does."""
+    masked = logits.masked_fill(~mask, float("-inf"))
+    any_entry = mask.any(dim, keepdim=True)
+    # Rows without entries are replaced by zeros before the reduction so that their backward does
+    # not produce NaN through exp(-inf - -inf).
+    safe = torch.where(any_entry, masked, torch.zeros_like(masked))
+    return torch.where(any_entry.squeeze(dim), torch.logsumexp(safe, dim), torch.zeros((), dtype=logits.dtype))
+
+
+def _reduce(rows: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / count.clamp(min=1).to(rows.dtype)
+
+
+def label_supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+    reduction: str = "mean",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Label-level SupCon with the full N x N similarity matrix (see ``functional.label_supcon_loss``)."""
+    base_temperature = temperature if base_temperature is None else base_temperature
+    z = _unit(features) if normalize else _compute(features)
+    n = z.shape[0]
+    valid = labels >= 0
+    logits = z @ z.T / temperature
+    not_self = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    contrast = valid[:, None] & valid[None, :] & not_self
+    positive = contrast & (labels[:, None] == labels[None, :])
+
+    lse = _masked_lse(logits, contrast, dim=1)
+    n_pos = positive.sum(1)
+    mean_pos = (logits * positive).sum(1) / n_pos.clamp(min=1)
+    rows = torch.where(valid & (n_pos > 0), (temperature / base_temperature) * (lse - mean_pos), 0.0)
+    return _reduce(rows, valid.sum(), reduction)
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    contrast_mode: str = "all",
+) -> torch.Tensor:
+    """SupContrast's ``SupConLoss`` on ``[B, V, D]`` features, written out densely.
+
+    Rows are the B*V views; the positives of a row are the other views with the same label (the other
+    views of the same sample when ``labels`` is None). ``contrast_mode="one"`` keeps only view 0 as
+    anchors, contrasted with all views. The mean runs over all anchors; an anchor without positives
+    contributes 0.
+    """
+    b, v = features.shape[:2]
+    z = _compute(features).transpose(0, 1).reshape(b * v, -1)  # view-major rows, as SupContrast
+    sample_labels = torch.arange(b, device=z.device) if labels is None else labels
+    row_labels = sample_labels.repeat(v)
+    anchors = b if contrast_mode == "one" else b * v
+
+    logits = z[:anchors] @ z.T / temperature
+    not_self = torch.ones_like(logits, dtype=torch.bool)
+    not_self[torch.arange(anchors), torch.arange(anchors)] = False
+    positive = (row_labels[:anchors, None] == row_labels[None, :]) & not_self
+    log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
+    n_pos = positive.sum(1)
+    mean_log_prob_pos = (log_prob * positive).sum(1) / n_pos.clamp(min=1)
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def multilabel_supcon_loss(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 0.2,
+    base_temperature: float | None = None,
+    legacy_sadcl: bool = False,
+) -> torch.Tensor:
+    """SADCL's SSCL: SupCon over the label-level features whose target is 1, class id as label.
+
+    ``features`` is ``[B, C, D]`` or ``[B, V, C, D]``; rows are taken in (view, sample, class) order.
+    With ``legacy_sadcl=True`` the anchor of row (v, b, c) is gated by ``targets[(v*B + b) // V, c]``
+    (the released code's mask ordering) and the mean still divides by V * sum(targets == 1).
+    """
+    if features.dim() == 3:
+        features = features.unsqueeze(1)
+    b, v, c, _ = features.shape
+    z = features.transpose(0, 1).reshape(v * b * c, -1)
+    positive = (targets == 1).repeat(v, 1).reshape(-1)  # (v, b, c) order
+    classes = torch.arange(c, device=targets.device).repeat(v * b)
+    labels = torch.where(positive, classes, -1)
+    rows = label_supcon_loss(z, labels, temperature, base_temperature, reduction="none", normalize=True)
+    if legacy_sadcl:
+        sample = (torch.arange(v * b, device=targets.device) // v).repeat_interleave(c)
+        gate = targets[sample, classes] == 1
+        rows = rows * gate
+    return rows.sum() / positive.sum().clamp(min=1)
+
+
+def prototype_nce_loss(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 0.07,
+) -> torch.Tensor:
+    """SADCL's PSCL: each prototype against its class column of the batch (see ``functional``)."""
+    logits = (_unit(features) * _unit(prototypes)).sum(-1) / temperature  # [B, C]
+    positive, known = targets == 1, targets >= 0
+    lse_pos = _masked_lse(logits, positive, dim=0)
+    lse_known = _masked_lse(logits, known, dim=0)
+    n_pos = positive.sum()
+    loss = -(lse_pos - lse_known).sum() / n_pos.clamp(min=1)
+    return torch.where(n_pos > 0, loss, torch.zeros_like(loss))
+
+
+def prototype_ce_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Cross-entropy of softmax_c(cos(z_i, p_c) / t) at labels[i], mean over rows with labels >= 0."""
+    logits = _unit(features) @ _unit(prototypes).T / temperature
+    valid = labels >= 0
+    rows = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * valid
+    return rows.sum() / valid.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def update_prototypes_(
+    prototypes: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    momentum: float = 0.99,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """p_c <- m p_c + (1 - m) mean of the rows of class c, for the classes present; in place."""
+    z = _compute(features)
+    for c in torch.unique(labels[labels >= 0]).tolist():
+        updated = momentum * _compute(prototypes[c]) + (1 - momentum) * z[labels == c].mean(0)
+        if normalize:
+            updated = F.normalize(updated, dim=0, eps=NORM_EPS)
+        prototypes[c] = updated.to(prototypes.dtype)
+    return prototypes
