@@ -85,7 +85,7 @@ def extensions():
 
     debug = os.environ.get("MLCONTRAST_DEBUG", "0") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags += ["-fopenmp"]
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -93,7 +93,7 @@ def extensions():
     if cuda_wanted(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         nvcc_flags = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
-        nvcc_flags += ["--expt-relaxed-constexpr", "-DPy_LIMITED_API=0x03090000"]
+        nvcc_flags += ["--expt-relaxed-constexpr"]
         return [
             CUDAExtension(
                 "mlcontrast._C",

@@ -12,9 +12,15 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Detached so that ATen calls on worker threads, where the dispatch guard of the calling thread
+// does not reach, never see a tensor that requires grad.
 inline at::Tensor to_compute(const at::Tensor& t) {
-  return t.to(compute_dtype(t)).contiguous();
+  return t.detach().to(compute_dtype(t)).contiguous();
 }
+
+// Kernels compute with ATen ops on tensors derived from their inputs; autograd is handled by the
+// op's own registration, so these inner ops must not record (or refuse) gradients.
+#define MLC_KERNEL_GUARD() at::AutoDispatchBelowADInplaceOrView mlc_below_autograd_guard
 
 #define MLC_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor")
 #define MLC_CHECK_FLOAT(x) TORCH_CHECK(at::isFloatingType((x).scalar_type()), #x " must be floating point")

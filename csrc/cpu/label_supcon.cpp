@@ -13,11 +13,14 @@
 // Tiles are computed with BLAS through ATen (single-threaded inside the parallel region) and the
 // element-wise work with ATen's vectorised kernels, on scratch that stays in L2.
 #include "common.h"
+#include "vec_math.h"
 
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <vector>
 
 namespace mlcontrast {
 namespace cpu {
@@ -45,39 +48,43 @@ void fill_diagonal(at::Tensor& tile, int64_t i0, int64_t j0, double value) {
 }
 
 // LSE_{j != i} z_i.z_j / t for every row, streamed over column tiles with an online max.
-at::Tensor row_lse(const at::Tensor& z, double inv_t) {
+template <typename T>
+void row_lse(const at::Tensor& z, const at::Tensor& zs, at::Tensor& lse) {
   const int64_t n = z.size(0);
-  const auto zs = z * inv_t;
-  auto lse = at::empty({n}, z.options());
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-
+  const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    MLC_KERNEL_GUARD();
     auto scratch = at::empty({kRowBlock, kColBlock}, z.options());
+    std::vector<T> run_max(kRowBlock), run_sum(kRowBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
       const auto zi = zs.narrow(0, i0, rows);
-      auto run_max = at::full({rows}, neg_inf, z.options());
-      auto run_sum = at::zeros({rows}, z.options());
+      std::fill(run_max.begin(), run_max.end(), neg_inf);
+      std::fill(run_sum.begin(), run_sum.end(), T(0));
       for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
         const int64_t cols = std::min(kColBlock, n - j0);
         auto s = scratch.narrow(0, 0, rows).narrow(1, 0, cols);
         at::mm_out(s, zi, z.narrow(0, j0, cols).t());
         fill_diagonal(s, i0, j0, neg_inf);
-        auto new_max = at::maximum(run_max, std::get<0>(s.max(1)));
-        // A row that has seen only -inf keeps a finite shift, so exp() gives 0 and not NaN.
-        auto shift = at::where(at::isinf(new_max), at::zeros_like(new_max), new_max);
-        run_sum.mul_((run_max - shift).exp_()).add_(s.sub_(shift.unsqueeze(1)).exp_().sum(1));
-        run_max = new_max;
-        if (j0 + cols >= n) lse.narrow(0, i0, rows).copy_(shift + run_sum.log());
+        online_lse_update(s.data_ptr<T>(), rows, cols, scratch.stride(0), run_max.data(), run_sum.data());
       }
+      T* out = lse.data_ptr<T>() + i0;
+      for (int64_t r = 0; r < rows; ++r) out[r] = run_max[r] + std::log(run_sum[r]);
     }
   });
+}
+
+at::Tensor row_lse(const at::Tensor& z, double inv_t) {
+  const auto zs = z * inv_t;
+  auto lse = at::empty({z.size(0)}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_lse", [&] { row_lse<scalar_t>(z, zs, lse); });
   return lse;
 }
 
 // dZ = (H + H^T) Z with H_ij = w_i exp(z_i.z_j / t - lse_i) (i != j), visiting tiles j >= i only.
 // Rows with w_i = 0 must have lse_i = +inf so that their terms vanish.
+template <typename T>
 at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& w, double inv_t) {
   const int64_t n = z.size(0), d = z.size(1);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
@@ -88,11 +95,12 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
   // write the same memory and the result does not depend on scheduling.
   auto acc = at::zeros({workers, n, d}, z.options());
   const auto zs = z * inv_t;
-  const auto lse_col = lse.unsqueeze(0), w_col = w.unsqueeze(0);
+  const T* lse_p = lse.data_ptr<T>();
+  const T* w_p = w.data_ptr<T>();
 
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    MLC_KERNEL_GUARD();
     auto h_buf = at::empty({kRowBlock, kColBlock}, z.options());
-    auto e_buf = at::empty({kRowBlock, kColBlock}, z.options());
     for (int64_t worker = w0; worker < w1; ++worker) {
       auto dz = acc[worker];
       for (int64_t b = 0; b < blocks; ++b) {
@@ -101,8 +109,6 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
         if ((pos < workers ? pos : 2 * workers - 1 - pos) != worker) continue;
         const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
         const auto zi = z.narrow(0, i0, rows), zsi = zs.narrow(0, i0, rows);
-        const auto lse_row = lse.narrow(0, i0, rows).unsqueeze(1);
-        const auto w_row = w.narrow(0, i0, rows).unsqueeze(1);
         for (int64_t j0 = i0; j0 < n;) {
           // The first tile of a row is the diagonal block: its row side already covers both
           // orders of every pair inside the block.
@@ -111,14 +117,9 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
           const auto zj = z.narrow(0, j0, cols);
           auto h = h_buf.narrow(0, 0, rows).narrow(1, 0, cols);
           at::mm_out(h, zsi, zj.t());
-          if (!diagonal) {
-            auto e = e_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-            at::sub_out(e, h, lse_col.narrow(1, j0, cols)).exp_().mul_(w_col.narrow(1, j0, cols));
-            h.sub_(lse_row).exp_().mul_(w_row).add_(e);
-          } else {
-            h.sub_(lse_row).exp_().mul_(w_row);
-            fill_diagonal(h, i0, j0, 0.0);
-          }
+          softmax_weights(h.data_ptr<T>(), rows, cols, h_buf.stride(0), lse_p + i0, w_p + i0,
+                          diagonal ? nullptr : lse_p + j0, diagonal ? nullptr : w_p + j0);
+          if (diagonal) fill_diagonal(h, i0, j0, 0.0);
           dz.narrow(0, i0, rows).addmm_(h, zj);
           dz.narrow(0, j0, cols).addmm_(h.t(), zi);
           j0 += cols;
@@ -153,6 +154,7 @@ at::Tensor scatter_rows(const at::Tensor& values, const at::Tensor& index, int64
 
 std::tuple<at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                     double temperature, double base_temperature) {
+  MLC_KERNEL_GUARD();
   check_inputs(features, labels);
   const int64_t n = features.size(0);
   const auto dtype = compute_dtype(features);
@@ -176,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features, 
 at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
                                      const at::Tensor& labels, const at::Tensor& lse, double temperature,
                                      double base_temperature) {
+  MLC_KERNEL_GUARD();
   check_inputs(features, labels);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
@@ -202,7 +205,9 @@ at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tens
   const auto a = at::where(has_pos, g * (scale * inv_t) / n_pos.clamp_min(1), zero);
   const auto lse_eff = at::where(w.ne(0), lse_v, at::full_like(lse_v, std::numeric_limits<double>::infinity()));
 
-  auto dz = symmetric_lse_grad(v.z, lse_eff, w, inv_t);
+  at::Tensor dz;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "label_supcon_backward",
+                             [&] { dz = symmetric_lse_grad<scalar_t>(v.z, lse_eff.contiguous(), w.contiguous(), inv_t); });
   // d/dz_k of -sum_i a_i z_i.(M_{y_i} - z_i): a_k (M_{y_k} - z_k) from row k, plus
   // sum_{i in class y_k, i != k} a_i z_i = A_{y_k} - a_k z_k from the rows that have k as a positive.
   const auto a_col = a.unsqueeze(1);

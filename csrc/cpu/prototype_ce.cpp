@@ -32,6 +32,7 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
 
 std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                     const at::Tensor& prototypes, double temperature) {
+  MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
   const int64_t n = features.size(0), c = prototypes.size(0);
   const auto z = unit_rows(to_compute(features)).unit;
@@ -41,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, 
   auto lse = at::empty({n}, z.options());
 
   at::parallel_for(0, (n + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
+    MLC_KERNEL_GUARD();
     auto scratch = at::empty({kRowBlock, c}, z.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
@@ -59,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, 
 std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
                                                              const at::Tensor& labels, const at::Tensor& prototypes,
                                                              const at::Tensor& lse, double temperature) {
+  MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
@@ -79,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(const at::Tensor& g
   auto grad_unit_p = at::zeros({workers, c, d}, zu.unit.options());
 
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    MLC_KERNEL_GUARD();
     auto scratch = at::empty({kRowBlock, c}, zu.unit.options());
     for (int64_t worker = w0; worker < w1; ++worker) {
       for (int64_t b = worker * blocks / workers; b < (worker + 1) * blocks / workers; ++b) {

@@ -103,6 +103,7 @@ at::Tensor masked_column_lse(const at::Tensor& logits, const at::Tensor& mask) {
 
 std::tuple<at::Tensor, at::Tensor> prototype_nce_cpu(const at::Tensor& features, const at::Tensor& prototypes,
                                                      const at::Tensor& targets, double temperature) {
+  MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
   const auto z = to_compute(features);
   const auto unit_p = unit_rows(to_compute(prototypes)).unit.contiguous();
@@ -119,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_cpu(const at::Tensor& features,
 std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
                                                               const at::Tensor& prototypes, const at::Tensor& targets,
                                                               const at::Tensor& stats, double temperature) {
+  MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
   const int64_t b = features.size(0), c = features.size(1), d = features.size(2);
   const double inv_t = 1.0 / temperature;

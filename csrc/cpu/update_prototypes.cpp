@@ -13,6 +13,7 @@ namespace {
 
 void update_prototypes_cpu(at::Tensor& prototypes, const at::Tensor& features, const at::Tensor& labels,
                            double momentum, bool normalize) {
+  MLC_KERNEL_GUARD();
   MLC_CHECK_CPU(prototypes);
   MLC_CHECK_CPU(features);
   MLC_CHECK_CPU(labels);

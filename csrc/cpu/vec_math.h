@@ -1,0 +1,27 @@
+// Element-wise kernels for the tiles of the CPU losses, written as plain loops that the compiler
+// vectorises, with a polynomial exp. The float versions are compiled for several instruction sets
+// (GCC/Clang target_clones) and the best one is picked at load time, so one build runs everywhere
+// and still uses AVX2/AVX-512 where the CPU has them.
+#pragma once
+
+#include <cstdint>
+
+namespace mlcontrast {
+namespace cpu {
+
+// Row-wise online log-sum-exp update over a [rows x cols] tile with leading dimension ld:
+//   m' = max(m, max_j s_rj);  sum' = sum * exp(m - m') + sum_j exp(s_rj - m').
+// -inf entries (masked pairs) contribute 0; a row that has only seen -inf keeps m = -inf, sum = 0.
+void online_lse_update(const float* s, int64_t rows, int64_t cols, int64_t ld, float* run_max, float* run_sum);
+void online_lse_update(const double* s, int64_t rows, int64_t cols, int64_t ld, double* run_max,
+                       double* run_sum);
+
+// In place: h_rj <- w_r exp(h_rj - lse_r), plus w_j exp(h_rj - lse_j) when lse_col is not null.
+// Weights of 0 must come with lse = +inf so that the term is exactly 0.
+void softmax_weights(float* h, int64_t rows, int64_t cols, int64_t ld, const float* lse_row, const float* w_row,
+                     const float* lse_col, const float* w_col);
+void softmax_weights(double* h, int64_t rows, int64_t cols, int64_t ld, const double* lse_row,
+                     const double* w_row, const double* lse_col, const double* w_col);
+
+}  // namespace cpu
+}  // namespace mlcontrast
