@@ -5,7 +5,9 @@
 //
 // * The positive term goes through per-class feature sums: sum_{p in P(i)} z_p = M_{y_i} - z_i,
 //   so it costs O(N D).
-// * The log-sum-exp streams [BR x BC] tiles of S with an online max (forward, 2 N^2 D flops).
+// * The log-sum-exp streams [BR x BC] tiles of S with an online max. S is symmetric, so only the
+//   tiles on and above the diagonal are computed, each feeding the LSE of its rows and of its
+//   columns: N^2 D flops for the forward.
 // * The backward recomputes S from the saved row LSE. S is symmetric, so it visits only the tiles
 //   on and above the diagonal and takes both the row side and the column side of the gradient
 //   from each tile: dZ = (H + H^T) Z with H_ij = w_i exp(s_ij - LSE_i). Three products on half
@@ -47,32 +49,71 @@ void fill_diagonal(at::Tensor& tile, int64_t i0, int64_t j0, double value) {
   tile.diagonal(i0 - j0).fill_(value);
 }
 
-// LSE_{j != i} z_i.z_j / t for every row, streamed over column tiles with an online max.
+// Number of workers for the triangle of tiles, each with O(N D) (backward) or O(N) (forward) state.
+int64_t triangle_workers(int64_t blocks, int64_t bytes_per_worker) {
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), blocks,
+                                                 kAccumulatorBudgetBytes / std::max<int64_t>(1, bytes_per_worker)}));
+}
+
+// Zig-zag ownership of tile rows balances the triangle: long rows (small b) pair with short ones.
+bool owns(int64_t worker, int64_t workers, int64_t block) {
+  const int64_t pos = block % (2 * workers);
+  return (pos < workers ? pos : 2 * workers - 1 - pos) == worker;
+}
+
+// LSE_{j != i} z_i.z_j / t for every row. S is symmetric, so only the tiles on and above the
+// diagonal are computed: each off-diagonal tile feeds an online log-sum-exp state of its rows and,
+// through its columns, of the rows j it covers. Each worker keeps its own state for all rows; the
+// states are merged at the end, exactly (no fixed shift, so no underflow for any temperature).
 template <typename T>
 void row_lse(const at::Tensor& z, const at::Tensor& zs, at::Tensor& lse) {
   const int64_t n = z.size(0);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t workers = triangle_workers(blocks, 2 * n * int64_t(sizeof(T)));
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  std::vector<T> state_max(workers * n, neg_inf), state_sum(workers * n, T(0));
+
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     MLC_KERNEL_GUARD();
     auto scratch = at::empty({kRowBlock, kColBlock}, z.options());
-    std::vector<T> run_max(kRowBlock), run_sum(kRowBlock);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
-      const auto zi = zs.narrow(0, i0, rows);
-      std::fill(run_max.begin(), run_max.end(), neg_inf);
-      std::fill(run_sum.begin(), run_sum.end(), T(0));
-      for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
-        const int64_t cols = std::min(kColBlock, n - j0);
-        auto s = scratch.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(s, zi, z.narrow(0, j0, cols).t());
-        fill_diagonal(s, i0, j0, neg_inf);
-        online_lse_update(s.data_ptr<T>(), rows, cols, scratch.stride(0), run_max.data(), run_sum.data());
+    std::vector<T> col_scratch(2 * kColBlock);
+    for (int64_t worker = w0; worker < w1; ++worker) {
+      T* run_max = state_max.data() + worker * n;
+      T* run_sum = state_sum.data() + worker * n;
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (!owns(worker, workers, b)) continue;
+        const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
+        const auto zi = zs.narrow(0, i0, rows);
+        for (int64_t j0 = i0; j0 < n;) {
+          // The diagonal block's rows already cover both orders of every pair inside it.
+          const bool diagonal = j0 == i0;
+          const int64_t cols = diagonal ? rows : std::min(kColBlock, n - j0);
+          auto s = scratch.narrow(0, 0, rows).narrow(1, 0, cols);
+          at::mm_out(s, zi, z.narrow(0, j0, cols).t());
+          const T* sp = s.data_ptr<T>();
+          if (diagonal) fill_diagonal(s, i0, j0, neg_inf);
+          online_lse_update(sp, rows, cols, scratch.stride(0), run_max + i0, run_sum + i0);
+          if (!diagonal) {
+            online_lse_update_cols(sp, rows, cols, scratch.stride(0), run_max + j0, run_sum + j0, col_scratch.data());
+          }
+          j0 += cols;
+        }
       }
-      T* out = lse.data_ptr<T>() + i0;
-      for (int64_t r = 0; r < rows; ++r) out[r] = run_max[r] + std::log(run_sum[r]);
     }
   });
+
+  T* out = lse.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) {
+    T m = neg_inf;
+    for (int64_t w = 0; w < workers; ++w) m = std::max(m, state_max[w * n + i]);
+    if (m == neg_inf) {
+      out[i] = neg_inf;  // a row with no other row to contrast with
+      continue;
+    }
+    T sum = 0;
+    for (int64_t w = 0; w < workers; ++w) sum += state_sum[w * n + i] * std::exp(state_max[w * n + i] - m);
+    out[i] = m + std::log(sum);
+  }
 }
 
 at::Tensor row_lse(const at::Tensor& z, double inv_t) {
@@ -88,9 +129,7 @@ template <typename T>
 at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& w, double inv_t) {
   const int64_t n = z.size(0), d = z.size(1);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const int64_t bytes_per_worker = std::max<int64_t>(1, n * d * z.element_size());
-  const int64_t workers = std::max<int64_t>(
-      1, std::min<int64_t>({at::get_num_threads(), blocks, kAccumulatorBudgetBytes / bytes_per_worker}));
+  const int64_t workers = triangle_workers(blocks, n * d * z.element_size());
   // Each worker owns whole tile rows and accumulates into its own [N, D] buffer, so no two threads
   // write the same memory and the result does not depend on scheduling.
   auto acc = at::zeros({workers, n, d}, z.options());
@@ -104,9 +143,7 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
     for (int64_t worker = w0; worker < w1; ++worker) {
       auto dz = acc[worker];
       for (int64_t b = 0; b < blocks; ++b) {
-        // Zig-zag ownership balances the triangle: long rows (small b) pair with short ones.
-        const int64_t pos = b % (2 * workers);
-        if ((pos < workers ? pos : 2 * workers - 1 - pos) != worker) continue;
+        if (!owns(worker, workers, b)) continue;
         const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
         const auto zi = z.narrow(0, i0, rows), zsi = zs.narrow(0, i0, rows);
         for (int64_t j0 = i0; j0 < n;) {

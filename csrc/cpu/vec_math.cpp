@@ -64,6 +64,35 @@ inline void online_lse_update_impl(const T* s, int64_t rows, int64_t cols, int64
 }
 
 template <typename T>
+inline void online_lse_update_cols_impl(const T* s, int64_t rows, int64_t cols, int64_t ld, T* run_max, T* run_sum,
+                                        T* scratch) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T* shift = scratch;
+  T* sum = scratch + cols;
+  for (int64_t j = 0; j < cols; ++j) shift[j] = run_max[j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = s + r * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) shift[j] = row[j] > shift[j] ? row[j] : shift[j];
+  }
+  for (int64_t j = 0; j < cols; ++j) sum[j] = 0;
+  // A column that has seen only -inf keeps its state; its shift is made finite so exp() gives 0.
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) shift[j] = shift[j] == neg_inf ? T(0) : shift[j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = s + r * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) sum[j] += fast_exp(row[j] - shift[j]);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    const bool seen = sum[j] > 0 || run_sum[j] > 0;
+    run_sum[j] = run_sum[j] * fast_exp(run_max[j] - shift[j]) + sum[j];
+    run_max[j] = seen ? shift[j] : neg_inf;
+  }
+}
+
+template <typename T>
 inline void softmax_weights_impl(T* h, int64_t rows, int64_t cols, int64_t ld, const T* lse_row, const T* w_row,
                                  const T* lse_col, const T* w_col) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -88,6 +117,17 @@ void online_lse_update(const float* s, int64_t rows, int64_t cols, int64_t ld, f
 
 void online_lse_update(const double* s, int64_t rows, int64_t cols, int64_t ld, double* run_max, double* run_sum) {
   online_lse_update_impl(s, rows, cols, ld, run_max, run_sum);
+}
+
+MLC_MULTIVERSION
+void online_lse_update_cols(const float* s, int64_t rows, int64_t cols, int64_t ld, float* run_max, float* run_sum,
+                            float* scratch) {
+  online_lse_update_cols_impl(s, rows, cols, ld, run_max, run_sum, scratch);
+}
+
+void online_lse_update_cols(const double* s, int64_t rows, int64_t cols, int64_t ld, double* run_max,
+                            double* run_sum, double* scratch) {
+  online_lse_update_cols_impl(s, rows, cols, ld, run_max, run_sum, scratch);
 }
 
 MLC_MULTIVERSION

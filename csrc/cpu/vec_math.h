@@ -16,6 +16,13 @@ void online_lse_update(const float* s, int64_t rows, int64_t cols, int64_t ld, f
 void online_lse_update(const double* s, int64_t rows, int64_t cols, int64_t ld, double* run_max,
                        double* run_sum);
 
+// The same update for the columns of the tile: every column j of the tile is one more stretch of
+// the row j of the full matrix (S is symmetric). `scratch` holds 2 * cols values.
+void online_lse_update_cols(const float* s, int64_t rows, int64_t cols, int64_t ld, float* run_max, float* run_sum,
+                            float* scratch);
+void online_lse_update_cols(const double* s, int64_t rows, int64_t cols, int64_t ld, double* run_max,
+                            double* run_sum, double* scratch);
+
 // In place: h_rj <- w_r exp(h_rj - lse_r), plus w_j exp(h_rj - lse_j) when lse_col is not null.
 // Weights of 0 must come with lse = +inf so that the term is exactly 0.
 void softmax_weights(float* h, int64_t rows, int64_t cols, int64_t ld, const float* lse_row, const float* w_row,
