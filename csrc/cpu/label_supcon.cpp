@@ -5,15 +5,16 @@
 //
 // * The positive term goes through per-class feature sums: sum_{p in P(i)} z_p = M_{y_i} - z_i,
 //   so it costs O(N D).
-// * The log-sum-exp streams [BR x BC] tiles of S with an online max. S is symmetric, so only the
-//   tiles on and above the diagonal are computed, each feeding the LSE of its rows and of its
-//   columns: N^2 D flops for the forward.
-// * The backward recomputes S from the saved row LSE. S is symmetric, so it visits only the tiles
-//   on and above the diagonal and takes both the row side and the column side of the gradient
-//   from each tile: dZ = (H + H^T) Z with H_ij = w_i exp(s_ij - LSE_i). Three products on half
-//   the tiles: 3 N^2 D flops instead of 6 N^2 D.
-// Tiles are computed with BLAS through ATen (single-threaded inside the parallel region) and the
-// element-wise work with ATen's vectorised kernels, on scratch that stays in L2.
+// * S is symmetric, so both passes visit only the [128 x 512] tiles on and above the diagonal and
+//   use each tile for its rows and its columns.
+// * Forward: the log-sum-exp keeps an online max and sum per row, fed by the rows and the columns
+//   of each tile: N^2 D flops.
+// * Backward: recomputes each tile from the saved row LSE; dZ = (H + H^T) Z with
+//   H_ij = w_i exp(s_ij - LSE_i), both products from the same tile: 3 N^2 D flops (6 N^2 D
+//   without the symmetry). Only O(N) statistics (the LSE) are saved.
+// Tile products go to BLAS through ATen (single-threaded inside the parallel region); the
+// element-wise work is in vec_math.cpp, on scratch that stays in L2. Scratch is O(tile) per thread
+// plus O(N) (forward) or O(N D) (backward) per worker, bounded by kAccumulatorBudgetBytes.
 #include "common.h"
 #include "vec_math.h"
 
