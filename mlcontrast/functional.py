@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mlcontrast import _backends, reference
-from mlcontrast.reference import NORM_EPS
+from mlcontrast.reference import NORM_EPS, reduce_rows
 
 __all__ = [
     "label_supcon_loss",
@@ -139,10 +139,6 @@ def _label_supcon_rows(
     return torch.ops.mlcontrast.label_supcon(features, labels, temperature, base_temperature)[0]
 
 
-def _mean_over(rows: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return rows.sum() / count.clamp(min=1).to(rows.dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -196,11 +192,7 @@ def label_supcon_loss(
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
     z = _unit(features) if normalize else features
     rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return _mean_over(rows, (labels >= 0).sum())
+    return reduce_rows(rows, (labels >= 0).sum(), reduction)
 
 
 def supcon_loss(
@@ -310,7 +302,7 @@ def multilabel_supcon_loss(
     if legacy_sadcl:
         sample = (torch.arange(v * b, device=device) // v).repeat_interleave(c)
         losses = losses * (targets[sample, classes] == 1)
-    return _mean_over(losses, positive.sum())
+    return reduce_rows(losses, positive.sum(), "mean")
 
 
 def prototype_nce_loss(
@@ -411,7 +403,7 @@ def prototype_ce_loss(
         rows = triton_prototype_ce.prototype_ce_rows(features, labels, prototypes, float(temperature))
     else:
         rows = torch.ops.mlcontrast.prototype_ce(features, labels, prototypes, float(temperature))[0]
-    return _mean_over(rows, (labels >= 0).sum())
+    return reduce_rows(rows, (labels >= 0).sum(), "mean")
 
 
 def update_prototypes_(

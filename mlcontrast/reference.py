@@ -34,7 +34,8 @@ def _masked_lse(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Ten
     return torch.where(any_entry.squeeze(dim), torch.logsumexp(safe, dim), torch.zeros((), dtype=logits.dtype))
 
 
-def _reduce(rows: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_rows(rows: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row losses to the result: ``"none"`` as is, ``"sum"``, or ``"mean"`` over ``count`` rows (0 if none)."""
     if reduction == "none":
         return rows
     if reduction == "sum":
@@ -64,7 +65,7 @@ def label_supcon_loss(
     n_pos = positive.sum(1)
     mean_pos = (logits * positive).sum(1) / n_pos.clamp(min=1)
     rows = torch.where(valid & (n_pos > 0), (temperature / base_temperature) * (lse - mean_pos), 0.0)
-    return _reduce(rows, valid.sum(), reduction)
+    return reduce_rows(rows, valid.sum(), reduction)
 
 
 def supcon_loss(
@@ -122,7 +123,7 @@ def multilabel_supcon_loss(
         sample = (torch.arange(v * b, device=targets.device) // v).repeat_interleave(c)
         gate = targets[sample, classes] == 1
         rows = rows * gate
-    return rows.sum() / positive.sum().clamp(min=1)
+    return reduce_rows(rows, positive.sum(), "mean")
 
 
 def prototype_nce_loss(
@@ -151,7 +152,7 @@ def prototype_ce_loss(
     logits = _unit(features) @ _unit(prototypes).T / temperature
     valid = labels >= 0
     rows = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * valid
-    return rows.sum() / valid.sum().clamp(min=1)
+    return reduce_rows(rows, valid.sum(), "mean")
 
 
 @torch.no_grad()

@@ -14,8 +14,16 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
 
 // Detached so that ATen calls on worker threads, where the dispatch guard of the calling thread
 // does not reach, never see a tensor that requires grad.
-inline at::Tensor to_compute(const at::Tensor& t) {
-  return t.detach().to(compute_dtype(t)).contiguous();
+inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType dtype) {
+  return t.detach().to(dtype).contiguous();
+}
+
+inline at::Tensor to_compute(const at::Tensor& t) { return to_compute(t, compute_dtype(t)); }
+
+// The compute dtype of an op on two floating inputs, which may differ (e.g. fp64 features with
+// fp32 prototypes): fp64 if either is.
+inline at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {
+  return compute_dtype(a) == at::kDouble ? at::kDouble : compute_dtype(b);
 }
 
 // Kernels compute with ATen ops on tensors derived from their inputs; autograd is handled by the

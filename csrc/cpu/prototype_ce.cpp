@@ -34,9 +34,10 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, 
                                                     const at::Tensor& prototypes, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
+  const auto dtype = compute_dtype(features, prototypes);
   const int64_t n = features.size(0), c = prototypes.size(0);
-  const auto z = unit_rows(to_compute(features)).unit;
-  const auto p = (unit_rows(to_compute(prototypes)).unit * (1.0 / temperature)).contiguous();
+  const auto z = unit_rows(to_compute(features, dtype)).unit;
+  const auto p = (unit_rows(to_compute(prototypes, dtype)).unit * (1.0 / temperature)).contiguous();
   const auto y = labels.contiguous();
   auto loss = at::zeros({n}, z.options());
   auto lse = at::empty({n}, z.options());
@@ -63,15 +64,15 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(const at::Tensor& g
                                                              const at::Tensor& lse, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
+  const auto dtype = compute_dtype(features, prototypes);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
   const int64_t n = features.size(0), c = prototypes.size(0), d = features.size(1);
   const double inv_t = 1.0 / temperature;
-  const auto zu = unit_rows(to_compute(features));
-  const auto pu = unit_rows(to_compute(prototypes));
+  const auto zu = unit_rows(to_compute(features, dtype));
+  const auto pu = unit_rows(to_compute(prototypes, dtype));
   const auto p = (pu.unit * inv_t).contiguous();
   const auto y = labels.contiguous();
-  const auto dtype = zu.unit.scalar_type();
   const auto g = at::where(y.ge(0), grad_rows.to(dtype), at::zeros({}, zu.unit.options())).contiguous();
   const auto lse_c = lse.to(dtype).contiguous();
 

@@ -105,8 +105,9 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_cpu(const at::Tensor& features,
                                                      const at::Tensor& targets, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
-  const auto z = to_compute(features);
-  const auto unit_p = unit_rows(to_compute(prototypes)).unit.contiguous();
+  const auto dtype = compute_dtype(features, prototypes);
+  const auto z = to_compute(features, dtype);
+  const auto unit_p = unit_rows(to_compute(prototypes, dtype)).unit.contiguous();
   const auto logits = logits_of(z, unit_p, 1.0 / temperature);
   const auto positive = targets.eq(1), known = targets.ge(0);
   auto stats = at::stack({masked_column_lse(logits, positive), masked_column_lse(logits, known)});
@@ -122,12 +123,12 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& stats, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
+  const auto dtype = compute_dtype(features, prototypes);
   const int64_t b = features.size(0), c = features.size(1), d = features.size(2);
   const double inv_t = 1.0 / temperature;
-  const auto z = to_compute(features);
-  const auto pu = unit_rows(to_compute(prototypes));
+  const auto z = to_compute(features, dtype);
+  const auto pu = unit_rows(to_compute(prototypes, dtype));
   const auto unit_p = pu.unit.contiguous();
-  const auto dtype = z.scalar_type();
   const auto logits = logits_of(z, unit_p, inv_t);
   const auto positive = targets.eq(1), known = targets.ge(0);
   const auto st = stats.to(dtype);
