@@ -58,27 +58,38 @@ def _check_int(x: torch.Tensor, name: str, shape: str) -> torch.Tensor:
     return x.long()
 
 
-def _check_labels(labels: torch.Tensor, n: int, num_classes: int | None = None) -> torch.Tensor:
-    if labels.dtype == torch.bool:
+# Type and shape checks come first, then the device check, then the checks of values (which read
+# the tensors, and so need them on one readable device).
+
+
+def _check_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
+    if isinstance(labels, torch.Tensor) and labels.dtype == torch.bool:
         raise TypeError("labels must hold int64 class ids, got torch.bool")
     labels = _check_int(labels, "labels", f"[N={n}]")
     if labels.shape != (n,):
         raise ValueError(f"labels must be [N={n}], got shape {tuple(labels.shape)}")
-    if _checking_values() and n > 0:
-        if labels.min() < -1:
-            raise ValueError("labels must be class ids >= 0, or -1 for a row that takes no part")
-        if num_classes is not None and labels.max() >= num_classes:
-            raise ValueError(f"labels must be < C = {num_classes} (the number of prototypes), got {labels.max()}")
     return labels
+
+
+def _check_label_values(labels: torch.Tensor, num_classes: int | None = None) -> None:
+    if not _checking_values() or labels.numel() == 0:
+        return
+    if labels.min() < -1:
+        raise ValueError("labels must be class ids >= 0, or -1 for a row that takes no part")
+    if num_classes is not None and labels.max() >= num_classes:
+        raise ValueError(f"labels must be < C = {num_classes} (the number of prototypes), got {labels.max()}")
 
 
 def _check_targets(targets: torch.Tensor, b: int, c: int) -> torch.Tensor:
     targets = _check_int(targets, "targets", f"[B={b}, C={c}]")
     if targets.shape != (b, c):
         raise ValueError(f"targets must be [B={b}, C={c}], got shape {tuple(targets.shape)}")
+    return targets
+
+
+def _check_target_values(targets: torch.Tensor) -> None:
     if _checking_values() and targets.numel() > 0 and ((targets < -1) | (targets > 1)).any():
         raise ValueError("targets must hold 1 (positive), 0 (negative) or -1 (unknown)")
-    return targets
 
 
 def _check_positive(value: float, name: str) -> None:
@@ -187,6 +198,7 @@ def label_supcon_loss(
     base_temperature = _check_temperatures(temperature, base_temperature)
     _check_reduction(reduction)
     device = _check_same_device(features=features, labels=labels)
+    _check_label_values(labels)
     backend = _resolve(backend, device)
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
@@ -292,6 +304,7 @@ def multilabel_supcon_loss(
     targets = _check_targets(targets, b, c)
     base_temperature = _check_temperatures(temperature, base_temperature)
     device = _check_same_device(features=features, targets=targets)
+    _check_target_values(targets)
     backend = _resolve(backend, device)
     if backend == "torch":
         return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
@@ -346,6 +359,7 @@ def prototype_nce_loss(
     targets = _check_targets(targets, b, c)
     _check_positive(temperature, "temperature")
     device = _check_same_device(features=features, prototypes=prototypes, targets=targets)
+    _check_target_values(targets)
     backend = _resolve(backend, device)
     if backend == "torch":
         return reference.prototype_nce_loss(features, prototypes, targets, temperature)
@@ -391,9 +405,10 @@ def prototype_ce_loss(
     _check_features(prototypes, "prototypes", (2,), f"[C, D={d}]")
     if prototypes.shape[1] != d or prototypes.shape[0] == 0:
         raise ValueError(f"prototypes must be [C >= 1, D={d}], got shape {tuple(prototypes.shape)}")
-    labels = _check_labels(labels, n, num_classes=prototypes.shape[0])
+    labels = _check_labels(labels, n)
     _check_positive(temperature, "temperature")
     device = _check_same_device(features=features, labels=labels, prototypes=prototypes)
+    _check_label_values(labels, num_classes=prototypes.shape[0])
     backend = _resolve(backend, device)
     if backend == "torch":
         return reference.prototype_ce_loss(features, labels, prototypes, temperature)
@@ -442,21 +457,25 @@ def update_prototypes_(
     _check_features(prototypes, "prototypes", (2,), "[C, D]")
     c, d = prototypes.shape
     _check_features(features, "features", (2, 3), f"[N, D={d}] or [B, C={c}, D={d}]")
-    if features.dim() == 3:
-        if features.shape[1:] != (c, d):
-            raise ValueError(f"features must be [B, C={c}, D={d}], got shape {tuple(features.shape)}")
-        targets = _check_targets(labels, features.shape[0], c)
-        classes = torch.arange(c, device=targets.device).expand_as(targets)
-        labels = torch.where(targets == 1, classes, -1).reshape(-1)
-        features = features.reshape(-1, d)
-    elif features.shape[1] != d:
-        raise ValueError(f"features must be [N, D={d}], got shape {tuple(features.shape)}")
-    labels = _check_labels(labels, features.shape[0], num_classes=c)
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"momentum must be a number, got {type(momentum).__name__}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-    device = _check_same_device(prototypes=prototypes, features=features, labels=labels)
+    if features.dim() == 3:
+        if features.shape[1:] != (c, d):
+            raise ValueError(f"features must be [B, C={c}, D={d}], got shape {tuple(features.shape)}")
+        targets = _check_targets(labels, features.shape[0], c)
+        device = _check_same_device(prototypes=prototypes, features=features, targets=targets)
+        _check_target_values(targets)
+        classes = torch.arange(c, device=device).expand_as(targets)
+        labels = torch.where(targets == 1, classes, -1).reshape(-1)
+        features = features.reshape(-1, d)
+    else:
+        if features.shape[1] != d:
+            raise ValueError(f"features must be [N, D={d}], got shape {tuple(features.shape)}")
+        labels = _check_labels(labels, features.shape[0])
+        device = _check_same_device(prototypes=prototypes, features=features, labels=labels)
+        _check_label_values(labels, num_classes=c)
     backend = _resolve(backend, device)
     with torch.no_grad():
         if backend == "torch":

@@ -1,0 +1,69 @@
+"""Runs the benchmarks: every ``benchmarks/bench_<op>.py``, or those named with ``--ops``.
+
+    python -m benchmarks.run                       # all ops, CPU, default sweeps
+    python -m benchmarks.run --device cuda
+    python -m benchmarks.run --quick               # smoke run of every op
+    python -m benchmarks.run --ops label_supcon -- --n 4096 16384 --providers cpu torch
+
+Options after ``--`` (and any option this runner does not know) go to every bench script. Each script
+exposes ``main(argv) -> list[Path]`` and writes ``benchmarks/results/<name>_<device>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def discover() -> list[str]:
+    """The op names of the ``bench_<op>.py`` files next to this one."""
+    return sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ops = discover()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="a short smoke run of every op")
+    p.add_argument("--ops", nargs="+", default=None, choices=ops, metavar="OP", help=f"ops to run (of {ops})")
+    p.add_argument("--max-memory-gib", type=float, default=None, help="memory cap of each case (see bench scripts)")
+    args, rest = p.parse_known_args(argv)
+    rest = [a for a in rest if a != "--"]
+
+    forwarded = ["--device", args.device, *(["--quick"] if args.quick else [])]
+    if args.max_memory_gib is not None:
+        forwarded += ["--max-memory-gib", str(args.max_memory_gib)]
+    forwarded += rest
+
+    written: dict[str, list[Path]] = {}
+    failed: list[str] = []
+    started = time.perf_counter()
+    for op in args.ops or ops:
+        print(f"\n===== {op} ({args.device}) =====", flush=True)
+        try:
+            module = importlib.import_module(f"benchmarks.bench_{op}")
+            written[op] = list(module.main(forwarded) or [])
+        except SystemExit as exit_:  # argparse errors of a bench script
+            if exit_.code not in (0, None):
+                failed.append(op)
+        except Exception:
+            traceback.print_exc()
+            failed.append(op)
+
+    print(f"\n===== done in {time.perf_counter() - started:.0f} s =====")
+    for op, paths in written.items():
+        for path in paths:
+            print(f"{op}: {path}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""label_supcon_loss: every fused CPU backend against reference.py, loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from utils import assert_close_by_norm, assert_matches, cpu_backends, grads, loss_and_grads, make_labels
+
+import mlcontrast
+from mlcontrast import reference
+
+BACKENDS = cpu_backends()
+# The CPU kernel tiles rows by 128 and columns by 512: these sizes sit on both sides of the boundaries.
+SIZES_N = [1, 2, 7, 31, 127, 257, 1031]
+SIZES_D = [1, 3, 64, 127]
+
+
+def check(backend, z, y, upstream=None, temperature=0.1, base_temperature=None, reduction="mean", normalize=False):
+    """Loss and gradient of the backend against reference.py; returns the backend's."""
+    args = (temperature, base_temperature, reduction, normalize)
+    return assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, *args, backend=backend),
+        lambda x: reference.label_supcon_loss(x, y, *args),
+        [z],
+        upstream,
+        names=["features"],
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", SIZES_D)
+@pytest.mark.parametrize("n", SIZES_N)
+def test_matches_reference_across_sizes(backend, n, d):
+    z = torch.randn(n, d) / d**0.5
+    y = make_labels(n, max(1, n // 8), ignore_fraction=0.1, singleton=True)
+    check(backend, z, y, temperature=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n,d", [(31, 64), (257, 3)])
+def test_reductions_match_reference(backend, n, d, reduction, normalize):
+    z = torch.randn(n, d)
+    y = make_labels(n, 5, ignore_fraction=0.2, singleton=True)
+    upstream = torch.randn(n, dtype=torch.float64) if reduction == "none" else None
+    out, _ = check(backend, z, y, upstream, temperature=0.5, reduction=reduction, normalize=normalize)
+    assert out.shape == ((n,) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [7, 257, 1031])
+def test_fp64_matches_reference_to_fp64_precision(backend, n):
+    z = torch.randn(n, 17, dtype=torch.float64)
+    y = make_labels(n, 6, ignore_fraction=0.15, singleton=True)
+    upstream = torch.randn(n, dtype=torch.float64)
+    out, (g,) = check(backend, z, y, upstream, temperature=0.3, reduction="none", normalize=True)
+    assert out.dtype == torch.float64 and g.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_feature_dimension(backend):
+    n, d = 1031, 1024
+    z = torch.randn(n, d)
+    y = make_labels(n, 40, ignore_fraction=0.1)
+    check(backend, z, y, temperature=0.1, normalize=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_temperature_with_normalize(backend):
+    z = torch.randn(257, 64)
+    y = make_labels(257, 10, ignore_fraction=0.1, singleton=True)
+    out, _ = check(backend, z, y, temperature=0.01, normalize=True)
+    assert out.item() > 1.0  # at tau = 0.01 random directions are far from their positives
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base_temperature", [0.07, 1.0])
+def test_base_temperature_scales_the_loss(backend, base_temperature):
+    z = torch.randn(129, 8)
+    y = make_labels(129, 4)
+    out, _ = check(backend, z, y, temperature=0.2, base_temperature=base_temperature, normalize=True)
+    plain = mlcontrast.label_supcon_loss(z, y, 0.2, normalize=True, backend=backend)
+    assert out.item() == pytest.approx(plain.item() * 0.2 / base_temperature, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_take_no_part(backend):
+    # Rows labelled -1 change neither the other rows' losses nor get a gradient.
+    z = torch.randn(140, 6)
+    y = make_labels(140, 3)
+    y[::3] = -1
+    upstream = torch.randn(140, dtype=torch.float64)
+    out, (g,) = check(backend, z, y, upstream, reduction="none", normalize=True)
+    valid = y >= 0
+    assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))
+    assert torch.equal(g[~valid], torch.zeros_like(g[~valid]))
+    kept, (g_kept,) = loss_and_grads(
+        lambda x: mlcontrast.label_supcon_loss(x, y[valid], reduction="none", normalize=True, backend=backend),
+        [z[valid]],
+        upstream[valid],
+    )
+    assert_close_by_norm(out[valid], kept, torch.float32, "loss without the ignored rows")
+    assert_close_by_norm(g[valid], g_kept, torch.float32, "grad without the ignored rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classes_with_exactly_one_member_contribute_zero(backend):
+    z = torch.randn(9, 4)
+    y = torch.tensor([0, 0, 0, 1, 2, 3, 3, 4, -1])  # classes 1, 2, 4 have one member
+    out, _ = check(backend, z, y, reduction="none", upstream=torch.randn(9, dtype=torch.float64))
+    assert torch.equal(out[[3, 4, 7, 8]], torch.zeros(4))
+    assert (out[[0, 1, 2, 5, 6]] != 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_and_large_class_ids(backend):
+    z = torch.randn(40, 5)
+    y = torch.randint(0, 4, (40,)) * 10**12 + 7
+    check(backend, z, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n", [1, 7, 600])
+def test_no_positives_at_all_gives_zero_loss_and_zero_grad(backend, n, reduction):
+    z = torch.randn(n, 8, requires_grad=True)
+    y = torch.arange(n)  # every class has one member
+    out = mlcontrast.label_supcon_loss(z, y, reduction=reduction, normalize=True, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    (g,) = grads(out, z, torch.randn(n) if reduction == "none" else None)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_all_rows_ignored_gives_zero_loss_and_zero_grad(backend, n, reduction):
+    z = torch.randn(n, 8, requires_grad=True)
+    y = torch.full((n,), -1)
+    out = mlcontrast.label_supcon_loss(z, y, reduction=reduction, normalize=True, backend=backend)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.zeros_like(out))
+    (g,) = grads(out, z, torch.randn(n) if reduction == "none" else None)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_valid_row_gives_zero_loss_and_finite_zero_grad(backend):
+    z = torch.randn(6, 3, requires_grad=True)
+    y = torch.tensor([-1, -1, 4, -1, -1, -1])
+    out = mlcontrast.label_supcon_loss(z, y, backend=backend)
+    assert out.item() == 0.0
+    (g,) = grads(out, z)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_gives_zero(backend):
+    z = torch.randn(0, 4, requires_grad=True)
+    out = mlcontrast.label_supcon_loss(z, torch.zeros(0, dtype=torch.long), backend=backend)
+    assert out.item() == 0.0
+    (g,) = grads(out, z)
+    assert g.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_input_matches_fp32_reference(backend, dtype, normalize):
+    z = (torch.randn(257, 64) / 8).to(dtype)
+    y = make_labels(257, 6, ignore_fraction=0.1, singleton=True)
+    upstream = torch.randn(257, dtype=torch.float64)
+    out, (g,) = check(backend, z, y, upstream, temperature=0.2, reduction="none", normalize=normalize)
+    assert out.dtype == torch.float32, "the loss of fp16/bf16 features is fp32"
+    assert g.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_features_and_labels(backend):
+    base = torch.randn(64, 300)  # features = base.T[::2]: transposed and strided
+    y_base = make_labels(300, 5, ignore_fraction=0.1)
+
+    def fused(b):
+        return mlcontrast.label_supcon_loss(b.t()[::2], y_base[::2], normalize=True, backend=backend)
+
+    def ref(b):
+        return reference.label_supcon_loss(b.t()[::2], y_base[::2], 0.1, None, "mean", True)
+
+    assert not base.t()[::2].is_contiguous() and not y_base[::2].is_contiguous()
+    assert_matches(fused, ref, [base], names=["features"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch", "auto"])
+def test_module_matches_functional(backend):
+    z = torch.randn(50, 8)
+    y = make_labels(50, 4, ignore_fraction=0.1)
+    kw = dict(temperature=0.3, base_temperature=0.5, reduction="sum", normalize=True, backend=backend)
+    module = mlcontrast.LabelSupConLoss(**kw)
+    a, (ga,) = loss_and_grads(lambda x: module(x, y), [z])
+    b, (gb,) = loss_and_grads(lambda x: mlcontrast.label_supcon_loss(x, y, **kw), [z])
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auto_uses_the_first_available_backend(backend, monkeypatch):
+    monkeypatch.delenv("MLCONTRAST_BACKEND", raising=False)
+    if mlcontrast.available_backends("cpu")[0] != backend:
+        pytest.skip(f"auto does not pick {backend}")
+    z = torch.randn(33, 5)
+    y = make_labels(33, 3)
+    a, (ga,) = loss_and_grads(lambda x: mlcontrast.label_supcon_loss(x, y, backend="auto"), [z])
+    b, (gb,) = loss_and_grads(lambda x: mlcontrast.label_supcon_loss(x, y, backend=backend), [z])
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_torch_backend_is_the_reference():
+    z = torch.randn(20, 4)
+    y = make_labels(20, 3, ignore_fraction=0.2)
+    got = mlcontrast.label_supcon_loss(z, y, 0.2, 0.3, "none", True, backend="torch")
+    assert torch.equal(got, reference.label_supcon_loss(z, y, 0.2, 0.3, "none", True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_norm_row_with_normalize(backend):
+    z = torch.randn(6, 4, dtype=torch.float64)
+    z[2] = 0
+    check(backend, z, torch.tensor([0, 1, 2, 0, 1, 2]), normalize=True)

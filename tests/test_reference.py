@@ -1,0 +1,275 @@
+"""reference.py (the spec and backend "torch") against loops.py and against hand-worked numbers."""
+
+from __future__ import annotations
+
+import math
+
+import loops
+import pytest
+import torch
+from loops import logsumexp_scalars
+from utils import assert_close_by_norm, grads, make_labels, make_targets
+
+from mlcontrast import reference
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# reference vs loops on small random inputs (values and gradients, float64)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("n,d", [(1, 3), (2, 1), (7, 3), (13, 5)])
+def test_label_supcon_reference_matches_loops(n, d, normalize, reduction):
+    z = torch.randn(n, d, dtype=F64, requires_grad=True)
+    y = make_labels(n, 3, ignore_fraction=0.2, singleton=n > 2)
+    upstream = torch.randn(n, dtype=F64) if reduction == "none" else None
+    ref = reference.label_supcon_loss(z, y, 0.3, 0.5, reduction, normalize)
+    loop = loops.label_supcon(z, y, 0.3, 0.5, reduction, normalize)
+    assert_close_by_norm(ref, loop, F64, "loss")
+    assert_close_by_norm(grads(ref, z, upstream)[0], grads(loop, z, upstream)[0], F64, "grad")
+
+
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+@pytest.mark.parametrize("with_labels", [False, True])
+@pytest.mark.parametrize("b,v", [(1, 2), (4, 1), (5, 3)])
+def test_supcon_reference_matches_loops(b, v, with_labels, contrast_mode):
+    z = torch.nn.functional.normalize(torch.randn(b, v, 6, dtype=F64), dim=-1).requires_grad_()
+    labels = torch.randint(0, 2, (b,)) if with_labels else None
+    ref = reference.supcon_loss(z, labels, 0.2, 0.3, contrast_mode)
+    loop = loops.supcon(z, labels, 0.2, 0.3, contrast_mode)
+    assert_close_by_norm(ref, loop, F64, "loss")
+    assert_close_by_norm(grads(ref, z)[0], grads(loop, z)[0], F64, "grad")
+
+
+@pytest.mark.parametrize("legacy_sadcl", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4, 5), (4, 2, 3, 5), (3, 3, 2, 4)])
+def test_multilabel_supcon_reference_matches_loops(shape, legacy_sadcl):
+    z = torch.randn(*shape, dtype=F64, requires_grad=True)
+    b, c = shape[0], shape[-2]
+    t = make_targets(b, c, p_positive=0.5)
+    ref = reference.multilabel_supcon_loss(z, t, 0.2, 0.4, legacy_sadcl)
+    loop = loops.multilabel_supcon(z, t, 0.2, 0.4, legacy_sadcl)
+    assert_close_by_norm(ref, loop, F64, "loss")
+    assert_close_by_norm(grads(ref, z)[0], grads(loop, z)[0], F64, "grad")
+
+
+@pytest.mark.parametrize("b,c,d", [(1, 1, 1), (5, 3, 4), (9, 6, 7)])
+def test_prototype_nce_reference_matches_loops(b, c, d):
+    z = torch.randn(b, c, d, dtype=F64, requires_grad=True)
+    p = torch.randn(c, d, dtype=F64, requires_grad=True)
+    t = make_targets(b, c)
+    t[0, 0] = 1  # at least one positive
+    ref = reference.prototype_nce_loss(z, p, t, 0.1)
+    loop = loops.prototype_nce(z, p, t, 0.1)
+    assert_close_by_norm(ref, loop, F64, "loss")
+    for a, e, name in zip(grads(ref, (z, p)), grads(loop, (z, p)), ("features", "prototypes")):
+        assert_close_by_norm(a, e, F64, f"grad {name}")
+
+
+@pytest.mark.parametrize("n,c,d", [(1, 1, 1), (6, 2, 3), (15, 5, 8)])
+def test_prototype_ce_reference_matches_loops(n, c, d):
+    z = torch.randn(n, d, dtype=F64, requires_grad=True)
+    p = torch.randn(c, d, dtype=F64, requires_grad=True)
+    y = make_labels(n, c, ignore_fraction=0.25)
+    ref = reference.prototype_ce_loss(z, y, p, 0.2)
+    loop = loops.prototype_ce(z, y, p, 0.2)
+    assert_close_by_norm(ref, loop, F64, "loss")
+    for a, e, name in zip(grads(ref, (z, p)), grads(loop, (z, p)), ("features", "prototypes")):
+        assert_close_by_norm(a, e, F64, f"grad {name}")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.3, 1.0])
+def test_update_prototypes_reference_matches_loops(momentum, normalize):
+    p = torch.randn(5, 4, dtype=F64)
+    z = torch.randn(11, 4, dtype=F64)
+    y = torch.tensor([0, 0, 2, -1, 2, 2, 4, -1, 0, 4, 4])  # classes 1 and 3 absent
+    ref = reference.update_prototypes_(p.clone(), z, y, momentum, normalize)
+    loop = loops.update_prototypes_(p.clone(), z, y, momentum, normalize)
+    assert_close_by_norm(ref, loop, F64)
+    assert torch.equal(ref[[1, 3]], p[[1, 3]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-worked cases
+# ----------------------------------------------------------------------------------------------
+
+
+def test_label_supcon_hand_worked_three_rows():
+    # z0 = z1 = (1, 0) share class 0, z2 = (0, 1) is class 1; tau = 0.5 so s01 = 2, s02 = s12 = 0.
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    y = torch.tensor([0, 0, 1])
+    ell = math.log(math.exp(2) + 1) - 2  # LSE(s01, s02) - s01 for rows 0 and 1; row 2 has no positive
+    rows = reference.label_supcon_loss(z, y, 0.5, reduction="none")
+    assert torch.allclose(rows, torch.tensor([ell, ell, 0.0], dtype=F64), rtol=1e-12, atol=0)
+    assert reference.label_supcon_loss(z, y, 0.5, reduction="sum").item() == pytest.approx(2 * ell, rel=1e-12)
+    assert reference.label_supcon_loss(z, y, 0.5).item() == pytest.approx(2 * ell / 3, rel=1e-12)
+    # base_temperature scales by tau / tau_base.
+    assert reference.label_supcon_loss(z, y, 0.5, 1.0).item() == pytest.approx(0.5 * 2 * ell / 3, rel=1e-12)
+
+
+def test_label_supcon_hand_worked_ignored_row_takes_no_part():
+    # The same three rows plus a row labelled -1 that would be a positive of rows 0 and 1.
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    y = torch.tensor([0, 0, 1, -1])
+    ell = math.log(math.exp(2) + 1) - 2
+    rows = reference.label_supcon_loss(z, y, 0.5, reduction="none")
+    assert torch.allclose(rows, torch.tensor([ell, ell, 0.0, 0.0], dtype=F64), rtol=1e-12, atol=0)
+    assert reference.label_supcon_loss(z, y, 0.5).item() == pytest.approx(2 * ell / 3, rel=1e-12)  # over |V| = 3
+
+
+def test_label_supcon_hand_worked_normalize():
+    # Rows of norm 3 and 0.5: with normalize=True only the directions count.
+    z = torch.tensor([[3.0, 0.0], [0.0, 0.5], [0.5, 0.0]], dtype=F64)
+    y = torch.tensor([0, 1, 0])
+    t = 0.25
+    # Row 0: A = {1, 2}, s01 = 0, s02 = 4, P = {2}. Row 2 symmetric. Row 1 has no positive.
+    ell = logsumexp_scalars(0.0, 4.0) - 4.0
+    got = reference.label_supcon_loss(z, y, t, reduction="none", normalize=True)
+    assert torch.allclose(got, torch.tensor([ell, 0.0, ell], dtype=F64), rtol=1e-12, atol=0)
+
+
+def test_supcon_hand_worked_simclr_pair():
+    # B = 2 samples, V = 2 views, labels None; rows in view-major order: (v0,b0), (v0,b1), (v1,b0), (v1,b1).
+    # Sample 0's views are e1 and e1, sample 1's views are e2 and e1; tau = tau_base = 1.
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    z = torch.tensor([[e1, e1], [e2, e1]], dtype=F64)  # [B, V, D]
+    # Anchor (v0,b0): others s = [0 (v0,b1), 1 (v1,b0), 1 (v1,b1)], positive (v1,b0) with s = 1.
+    a0 = logsumexp_scalars(0, 1, 1) - 1
+    # Anchor (v0,b1) = e2: others s = [0, 0, 0], positive (v1,b1) s = 0.
+    a1 = logsumexp_scalars(0, 0, 0) - 0
+    # Anchor (v1,b0) = e1: others s = [1 (v0,b0), 0 (v0,b1), 1 (v1,b1)], positive (v0,b0) s = 1.
+    a2 = logsumexp_scalars(1, 0, 1) - 1
+    # Anchor (v1,b1) = e1: others s = [1, 0, 1], positive (v0,b1) s = 0.
+    a3 = logsumexp_scalars(1, 0, 1) - 0
+    expected = (a0 + a1 + a2 + a3) / 4
+    assert reference.supcon_loss(z, None, 1.0, 1.0).item() == pytest.approx(expected, rel=1e-12)
+    assert reference.supcon_loss(z, None, 1.0, 1.0, "one").item() == pytest.approx((a0 + a1) / 2, rel=1e-12)
+
+
+def test_prototype_nce_hand_worked_with_class_without_positives():
+    # B = 3, C = 4, D = 2, tau = 1. Prototypes point along e1 (classes 0, 2) or e2 (classes 1, 3); each
+    # feature is +-p_c or perpendicular to it, scaled so that only the direction counts. Cosines s[b, c]:
+    #   b0: [ 1,  0,  1,  0]    targets b0: [1,  0,  1, -1]
+    #   b1: [ 0,  1, -1,  1]            b1: [0,  1, -1, -1]
+    #   b2: [-1,  0,  0,  1]            b2: [1, -1,  0,  0]
+    e1, e2 = torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    protos = torch.stack([e1, 2 * e2, 0.5 * e1, e2])
+    z = torch.stack(
+        [
+            torch.stack([2 * e1, 3 * e1, e1, e1]),
+            torch.stack([e2, 0.5 * e2, -e1, 4 * e2]),
+            torch.stack([-e1, e1, e2, e2]),
+        ]
+    )
+    targets = torch.tensor([[1, 0, 1, -1], [0, 1, -1, -1], [1, -1, 0, 0]])
+    e = math.e
+    term0 = math.log(e + 1 / e) - math.log(e + 1 + 1 / e)  # P = {b0, b2}, K = {b0, b1, b2}
+    term1 = 1 - math.log(1 + e)  # P = {b1}, K = {b0, b1}
+    term2 = 1 - math.log(e + 1)  # P = {b0}, K = {b0, b2}
+    term3 = 0 - 1  # no positive: LSE over P is 0; K = {b2} with s = 1
+    expected = -(term0 + term1 + term2 + term3) / 4  # four positives in all
+    assert reference.prototype_nce_loss(z, protos, targets, 1.0).item() == pytest.approx(expected, rel=1e-12)
+    assert loops.prototype_nce(z, protos, targets, 1.0).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_prototype_ce_hand_worked_two_classes():
+    protos = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64)
+    z = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, -7.0]], dtype=F64)
+    y = torch.tensor([0, 1, -1])
+    t = 0.5
+    row0 = math.log(math.exp(2) + 1) - 2  # cosines (1, 0) / t
+    row1 = math.log(2.0)  # cosines (1/sqrt2, 1/sqrt2): a fair coin
+    expected = (row0 + row1) / 2
+    assert reference.prototype_ce_loss(z, y, protos, t).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_update_prototypes_hand_worked(normalize):
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0]], dtype=F64)
+    z = torch.tensor([[0.0, 2.0], [0.0, 4.0], [5.0, 5.0]], dtype=F64)
+    y = torch.tensor([0, 0, -1])
+    expected = p.clone()
+    expected[0] = torch.tensor([0.5, 1.5], dtype=F64)  # 0.5 * (1, 0) + 0.5 * mean((0, 2), (0, 4))
+    if normalize:
+        expected[0] /= math.sqrt(2.5)
+    got = reference.update_prototypes_(p.clone(), z, y, 0.5, normalize)
+    assert torch.allclose(got, expected, rtol=1e-14, atol=0)
+    assert torch.equal(got[1:], p[1:])
+
+
+def test_multilabel_supcon_legacy_gate_changes_the_loss_and_matches_loops():
+    # B = 2, V = 2, C = 2, targets [[1, 1], [0, 1]]: row (v=1, b=0, c=0) is gated by targets[1, 0] = 0.
+    z = torch.randn(2, 2, 2, 5, dtype=F64)
+    t = torch.tensor([[1, 1], [0, 1]])
+    intended = reference.multilabel_supcon_loss(z, t, 0.2)
+    legacy = reference.multilabel_supcon_loss(z, t, 0.2, legacy_sadcl=True)
+    rows = reference.label_supcon_loss(
+        z.transpose(0, 1).reshape(8, 5), torch.tensor([0, 1, -1, 1, 0, 1, -1, 1]), 0.2, reduction="none", normalize=True
+    )
+    assert legacy.item() == pytest.approx((rows.sum() - rows[4]).item() / 6, rel=1e-12)
+    assert intended.item() == pytest.approx(rows.sum().item() / 6, rel=1e-12)
+    assert rows[4] > 0 and legacy < intended
+    assert legacy.item() == pytest.approx(loops.multilabel_supcon(z, t, 0.2, legacy_sadcl=True).item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Edge cases: finite (and zero where nothing contributes) gradients
+# ----------------------------------------------------------------------------------------------
+
+
+def _finite_grad(loss, inputs):
+    out = grads(loss, inputs)
+    for g in out:
+        assert torch.isfinite(g).all(), g
+    return out
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        pytest.param([0, 1, 2, 3], id="no-positives"),
+        pytest.param([-1, -1, -1, -1], id="all-ignored"),
+        pytest.param([-1, 5, -1, -1], id="single-valid-row"),
+    ],
+)
+def test_label_supcon_reference_edge_cases_have_zero_loss_and_finite_zero_grad(labels, normalize):
+    z = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    y = torch.tensor(labels)
+    for reduction in ("mean", "sum"):
+        loss = reference.label_supcon_loss(z, y, 0.1, reduction=reduction, normalize=normalize)
+        assert loss.item() == 0.0
+        (g,) = _finite_grad(loss, z)
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_prototype_nce_reference_without_positives_is_zero_with_finite_grads():
+    z = torch.randn(3, 2, 4, dtype=F64, requires_grad=True)
+    p = torch.randn(2, 4, dtype=F64, requires_grad=True)
+    for targets in (torch.zeros(3, 2, dtype=torch.long), torch.full((3, 2), -1)):
+        loss = reference.prototype_nce_loss(z, p, targets, 0.1)
+        assert loss.item() == 0.0
+        for g in _finite_grad(loss, (z, p)):
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_prototype_ce_reference_all_ignored_is_zero_with_finite_grads():
+    z = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    p = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    loss = reference.prototype_ce_loss(z, torch.full((5,), -1), p, 0.1)
+    assert loss.item() == 0.0
+    for g in _finite_grad(loss, (z, p)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_multilabel_supcon_reference_without_positives_is_zero_with_finite_grads():
+    z = torch.randn(3, 2, 4, 5, dtype=F64, requires_grad=True)
+    loss = reference.multilabel_supcon_loss(z, torch.zeros(3, 4, dtype=torch.long), 0.2)
+    assert loss.item() == 0.0
+    (g,) = _finite_grad(loss, z)
+    assert torch.equal(g, torch.zeros_like(g))
