@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -15,21 +14,26 @@ import torch
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
-def _extension() -> tuple[object | None, str]:
-    """The compiled extension and, when it is missing, why."""
+def _load_extension() -> str | None:
+    """Loads the compiled extension; None on success, otherwise why it is missing."""
     try:
         from mlcontrast import _C  # noqa: F401  (loading it registers the torch.ops.mlcontrast kernels)
     except ImportError as error:
-        return None, (
+        return (
             f"the compiled extension mlcontrast._C did not load ({error}); reinstall with "
             "`pip install --no-build-isolation .` from a source checkout"
         )
-    return _C, ""
+    return None
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"mlcontrast::{op}", dispatch_key)
+
+
+# Decided once at import, so that resolving a backend is plain Python over constants, which
+# torch.compile traces without a graph break.
+EXTENSION_ERROR = _load_extension()
+HAS_CUDA_KERNELS = EXTENSION_ERROR is None and _has_kernel("label_supcon", "CUDA")
 
 
 def _interpreting_triton() -> bool:
@@ -44,17 +48,15 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "cpu":
         if device.type != "cpu":
             return f'backend "cpu" runs on CPU tensors only, these are on {device}'
-        ext, reason = _extension()
-        return reason if ext is None else None
+        return EXTENSION_ERROR
     if backend == "cuda":
         if device.type != "cuda":
             return f'backend "cuda" runs on CUDA tensors only, these are on {device}'
         if not torch.cuda.is_available():
             return "no CUDA GPU is available to torch"
-        ext, reason = _extension()
-        if ext is None:
-            return reason
-        if not _has_kernel("label_supcon", "CUDA"):
+        if EXTENSION_ERROR is not None:
+            return EXTENSION_ERROR
+        if not HAS_CUDA_KERNELS:
             return (
                 "mlcontrast was built without its CUDA kernels; reinstall on a machine with nvcc and a CUDA "
                 "build of torch, with MLCONTRAST_BUILD_CUDA=1 to make a failure loud"
@@ -67,8 +69,14 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             return 'backend "triton" runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1)'
         if device.type not in ("cpu", "cuda"):
             return f'backend "triton" does not run on {device}'
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is available to torch"
         return ops.triton_unavailable_reason()
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "triton", "torch")
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -80,8 +88,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         'torch'
     """
     device = torch.device(device)
-    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "triton", "torch")
-    return [name for name in order if why_unavailable(name, device) is None]
+    return [name for name in _auto_order(device) if why_unavailable(name, device) is None]
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -95,7 +102,8 @@ def resolve(backend: str, device: torch.device) -> str:
                 raise ValueError(f"MLCONTRAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
             backend = forced
         else:
-            return available_backends(device)[0]
+            # The first available in available_backends' order, without probing the ones after it.
+            return next(name for name in _auto_order(device) if why_unavailable(name, device) is None)
     reason = why_unavailable(backend, device)
     if reason is not None:
         raise RuntimeError(f'mlcontrast backend "{backend}" is unavailable: {reason}')

@@ -121,15 +121,6 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    return _resolve_constant(backend, device.type)
-
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(backend: str, device_type: str) -> str:
-    return _backends.resolve(backend, torch.device(device_type))
-
-
 # ----------------------------------------------------------------------------------------------
 # Per-row kernels of the fused backends
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +190,7 @@ def label_supcon_loss(
     _check_reduction(reduction)
     device = _check_same_device(features=features, labels=labels)
     _check_label_values(labels)
-    backend = _resolve(backend, device)
+    backend = _backends.resolve(backend, device)
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
     z = _unit(features) if normalize else features
@@ -252,7 +243,7 @@ def supcon_loss(
         device = _check_same_device(features=features, labels=labels)
     else:
         device = features.device
-    backend = _resolve(backend, device)
+    backend = _backends.resolve(backend, device)
     if backend == "torch":
         return reference.supcon_loss(features, labels, temperature, base_temperature, contrast_mode)
     if labels is None:
@@ -305,7 +296,7 @@ def multilabel_supcon_loss(
     base_temperature = _check_temperatures(temperature, base_temperature)
     device = _check_same_device(features=features, targets=targets)
     _check_target_values(targets)
-    backend = _resolve(backend, device)
+    backend = _backends.resolve(backend, device)
     if backend == "torch":
         return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
     rows = _unit(features).transpose(0, 1).reshape(v * b * c, -1)  # (v, b, c) order
@@ -360,7 +351,7 @@ def prototype_nce_loss(
     _check_positive(temperature, "temperature")
     device = _check_same_device(features=features, prototypes=prototypes, targets=targets)
     _check_target_values(targets)
-    backend = _resolve(backend, device)
+    backend = _backends.resolve(backend, device)
     if backend == "torch":
         return reference.prototype_nce_loss(features, prototypes, targets, temperature)
     if backend == "triton":
@@ -409,7 +400,7 @@ def prototype_ce_loss(
     _check_positive(temperature, "temperature")
     device = _check_same_device(features=features, labels=labels, prototypes=prototypes)
     _check_label_values(labels, num_classes=prototypes.shape[0])
-    backend = _resolve(backend, device)
+    backend = _backends.resolve(backend, device)
     if backend == "torch":
         return reference.prototype_ce_loss(features, labels, prototypes, temperature)
     if backend == "triton":
@@ -476,7 +467,7 @@ def update_prototypes_(
         labels = _check_labels(labels, features.shape[0])
         device = _check_same_device(prototypes=prototypes, features=features, labels=labels)
         _check_label_values(labels, num_classes=c)
-    backend = _resolve(backend, device)
+    backend = _backends.resolve(backend, device)
     with torch.no_grad():
         if backend == "torch":
             reference.update_prototypes_(prototypes, features, labels, momentum, normalize)

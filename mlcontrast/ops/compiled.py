@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mlcontrast._backends import _extension
+from mlcontrast._backends import EXTENSION_ERROR
 
 _LIB = "mlcontrast"
 
@@ -90,7 +90,7 @@ def _backward_prototype_ce(ctx, grad_rows, grad_lse):
 
 
 def _register() -> bool:
-    if _extension()[0] is None:
+    if EXTENSION_ERROR is not None:
         return False
     fakes = {
         "label_supcon": _fake_label_supcon,
