@@ -1,0 +1,119 @@
+"""Helpers shared by the Triton op files of :mod:`mlcontrast.ops`.
+
+Every op file holds its ``@triton.jit`` kernels, their launchers and the ``torch.library`` glue. The
+glue goes through :func:`triton_library_op`: on a GPU the op is a ``torch.library.triton_op``, which
+``torch.compile`` traces into (the kernels become nodes of the graph); under ``TRITON_INTERPRET=1``
+the kernels are interpreted functions that ``torch.library.wrap_triton`` cannot trace, so the same
+body is registered as an opaque ``torch.library.custom_op`` with a fake kernel instead. Both keep
+``torch.compile(fullgraph=True)`` free of graph breaks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import torch
+import triton
+
+__all__ = [
+    "NORM_EPS",
+    "LIBRARY",
+    "interpreting",
+    "is_interpreted",
+    "compute_dtype",
+    "dot_precision",
+    "launch",
+    "pow2_block",
+    "scalar",
+    "split_count",
+    "triton_library_op",
+]
+
+NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, as in mlcontrast.reference
+LIBRARY = "mlcontrast_triton"
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels decorated now run in the interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def is_interpreted(kernel: object) -> bool:
+    """Whether ``kernel`` was decorated as an interpreted function (the env var was set at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation and output dtype: fp64 for fp64 input (gradcheck), fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(operand_dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot`` for operands of ``operand_dtype``.
+
+    fp32 operands honour ``torch.backends.cuda.matmul.allow_tf32`` (``"tf32"`` when allowed, else
+    ``"ieee"``), as torch's own matmuls do; the other dtypes have a single precision.
+    """
+    if operand_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def pow2_block(size: int, low: int, high: int) -> int:
+    """The next power of two of ``size``, clamped to [low, high] (``tl.dot`` needs tiles >= 16 on GPUs)."""
+    return max(low, min(high, triton.next_power_of_2(max(int(size), 1))))
+
+
+def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element tensor holding a hyper-parameter for a kernel to ``tl.load``.
+
+    Triton passes Python floats as fp32, which would round e.g. 1/0.1 in the fp64 kernels used by
+    gradcheck; a tensor in the compute dtype keeps full precision and never triggers a recompile.
+    """
+    return torch.full((1,), value, dtype=dtype, device=device)
+
+
+def launch(kernel, grid: tuple[int, ...]):
+    """``kernel[grid]`` through ``wrap_triton`` so that a ``triton_op`` body stays traceable."""
+    return torch.library.wrap_triton(kernel)[grid]
+
+
+def triton_library_op(name: str, *, mutates_args: Iterable[str] = (), fake: Callable | None = None):
+    """Registers ``fn`` as ``mlcontrast_triton::<name>``: a ``triton_op`` on GPUs, a ``custom_op`` when interpreted.
+
+    Args:
+        name: op name inside the ``mlcontrast_triton`` library.
+        mutates_args: names of the arguments written in place.
+        fake: fake (meta) implementation, used only for the ``custom_op`` registration; a
+            ``triton_op`` derives its fake behaviour by tracing its own body.
+    """
+
+    def decorate(fn: Callable):
+        qualname = f"{LIBRARY}::{name}"
+        if interpreting():
+            op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(fn)
+            if fake is not None:
+                op.register_fake(fake)
+        else:
+            op = torch.library.triton_op(qualname, mutates_args=tuple(mutates_args))(fn)
+        return op
+
+    return decorate
+
+
+def split_count(blocks: int, bytes_per_split: int, budget_bytes: int = 64 << 20, most: int = 64) -> int:
+    """How many independent partial accumulators a deterministic reduction over ``blocks`` row blocks uses.
+
+    More splits mean more parallel programs; each costs ``bytes_per_split`` of scratch, capped by
+    ``budget_bytes``. Under the interpreter parallelism buys nothing, so one split is used.
+    """
+    if interpreting():
+        return 1 if blocks < 4 else 2
+    by_memory = max(1, budget_bytes // max(1, bytes_per_split))
+    return int(max(1, min(blocks, most, by_memory)))

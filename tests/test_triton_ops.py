@@ -1,0 +1,651 @@
+"""The Triton backend against reference.py: losses, gradients, edge cases, determinism, registration.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors. The interpreter is chosen
+when a kernel is decorated, i.e. when its module (mlcontrast.ops.<op>) is first imported, so this
+module sets TRITON_INTERPRET=1 before importing them. Run it alone or first if another module might
+import them earlier; if that happened, the module skips itself and says why. The interpreter runs the
+programs one after another, so sizes stay small; the tile sizes shrink to 16 there
+(mlcontrast.ops.utils), so the sizes below still cross tile boundaries (N = 33, 70; D = 40) and
+leave partial tiles (N = 5, D = 7). The interpreter's bf16 tl.dot is wrong, so bf16 is GPU-only.
+
+Tolerances come from tests/utils.py (relative error by norm): fp32 against the reference in fp64
+(1e-4), fp16 against the reference in fp32 on the same upcast values (5e-3; the gradients are
+rounded to fp16), bf16 (GPU) 2e-2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from utils import assert_close_by_norm, assert_matches, make_labels, make_targets  # noqa: E402
+
+import mlcontrast  # noqa: E402
+from mlcontrast import reference  # noqa: E402
+from mlcontrast.ops import triton_unavailable_reason  # noqa: E402
+
+_REASON = triton_unavailable_reason()
+if _REASON is not None:
+    pytest.skip(f"the Triton backend cannot run here: {_REASON}", allow_module_level=True)
+
+from mlcontrast.ops import label_supcon as triton_label_supcon  # noqa: E402
+from mlcontrast.ops import prototype_ce as triton_prototype_ce  # noqa: E402
+from mlcontrast.ops import prototype_nce as triton_prototype_nce  # noqa: E402
+from mlcontrast.ops import update_prototypes as triton_update_prototypes  # noqa: E402
+from mlcontrast.ops.utils import is_interpreted  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = is_interpreted(triton_label_supcon._label_supcon_fwd_kernel)
+if DEVICE.type == "cpu" and not INTERPRETED:
+    pytest.skip(
+        "mlcontrast's Triton kernels were imported before TRITON_INTERPRET=1 was set; run this file alone "
+        "or with TRITON_INTERPRET=1 in the environment",
+        allow_module_level=True,
+    )
+
+# fp16 and fp32 only under the interpreter (its bf16 tl.dot is wrong); bf16 is in the GPU tests.
+DTYPES = [torch.float32, torch.float16]
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["deterministic", "atomic"])
+def backward_mode(request, monkeypatch):
+    """Runs a test with each backward kernel of label_supcon."""
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", request.param == "atomic")
+    return request.param
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _to_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------
+# Availability
+# ----------------------------------------------------------------------------------------------
+
+
+def test_backend_is_available():
+    assert triton_unavailable_reason() is None
+    assert "triton" in mlcontrast.available_backends(DEVICE)
+    modules = (triton_label_supcon, triton_prototype_ce, triton_prototype_nce, triton_update_prototypes)
+    kernels = [k for m in modules for name, k in vars(m).items() if name.startswith("_") and name.endswith("_kernel")]
+    assert len(kernels) == 10
+    assert all(is_interpreted(k) == INTERPRETED for k in kernels)
+
+
+# ----------------------------------------------------------------------------------------------
+# label_supcon
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 7), (5, 1), (33, 40), (70, 7)])
+def test_label_supcon_matches_reference(n, d, dtype, backward_mode):
+    z = _rand(n, d, dtype=dtype, scale=d**-0.5)
+    (y,) = _to_device(make_labels(n, max(1, n // 6), ignore_fraction=0.2, singleton=True))
+    upstream = torch.randn(n, dtype=torch.float64, device=DEVICE)  # per-row weights: "not the last layer"
+    out, (grad,) = assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, 0.07, "none", backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.1, 0.07, "none"),
+        [z],
+        upstream,
+        names=["features"],
+    )
+    assert out.dtype == torch.float32 and out.shape == (n,)
+    assert torch.all(out[y < 0] == 0)
+    assert torch.all(grad[y < 0] == 0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_label_supcon_reductions_and_normalize(reduction, normalize):
+    z = _rand(21, 9)
+    (y,) = _to_device(make_labels(21, 4, ignore_fraction=0.2))
+    assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.2, None, reduction, normalize, backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.2, None, reduction, normalize),
+        [z],
+    )
+
+
+def test_label_supcon_non_contiguous_features():
+    z = _rand(12, 20).t()  # [20, 12] with strides (1, 20)
+    (y,) = _to_device(make_labels(20, 3))
+    assert not z.is_contiguous()
+    assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.5, normalize=True, backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.5, normalize=True),
+        [z],
+    )
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [-1, -1, -1, -1, -1],  # every row ignored
+        [0, 1, 2, 3, 4],  # no row has a positive
+        [7, -1, -1, -1, -1],  # a single valid row
+        [3, 3, -1, 5, -1],  # one positive pair, one singleton
+    ],
+    ids=["all-ignored", "no-positives", "single-row", "one-pair"],
+)
+def test_label_supcon_edge_cases(labels, backward_mode):
+    z = _rand(5, 6)
+    y = torch.tensor(labels, device=DEVICE)
+    out, (grad,) = assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, reduction="none", backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.1, reduction="none"),
+        [z],
+        torch.ones(5, dtype=torch.float64, device=DEVICE),
+    )
+    has_positive = torch.tensor([(y == y[i]).sum() > 1 and y[i] >= 0 for i in range(5)], device=DEVICE)
+    assert torch.all(out[~has_positive] == 0)
+    assert torch.isfinite(grad).all()
+    if not has_positive.any():
+        assert torch.all(grad == 0)
+
+
+def test_label_supcon_mean_of_nothing_is_zero():
+    z = _rand(4, 3).requires_grad_()
+    loss = mlcontrast.label_supcon_loss(z, torch.full((4,), -1, device=DEVICE), backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(z.grad == 0)
+
+
+def test_label_supcon_deterministic_backward_is_bitwise_reproducible(monkeypatch):
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", False)
+    z = _rand(40, 20)
+    (y,) = _to_device(make_labels(40, 5, ignore_fraction=0.1))
+    runs = []
+    for _ in range(2):
+        x = z.clone().requires_grad_()
+        mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend="triton").backward()
+        runs.append(x.grad)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_label_supcon_atomic_flag_from_environment(monkeypatch):
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", None)
+    monkeypatch.setenv("MLCONTRAST_TRITON_ATOMIC", "1")
+    assert triton_label_supcon._use_atomic_backward()
+    monkeypatch.setenv("MLCONTRAST_TRITON_ATOMIC", "0")
+    assert not triton_label_supcon._use_atomic_backward()
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", True)
+    assert triton_label_supcon._use_atomic_backward()
+
+
+def test_label_supcon_atomic_and_deterministic_agree(monkeypatch):
+    z = _rand(37, 18)
+    (y,) = _to_device(make_labels(37, 4, ignore_fraction=0.2, singleton=True))
+    upstream = torch.rand(37, device=DEVICE)
+    grads = {}
+    for atomic in (False, True):
+        monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", atomic)
+        x = z.clone().requires_grad_()
+        (triton_label_supcon.label_supcon_rows(x, y, 0.1, 0.1) * upstream).sum().backward()
+        grads[atomic] = x.grad
+    assert_close_by_norm(grads[True], grads[False], torch.float32, "atomic vs deterministic")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_label_supcon_empty_input(reduction):
+    z = _rand(0, 5).requires_grad_()
+    out = mlcontrast.label_supcon_loss(
+        z, torch.zeros(0, dtype=torch.long, device=DEVICE), reduction=reduction, backend="triton"
+    )
+    assert out.shape == ((0,) if reduction == "none" else ())
+    out.sum().backward()
+    assert z.grad.shape == (0, 5)
+
+
+def test_dot_precision_follows_allow_tf32():
+    from mlcontrast.ops.utils import dot_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32" and dot_precision(torch.float16) == "ieee"
+        z = _rand(20, 17)
+        (y,) = _to_device(make_labels(20, 3))
+        loss = mlcontrast.label_supcon_loss(z, y, 0.5, normalize=True, backend="triton")
+        expected = reference.label_supcon_loss(z.double(), y, 0.5, normalize=True)
+        # The interpreter ignores the precision (fp32 tolerance); TF32 has fp16's 10-bit mantissa.
+        assert_close_by_norm(loss, expected, torch.float32 if INTERPRETED else torch.float16, "loss with TF32")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_label_supcon_statistics():
+    z = _rand(9, 4)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, -1, 3, 3], device=DEVICE)
+    loss, lse, n_pos = triton_label_supcon.label_supcon(z, y, 0.5, 0.5)
+    assert n_pos.tolist() == [2, 2, 2, 1, 1, 0, 0, 1, 1]
+    valid = (y >= 0).nonzero().squeeze(1)
+    s = z[valid] @ z[valid].T / 0.5
+    s.fill_diagonal_(float("-inf"))
+    torch.testing.assert_close(lse[valid], torch.logsumexp(s, 1))
+
+
+def test_supcon_and_multilabel_supcon_through_triton():
+    z = F.normalize(_rand(6, 2, 10), dim=-1)
+    (labels,) = _to_device(torch.tensor([0, 1, 0, 2, 1, 0]))
+    for contrast_mode in ("all", "one"):
+        assert_matches(
+            lambda x: mlcontrast.supcon_loss(x, labels, contrast_mode=contrast_mode, backend="triton"),
+            lambda x: reference.supcon_loss(x, labels, contrast_mode=contrast_mode),
+            [z],
+        )
+    assert_matches(
+        lambda x: mlcontrast.supcon_loss(x, None, backend="triton"), lambda x: reference.supcon_loss(x, None), [z]
+    )
+    features = _rand(5, 2, 4, 8)
+    (targets,) = _to_device(make_targets(5, 4, p_positive=0.5))
+    assert_matches(
+        lambda x: mlcontrast.multilabel_supcon_loss(x, targets, backend="triton"),
+        lambda x: reference.multilabel_supcon_loss(x, targets),
+        [features],
+    )
+
+
+def test_label_supcon_gradcheck_fp64(backward_mode):
+    z = torch.randn(7, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 1, -1, 2], device=DEVICE)
+    assert torch.autograd.gradcheck(lambda x: triton_label_supcon.label_supcon_rows(x, y, 0.3, 0.2), (z,))
+
+
+# ----------------------------------------------------------------------------------------------
+# prototype_ce
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c,d", [(1, 1, 1), (5, 3, 7), (33, 17, 40), (70, 20, 9)])
+def test_prototype_ce_matches_reference(n, c, d, dtype):
+    z, p = _rand(n, d, dtype=dtype), _rand(c, d, dtype=dtype)
+    (y,) = _to_device(torch.randint(0, c, (n,)))
+    y[torch.rand(n, device=DEVICE) < 0.2] = -1
+    assert_matches(
+        lambda a, b: mlcontrast.prototype_ce_loss(a, y, b, 0.1, backend="triton"),
+        lambda a, b: reference.prototype_ce_loss(a, y, b, 0.1),
+        [z, p],
+        names=["features", "prototypes"],
+    )
+
+
+def test_prototype_ce_rows_and_ignored_rows():
+    z, p = _rand(10, 5), _rand(4, 5)
+    y = torch.tensor([0, 1, 2, 3, -1, 0, -1, 1, 2, 3], device=DEVICE)
+    rows, (grad_z, _) = assert_matches(
+        lambda a, b: triton_prototype_ce.prototype_ce_rows(a, y, b, 0.2),
+        lambda a, b: (
+            F.cross_entropy(reference._unit(a) @ reference._unit(b).T / 0.2, y.clamp(min=0), reduction="none")
+            * (y >= 0)
+        ),
+        [z, p],
+        torch.rand(10, dtype=torch.float64, device=DEVICE),
+    )
+    assert torch.all(rows[y < 0] == 0) and torch.all(grad_z[y < 0] == 0)
+
+
+def test_prototype_ce_all_rows_ignored():
+    z, p = _rand(6, 4).requires_grad_(), _rand(3, 4).requires_grad_()
+    loss = mlcontrast.prototype_ce_loss(z, torch.full((6,), -1, device=DEVICE), p, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(z.grad == 0) and torch.all(p.grad == 0)
+
+
+def test_prototype_ce_zero_rows_and_deterministic():
+    z, p = _rand(40, 11), _rand(6, 11)
+    z[3] = 0  # a zero row: its norm is clamped to eps
+    (y,) = _to_device(torch.randint(0, 6, (40,)))
+    grads = []
+    for _ in range(2):
+        a, b = z.clone().requires_grad_(), p.clone().requires_grad_()
+        mlcontrast.prototype_ce_loss(a, y, b, backend="triton").backward()
+        grads.append((a.grad, b.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert_matches(
+        lambda a, b: mlcontrast.prototype_ce_loss(a, y, b, backend="triton"),
+        lambda a, b: reference.prototype_ce_loss(a, y, b),
+        [z, p],
+    )
+
+
+def test_prototype_ce_gradcheck_fp64():
+    z = torch.randn(6, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    p = torch.randn(4, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 3, -1, 1, 1, 2], device=DEVICE)
+    assert torch.autograd.gradcheck(lambda a, b: triton_prototype_ce.prototype_ce_rows(a, y, b, 0.3), (z, p))
+
+
+# ----------------------------------------------------------------------------------------------
+# prototype_nce
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,c,d", [(1, 1, 1), (5, 3, 7), (9, 17, 40), (20, 5, 9)])
+def test_prototype_nce_matches_reference(b, c, d, dtype):
+    z, p = _rand(b, c, d, dtype=dtype), _rand(c, d, dtype=dtype)
+    (t,) = _to_device(make_targets(b, c))
+    t[0, 0] = 1  # at least one positive
+    if c > 1:
+        t[:, 1] = 0  # a class with known rows but no positive
+    out, _ = assert_matches(
+        lambda a, q: mlcontrast.prototype_nce_loss(a, q, t, 0.07, backend="triton"),
+        lambda a, q: reference.prototype_nce_loss(a, q, t, 0.07),
+        [z, p],
+        names=["features", "prototypes"],
+    )
+    assert out.dtype == torch.float32 and out.dim() == 0
+
+
+@pytest.mark.parametrize("fill", [0, -1], ids=["all-negative", "all-unknown"])
+def test_prototype_nce_without_positives_is_zero(fill):
+    z, p = _rand(4, 3, 5).requires_grad_(), _rand(3, 5).requires_grad_()
+    t = torch.full((4, 3), fill, device=DEVICE)
+    loss = mlcontrast.prototype_nce_loss(z, p, t, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(z.grad == 0) and torch.all(p.grad == 0)
+
+
+def test_prototype_nce_gradcheck_fp64():
+    z = torch.randn(4, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    p = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    t = torch.tensor([[1, 0, -1], [0, 1, 1], [1, -1, 0], [-1, 0, 0]], device=DEVICE)
+    assert torch.autograd.gradcheck(lambda a, b: triton_prototype_nce.prototype_nce(a, b, t, 0.2), (z, p))
+
+
+# ----------------------------------------------------------------------------------------------
+# update_prototypes_
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n,c,d", [(5, 3, 7), (70, 20, 40)])
+def test_update_prototypes_matches_reference(n, c, d, normalize, dtype):
+    protos = F.normalize(_rand(c, d), dim=1).to(dtype)
+    z = _rand(n, d, dtype=dtype)
+    (y,) = _to_device(make_labels(n, c, ignore_fraction=0.2))
+    y[y == 1] = 2  # class 1 absent
+    expected = protos.clone()
+    reference.update_prototypes_(expected, z, y, 0.9, normalize)
+    actual = protos.clone()
+    out = mlcontrast.update_prototypes_(actual, z, y, 0.9, normalize, backend="triton")
+    assert out is actual and actual.dtype == dtype
+    absent = torch.tensor([not (y == k).any() for k in range(c)], device=DEVICE)
+    assert absent[1]
+    assert torch.equal(actual[absent], protos[absent])  # bit for bit
+    assert_close_by_norm(actual, expected, dtype, "prototypes")
+
+
+def test_update_prototypes_label_level_targets_and_no_rows():
+    protos = _rand(4, 6)
+    features = _rand(3, 4, 6)
+    (targets,) = _to_device(make_targets(3, 4, p_positive=0.5))
+    expected = protos.clone()
+    mlcontrast.update_prototypes_(expected, features, targets, 0.5, backend="torch")
+    actual = protos.clone()
+    mlcontrast.update_prototypes_(actual, features, targets, 0.5, backend="triton")
+    assert_close_by_norm(actual, expected, torch.float32, "prototypes")
+    untouched = protos.clone()
+    mlcontrast.update_prototypes_(untouched, _rand(5, 6), torch.full((5,), -1, device=DEVICE), backend="triton")
+    assert torch.equal(untouched, protos)
+
+
+def test_update_prototypes_non_contiguous_prototypes():
+    base = _rand(6, 3)
+    protos = base.t()  # [3, 6] view with strides (1, 3): updated through the view
+    z = _rand(8, 6)
+    y = torch.tensor([0, 0, 2, 2, 2, -1, 0, 2], device=DEVICE)
+    expected = protos.clone()
+    reference.update_prototypes_(expected, z, y, 0.8, True)
+    mlcontrast.update_prototypes_(protos, z, y, 0.8, True, backend="triton")
+    assert_close_by_norm(base.t(), expected, torch.float32, "prototypes")
+    assert torch.equal(base.t()[1], expected[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    z, p = _rand(6, 5), _rand(3, 5)
+    y = torch.tensor([0, 0, 1, -1, 2, 1], device=DEVICE)
+    t = torch.tensor([[1, 0, -1], [0, 1, 1]], device=DEVICE)
+    ops = torch.ops.mlcontrast_triton
+    return [
+        ("label_supcon", ops.label_supcon.default, (z.requires_grad_(), y, 0.1, 0.2)),
+        ("prototype_ce", ops.prototype_ce.default, (z.detach().requires_grad_(), y, p.requires_grad_(), 0.1)),
+        ("prototype_nce", ops.prototype_nce.default, (z[:6].reshape(2, 3, 5).detach().requires_grad_(), p, t, 0.1)),
+        ("update_prototypes_", ops.update_prototypes_.default, (p.detach().clone(), z.detach(), y, 0.9, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["label_supcon", "prototype_ce", "prototype_nce", "update_prototypes_"])
+def test_opcheck(case):
+    _, op, args = _opcheck_cases()[case]
+    # test_aot_dispatch_dynamic is left out: it re-traces with symbolic shapes, slow in the interpreter.
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    # aot_eager: the graph capture (what fullgraph=True checks) without Inductor's C++ compile of the
+    # CPU code around the ops, which would add ~15 s here.
+    z, p = _rand(12, 6), _rand(3, 6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, -1, 0, 1, 2, 2, 0], device=DEVICE)
+
+    def loss_fn(a, b):
+        return mlcontrast.label_supcon_loss(a, y, 0.1, normalize=True, backend="triton") + mlcontrast.prototype_ce_loss(
+            a, y, b, 0.1, backend="triton"
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    assert_matches(compiled, loss_fn, [z, p])
+
+
+_TRACE_TRITON_OPS = textwrap.dedent(
+    """
+    import os, logging
+    os.environ.pop("TRITON_INTERPRET", None)
+    logging.disable(logging.WARNING)  # no GPU driver: the mutation analysis falls back, with a warning
+    import torch
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import mlcontrast.ops.label_supcon as ls, mlcontrast.ops.prototype_ce as pc
+    import mlcontrast.ops.prototype_nce as pn, mlcontrast.ops.update_prototypes as up
+
+    def everything(z, y, p, t):
+        loss, lse, npos = ls.label_supcon(z, y, 0.1, 0.1)
+        g1 = ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, False)
+        g2 = ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, True)
+        l2, lse2, norm2 = pc.prototype_ce(z, y, p, 0.1)
+        g3 = pc.prototype_ce_backward(l2, z, y, p, lse2, norm2, 0.1)
+        z3, p3 = z.view(4, 5, 8), p[:5]
+        l3, st, lg, nm = pn.prototype_nce_forward(z3, p3, t, 0.1)
+        g4 = pn.prototype_nce_backward(l3, z3, p3, t, st, lg, nm, 0.1)
+        q = p.clone()
+        up.update_prototypes_(q, z, y, 0.9, True)
+        return loss, g1, g2, g3, g4, q
+
+    graphs = []
+    traced = aot_function(everything, fw_compiler=lambda gm, _: graphs.append(gm.code) or gm)
+    with FakeTensorMode():  # fake CUDA tensors: traced, never run
+        z = torch.empty(20, 8, device="cuda", dtype=torch.float16)
+        y = torch.empty(20, device="cuda", dtype=torch.long)
+        p = torch.empty(7, 8, device="cuda", dtype=torch.float16)
+        t = torch.empty(4, 5, device="cuda", dtype=torch.long)
+        traced(z, y, p, t)
+    print("launches", graphs[0].count("triton_kernel_wrapper_functional("))
+    print("opaque", graphs[0].count("mlcontrast_triton"))
+    """
+)
+
+
+def test_triton_ops_trace_into_their_kernels_without_a_gpu():
+    # Without the interpreter the ops are torch.library.triton_op: AOTAutograd (what torch.compile
+    # uses) must see through them to the 10 kernel launches, with no data-dependent shapes or host
+    # syncs in their bodies. Run on fake CUDA tensors in a fresh process (no TRITON_INTERPRET).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _TRACE_TRITON_OPS], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "launches 10" in result.stdout and "opaque 0" in result.stdout, result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling every kernel for a GPU target (opt-in: minutes on 2 cores)
+# ----------------------------------------------------------------------------------------------
+
+_COMPILE_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    import mlcontrast.ops.label_supcon as ls, mlcontrast.ops.prototype_ce as pc
+    import mlcontrast.ops.prototype_nce as pn, mlcontrast.ops.update_prototypes as up
+
+    launches = []
+    for module in (ls, pc, pn, up):  # record every launch instead of running it
+        module.launch = lambda kernel, grid: (lambda *a, **k: launches.append((kernel, a, k)))
+    dtype = getattr(torch, sys.argv[1])
+    z, p = torch.randn(200, 200).to(dtype), torch.randn(40, 200).to(dtype)
+    y, t = torch.randint(-1, 40, (200,)), torch.randint(-1, 2, (4, 40))
+    loss, lse, npos = ls.label_supcon(z, y, 0.1, 0.1)
+    ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, False)
+    ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, True)
+    l2, lse2, norm2 = pc.prototype_ce(z, y, p, 0.1)
+    pc.prototype_ce_backward(l2, z, y, p, lse2, norm2, 0.1)
+    z3 = z[:160].reshape(4, 40, 200)
+    l3, st, lg, nm = pn.prototype_nce_forward(z3, p, t, 0.1)
+    pn.prototype_nce_backward(l3, z3, p, t, st, lg, nm, 0.1)
+    up.update_prototypes_(p, z, y, 0.9, True)
+
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+             torch.int64: "i64"}
+    for kernel, args, kwargs in launches:
+        values = dict(zip(kernel.arg_names, args), **kwargs)
+        options = {k: values.pop(k) for k in ("num_warps", "num_stages") if k in values}
+        signature, constexprs = {}, {}
+        for param, name in zip(kernel.params, kernel.arg_names):
+            value = values[name]
+            if param.is_constexpr:
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + names[value.dtype]
+            else:
+                signature[name] = "i32" if isinstance(value, int) else "fp32"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", int(sys.argv[2]), 32), options=options)
+        assert compiled.metadata.shared <= 100 * 1024, (kernel.__name__, compiled.metadata.shared)
+        print(kernel.__name__, "shared", compiled.metadata.shared)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MLCONTRAST_COMPILE_CHECK", "0") != "1",
+    reason="opt-in (MLCONTRAST_COMPILE_CHECK=1): compiles every kernel to a cubin, about a minute per dtype",
+)
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_kernels_compile_for_gpu_without_a_gpu(dtype, arch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_CHECK, dtype, str(arch)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("shared") == 10, result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: bf16, large N, determinism at scale
+# ----------------------------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,d", [(1031, 128), (4099, 257)])
+def test_gpu_label_supcon_large(n, d, dtype, backward_mode):
+    z = torch.randn(n, d, device="cuda").to(dtype)
+    y = make_labels(n, max(1, n // 16), ignore_fraction=0.1, singleton=True).cuda()
+    assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.1, normalize=True),
+        [z],
+    )
+
+
+@gpu
+@needs_cuda
+def test_gpu_label_supcon_deterministic_at_scale(monkeypatch):
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", False)
+    z = torch.randn(8192, 256, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, 80, (8192,), device="cuda")
+    runs = []
+    for _ in range(3):
+        x = z.clone().requires_grad_()
+        mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend="triton").backward()
+        runs.append(x.grad)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_prototype_ops_low_precision(dtype):
+    z, p = torch.randn(2053, 256, device="cuda").to(dtype), torch.randn(80, 256, device="cuda").to(dtype)
+    y = torch.randint(-1, 80, (2053,), device="cuda")
+    assert_matches(
+        lambda a, b: mlcontrast.prototype_ce_loss(a, y, b, 0.1, backend="triton"),
+        lambda a, b: reference.prototype_ce_loss(a, y, b, 0.1),
+        [z, p],
+    )
+    z3 = torch.randn(64, 80, 256, device="cuda").to(dtype)
+    t = make_targets(64, 80).cuda()
+    assert_matches(
+        lambda a, b: mlcontrast.prototype_nce_loss(a, b, t, 0.07, backend="triton"),
+        lambda a, b: reference.prototype_nce_loss(a, b, t, 0.07),
+        [z3, p],
+    )
+    protos = F.normalize(p.float(), dim=1).to(dtype)
+    expected = protos.clone()
+    reference.update_prototypes_(expected, z, y, 0.99, True)
+    mlcontrast.update_prototypes_(protos, z, y, 0.99, True, backend="triton")
+    assert_close_by_norm(protos, expected, dtype, "prototypes")
+
+
+@gpu
+@needs_cuda
+def test_gpu_torch_compile_traces_into_the_kernels():
+    z = torch.randn(512, 64, device="cuda")
+    y = torch.randint(0, 10, (512,), device="cuda")
+
+    def loss_fn(a):
+        return mlcontrast.label_supcon_loss(a, y, 0.1, normalize=True, backend="triton")
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    assert_matches(compiled, loss_fn, [z])
