@@ -6,6 +6,7 @@ Losses are computed without materialising the N x N similarity matrix (backends 
 
 from mlcontrast import ops  # noqa: F401  (registers the compiled ops' fake kernels and autograd)
 from mlcontrast._backends import available_backends
+from mlcontrast.distributed import all_gather_with_grad
 from mlcontrast.functional import (
     label_supcon_loss,
     multilabel_supcon_loss,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "available_backends",
+    "all_gather_with_grad",
     "label_supcon_loss",
     "supcon_loss",
     "multilabel_supcon_loss",

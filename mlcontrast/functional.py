@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mlcontrast import _backends, reference
+from mlcontrast import _backends, distributed, reference
 from mlcontrast.reference import NORM_EPS, reduce_rows
 
 __all__ = [
@@ -142,6 +142,48 @@ def _label_supcon_rows(
 
 
 # ----------------------------------------------------------------------------------------------
+# Cross-rank contrast sets (process_group=)
+# ----------------------------------------------------------------------------------------------
+# Every rank gathers all ranks' rows (with gradient) and computes the per-row losses of the whole set,
+# then keeps its own anchors' rows. Computing every row's loss on every rank is world_size-fold
+# redundant work; it keeps this version simple (one gather, the existing per-row kernels).
+
+
+def _label_supcon_per_row(
+    backend: str,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    base_temperature: float,
+    normalize: bool,
+) -> torch.Tensor:
+    """The ``[N]`` per-row losses of :func:`label_supcon_loss` with the resolved ``backend``."""
+    if backend == "torch":
+        return reference.label_supcon_loss(features, labels, temperature, base_temperature, "none", normalize)
+    z = _unit(features) if normalize else features
+    return _label_supcon_rows(backend, z, labels, float(temperature), base_temperature)
+
+
+def _shard_result(
+    local_rows: torch.Tensor, count: torch.Tensor | int, reduction: str, group, world_size: int
+) -> torch.Tensor:
+    """This rank's result from the losses of its own anchors, ``local_rows`` (functions of all ranks' rows).
+
+    Why the gradients come out as the contract says: let ``l_r`` be rank r's share (its anchors' sum,
+    divided by the global count for "mean"), so the global loss is ``L = sum_r l_r``. The result has the
+    value of ``all_reduce(l_r) = L`` and the gradient of ``world_size * l_r`` (distributed.local_result).
+    Backward on rank r sends ``world_size * dl_r/dX`` to the gathered rows X; the gather's backward
+    sums these over ranks, ``world_size * d(sum_r l_r)/dX = world_size * dL/dX``, and keeps rank r's slice:
+    ``features.grad = world_size * dL/dx_r``, and DDP's average over ranks of the parameter gradients is
+    then dL/dθ, as in single-process training. "none" keeps the local rows with the same scaling.
+    """
+    if reduction == "none":
+        return distributed.local_result(local_rows, None, world_size)
+    local = local_rows.sum() if reduction == "sum" else local_rows.sum() / count
+    return distributed.local_result(local, distributed.all_reduce_sum(local, group), world_size)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 
@@ -154,6 +196,7 @@ def label_supcon_loss(
     reduction: str = "mean",
     normalize: bool = False,
     backend: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     r"""Label-level supervised contrastive loss, without an N x N matrix on the fused backends.
 
@@ -174,6 +217,21 @@ def label_supcon_loss(
             vector, 0 outside V).
         normalize: L2-normalise the rows first.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``)
+            to make every rank's rows part of the contrast set; None (default) for a single process
+            (``torch.distributed.group.WORLD`` is None until ``init_process_group()`` has run).
+            The rows of all ranks are gathered (in rank order; ranks may hold different numbers of
+            rows, or none) and this rank's rows are the anchors. ``"mean"`` and ``"sum"`` return, on
+            every rank, the loss of one process over the concatenation of all ranks' rows ("mean"
+            divides by the global number of valid rows), and backward gives each rank's ``features``
+            ``world_size`` × that loss's gradient for its rows, so that DDP's averaging of parameter
+            gradients reproduces single-process training. ``"none"`` returns this rank's ``[N_r]`` rows
+            of the global per-row losses, with the same gradient convention: backward of ``f(rows)`` on
+            every rank gives each rank ``world_size`` × the gradient of the sum over ranks of ``f``
+            (``rows.sum() / global_valid_count`` reproduces ``"mean"``). Every rank must make the call
+            and call ``backward()`` (they are collectives), with the same arguments apart from the
+            tensors. Each rank computes the losses of the whole gathered set (world_size-fold redundant
+            work in this version). ``RuntimeError`` if torch.distributed is not initialised.
 
     Shape:
         features ``[N, D]``, labels ``[N]`` → scalar, or ``[N]`` with ``reduction="none"``.
@@ -190,7 +248,15 @@ def label_supcon_loss(
     _check_reduction(reduction)
     device = _check_same_device(features=features, labels=labels)
     _check_label_values(labels)
+    if process_group is not None:
+        world_size = distributed.check_process_group(process_group)[1]
     backend = _backends.resolve(backend, device)
+    if process_group is not None:
+        everything, sizes, start = distributed.gather_with_sizes(features, process_group)
+        all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
+        rows = _label_supcon_per_row(backend, everything, all_labels, temperature, base_temperature, normalize)
+        count = (all_labels >= 0).sum().clamp(min=1).to(rows.dtype)
+        return _shard_result(rows[start : start + features.shape[0]], count, reduction, process_group, world_size)
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
     z = _unit(features) if normalize else features
@@ -205,6 +271,7 @@ def supcon_loss(
     base_temperature: float = 0.07,
     contrast_mode: str = "all",
     backend: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     r"""A drop-in for SupContrast's ``SupConLoss``: same value and gradients for the same call.
 
@@ -221,6 +288,12 @@ def supcon_loss(
         temperature, base_temperature: :math:`\tau, \tau_{base} > 0`.
         contrast_mode: ``"all"`` or ``"one"``.
         backend: see :func:`label_supcon_loss`.
+        process_group: see :func:`label_supcon_loss`. The global batch is the concatenation of all
+            ranks' ``[B_r, V, D]`` features (and labels) along B, in rank order; with ``labels=None`` a
+            sample's id is its index in that global batch, so each sample's positives are its own views.
+            The anchors of this rank are all views of its samples (``"all"``), or their view 0
+            (``"one"``); the result is the single-process loss over the global batch on every rank, with
+            ``world_size`` × its gradient for this rank's rows. All ranks must pass labels, or none.
 
     Shape:
         features ``[B, V, D]``, labels ``[B]`` → scalar.
@@ -243,7 +316,24 @@ def supcon_loss(
         device = _check_same_device(features=features, labels=labels)
     else:
         device = features.device
+    if process_group is not None:
+        world_size = distributed.check_process_group(process_group)[1]
     backend = _backends.resolve(backend, device)
+    if process_group is not None:
+        everything, sizes, start = distributed.gather_with_sizes(features, process_group)  # [B_total, V, D]
+        total = everything.shape[0]
+        if labels is None:  # rank r's sample i gets the global id start_r + i
+            all_labels = torch.arange(total, device=device)
+        else:
+            all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
+            all_labels = all_labels - all_labels.min() if total > 0 else all_labels
+        rows = everything.transpose(0, 1).reshape(total * v, -1)  # view-major, as SupContrast
+        losses = _label_supcon_per_row(
+            backend, rows, all_labels.repeat(v), temperature, base_temperature, normalize=False
+        ).view(v, total)[:, start : start + b]
+        anchors = losses[0] if contrast_mode == "one" else losses
+        count = total if contrast_mode == "one" else total * v
+        return _shard_result(anchors, count, "mean", process_group, world_size)
     if backend == "torch":
         return reference.supcon_loss(features, labels, temperature, base_temperature, contrast_mode)
     if labels is None:
@@ -263,6 +353,7 @@ def multilabel_supcon_loss(
     base_temperature: float | None = None,
     backend: str = "auto",
     legacy_sadcl: bool = False,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     r"""SADCL's sample-to-sample contrastive loss (SSCL) on label-level features.
 
@@ -278,7 +369,13 @@ def multilabel_supcon_loss(
         legacy_sadcl: reproduce the released SADCL code's anchor mask, built in (b, v, c) order while the
             rows are in (v, b, c) order: row (v, b, c) is an anchor only if also
             ``targets[(v*B + b) // V, c] == 1``, and the mean still divides by V * (number of positives).
-            Never the default.
+            Never the default. With a process group the mask is that of the global batch (B is the
+            global batch size), i.e. the single-process legacy loss over the concatenation.
+        process_group: see :func:`label_supcon_loss`. The global batch is the concatenation of all
+            ranks' features and targets along B, in rank order; this rank's anchors are the rows of its
+            samples, and the result is the single-process loss over the global batch on every rank
+            (mean over the global number of positive rows), with ``world_size`` × its gradient for this
+            rank's rows.
 
     Shape:
         features ``[B, C, D]`` or ``[B, V, C, D]``, targets ``[B, C]`` → scalar.
@@ -296,7 +393,25 @@ def multilabel_supcon_loss(
     base_temperature = _check_temperatures(temperature, base_temperature)
     device = _check_same_device(features=features, targets=targets)
     _check_target_values(targets)
+    if process_group is not None:
+        world_size = distributed.check_process_group(process_group)[1]
     backend = _backends.resolve(backend, device)
+    if process_group is not None:
+        everything, sizes, start = distributed.gather_with_sizes(features, process_group)  # [B_total, V, C, D]
+        all_targets = distributed.all_gather_no_grad(targets, sizes, process_group)
+        total = everything.shape[0]
+        positive = (all_targets == 1).repeat(v, 1).reshape(-1)  # (v, b, c) order
+        classes = torch.arange(c, device=device).repeat(v * total)
+        rows = everything.transpose(0, 1).reshape(v * total * c, -1)
+        losses = _label_supcon_per_row(
+            backend, rows, torch.where(positive, classes, -1), temperature, base_temperature, normalize=True
+        )
+        if legacy_sadcl:
+            sample = (torch.arange(v * total, device=device) // v).repeat_interleave(c)
+            losses = losses * (all_targets[sample, classes] == 1)
+        count = positive.sum().clamp(min=1).to(losses.dtype)
+        local = losses.view(v, total, c)[:, start : start + b]
+        return _shard_result(local, count, "mean", process_group, world_size)
     if backend == "torch":
         return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
     rows = _unit(features).transpose(0, 1).reshape(v * b * c, -1)  # (v, b, c) order

@@ -30,6 +30,9 @@ def _check_backend(backend: str) -> str:
 class LabelSupConLoss(nn.Module):
     """Label-level SupCon (:func:`mlcontrast.functional.label_supcon_loss`).
 
+    ``process_group``: a ``torch.distributed`` group whose ranks' rows all join the contrast set (see the
+    functional docstring); None for a single process.
+
     Example:
         >>> loss_fn = LabelSupConLoss(temperature=0.1, normalize=True)
         >>> loss = loss_fn(torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, -1]))
@@ -42,16 +45,25 @@ class LabelSupConLoss(nn.Module):
         reduction: str = "mean",
         normalize: bool = False,
         backend: str = "auto",
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         _check_temperatures(temperature, base_temperature)
         _check_reduction(reduction)
         self.temperature, self.base_temperature = temperature, base_temperature
         self.reduction, self.normalize, self.backend = reduction, normalize, _check_backend(backend)
+        self.process_group = process_group
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return functional.label_supcon_loss(
-            features, labels, self.temperature, self.base_temperature, self.reduction, self.normalize, self.backend
+            features,
+            labels,
+            self.temperature,
+            self.base_temperature,
+            self.reduction,
+            self.normalize,
+            self.backend,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -60,6 +72,9 @@ class LabelSupConLoss(nn.Module):
 
 class SupConLoss(nn.Module):
     """A drop-in for SupContrast's ``SupConLoss`` (:func:`mlcontrast.functional.supcon_loss`).
+
+    ``process_group``: a ``torch.distributed`` group whose ranks' samples all join the contrast set (see
+    the functional docstring); None for a single process.
 
     Example:
         >>> loss_fn = SupConLoss(temperature=0.07)
@@ -72,6 +87,7 @@ class SupConLoss(nn.Module):
         contrast_mode: str = "all",
         base_temperature: float = 0.07,
         backend: str = "auto",
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         _check_temperatures(temperature, base_temperature)
@@ -79,10 +95,17 @@ class SupConLoss(nn.Module):
             raise ValueError(f'contrast_mode must be "all" or "one", got {contrast_mode!r}')
         self.temperature, self.contrast_mode, self.base_temperature = temperature, contrast_mode, base_temperature
         self.backend = _check_backend(backend)
+        self.process_group = process_group
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return functional.supcon_loss(
-            features, labels, self.temperature, self.base_temperature, self.contrast_mode, self.backend
+            features,
+            labels,
+            self.temperature,
+            self.base_temperature,
+            self.contrast_mode,
+            self.backend,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -91,6 +114,9 @@ class SupConLoss(nn.Module):
 
 class MultiLabelSupConLoss(nn.Module):
     """SADCL's SSCL (:func:`mlcontrast.functional.multilabel_supcon_loss`).
+
+    ``process_group``: a ``torch.distributed`` group whose ranks' samples all join the contrast set (see
+    the functional docstring); None for a single process.
 
     Example:
         >>> loss_fn = MultiLabelSupConLoss(temperature=0.2)
@@ -103,15 +129,23 @@ class MultiLabelSupConLoss(nn.Module):
         base_temperature: float | None = None,
         backend: str = "auto",
         legacy_sadcl: bool = False,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         _check_temperatures(temperature, base_temperature)
         self.temperature, self.base_temperature = temperature, base_temperature
         self.backend, self.legacy_sadcl = _check_backend(backend), legacy_sadcl
+        self.process_group = process_group
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return functional.multilabel_supcon_loss(
-            features, targets, self.temperature, self.base_temperature, self.backend, self.legacy_sadcl
+            features,
+            targets,
+            self.temperature,
+            self.base_temperature,
+            self.backend,
+            self.legacy_sadcl,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
