@@ -2,9 +2,13 @@
 
     python -m benchmarks.report                  # print the tables of every results file
     python -m benchmarks.report --write-readme   # replace README's section between the bench markers
+    python -m benchmarks.report --results-dir /tmp/quick --include-quick   # tables of quick runs elsewhere
 
 README's benchmark section is never typed by hand: it is this script's output for the committed
-``benchmarks/results/<op>_<device>.json`` files (quick runs are left out).
+``benchmarks/results/<op>_<device>.json`` files (quick runs, ``*_quick_*``, are left out). The tables are
+generic over ops: the time columns follow ``config.modes`` (fwd / bwd / fwd+bwd, or one time), and the GPU
+fields (TFLOP/s and fraction of the dense matmul rate, features GB/s and fraction of the copy bandwidth, the
+largest N that ran) get columns or lines where the results have them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ RESULTS = HERE / "results"
 README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 PROVIDER_NAMES = {"torch": "eager reference", "torch_compile": "compiled reference"}
+MEMORY_METHODS = {
+    "vmhwm_clear_refs": "the resident-set high-water mark above the inputs",
+    "rss_sampler_1ms": "the resident set (sampled every ms) above the inputs",
+    "cuda_max_memory_allocated": "torch.cuda.max_memory_allocated above the inputs",
+}
 
 
 def _time(seconds: float | None) -> str:
@@ -37,34 +46,123 @@ def _ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}×"
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
 def _median(record: dict, mode: str) -> float | None:
     return record.get("time_s", {}).get(mode, {}).get("median")
+
+
+def _modes(result: dict) -> list[str]:
+    return list(result.get("config", {}).get("modes") or ["fwd", "bwd", "full"])
+
+
+def _size_label(result: dict) -> str:
+    return result.get("config", {}).get("size_label", "N")
 
 
 def table(result: dict) -> str:
     """One markdown table: every (N, provider) case with times, memory and ratios to the references."""
     records = result["records"]
     summary = {(s["n"], s["provider"]): s for s in result.get("summary", [])}
-    lines = [
-        "| N | provider | fwd | bwd | fwd+bwd | extra peak memory | fwd+bwd speed-up vs eager / compiled |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    modes = _modes(result)
+    two_phase = "fwd" in modes
+    time_heads = [{"fwd": "fwd", "bwd": "bwd", "full": "fwd+bwd"}.get(m, m) for m in modes] if two_phase else ["time"]
+    what = "fwd+bwd" if two_phase else "time"
+    ok = [r for r in records if r.get("status") == "ok"]
+    has_tflops = any("throughput" in r for r in ok)
+    has_matmul = any("fraction_of_matmul" in r.get("throughput", {}) for r in ok)
+    has_gbs = any("bandwidth" in r for r in ok)
+    has_copy = any("fraction_of_copy" in r.get("bandwidth", {}) for r in ok)
+    has_beyond = any(r.get("memory", {}).get("method") == "cuda_max_memory_allocated" for r in ok)
+
+    heads = [_size_label(result), "provider", *time_heads, "extra peak memory"]
+    if has_beyond:
+        heads.append("beyond inputs + grads")
+    heads.append(f"{what} speed-up vs eager / compiled" if two_phase else "speed-up vs eager / compiled")
+    if has_tflops:
+        heads.append(f"TFLOP/s ({what})")
+    if has_matmul:
+        heads.append("of dense matmul")
+    if has_gbs:
+        heads.append(f"features GB/s ({what})")
+    if has_copy:
+        heads.append("of copy bandwidth")
+    align = ["---:", "---", *["---:"] * (len(heads) - 2)]
+    lines = ["| " + " | ".join(heads) + " |", "| " + " | ".join(align) + " |"]
+
     baselines = {"torch": 0, "torch_compile": 1}  # the references first, then the fused backends
     for r in sorted(records, key=lambda r: (r["n"], baselines.get(r["provider"], 2), r["provider"])):
         name = PROVIDER_NAMES.get(r["provider"], f"mlcontrast `{r['provider']}`")
         if r.get("status") != "ok":
-            lines.append(f"| {r['n']} | {name} | {r.get('status')} | | | | |")
+            lines.append(f"| {r['n']} | {name} | {r.get('status')} |" + " |" * (len(heads) - 3))
             continue
         s = summary.get((r["n"], r["provider"]), {})
         speedups = ""
         if s:
             speedups = f"{_ratio(s.get('speedup_full_vs_torch'))} / {_ratio(s.get('speedup_full_vs_torch_compile'))}"
-        extra = r.get("memory", {}).get("extra_peak_bytes")
-        lines.append(
-            f"| {r['n']} | {name} | {_time(_median(r, 'fwd'))} | {_time(_median(r, 'bwd'))} | "
-            f"{_time(_median(r, 'full'))} | {_bytes(extra)} | {speedups} |"
-        )
+        memory = r.get("memory", {})
+        cells = [str(r["n"]), name, *[_time(_median(r, m)) for m in (modes if two_phase else ["full"])],
+                 _bytes(memory.get("extra_peak_bytes"))]
+        if has_beyond:
+            cells.append(_bytes(memory.get("beyond_inputs_and_grads_bytes")))
+        cells.append(speedups)
+        if has_tflops:
+            cells.append(_num(r.get("throughput", {}).get("tflops", {}).get("full")))
+        if has_matmul:
+            cells.append(_pct(r.get("throughput", {}).get("fraction_of_matmul", {}).get("full")))
+        if has_gbs:
+            cells.append(_num(r.get("bandwidth", {}).get("feature_read_gb_s", {}).get("full")))
+        if has_copy:
+            cells.append(_pct(r.get("bandwidth", {}).get("fraction_of_copy", {}).get("full")))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _params(config: dict) -> str:
+    """``D=128, float32, 80 classes, temperature 0.1`` and the like, from what the config has."""
+    parts = []
+    if "d" in config:
+        parts.append(f"D={config['d']}")
+    parts.append(config.get("dtype", "float32"))
+    if "num_classes" in config:
+        parts.append(f"{config['num_classes']} classes")
+    for key in ("temperature", "momentum"):
+        if key in config:
+            parts.append(f"{key} {config[key]}")
+    return ", ".join(parts)
+
+
+def _device_lines(meta: dict, result: dict) -> list[str]:
+    lines = []
+    mm = meta.get("matmul_peak")
+    if mm:
+        tf32 = " (TF32)" if mm.get("allow_tf32") else ""
+        lines.append(f"Dense matmul (`torch.mm` {mm['shape'][0]}³, {mm['dtype']}{tf32}): {mm['tflops']:.4g} TFLOP/s.")
+    cp = meta.get("copy_bandwidth")
+    if cp:
+        lines.append(f"Copy bandwidth (`copy_` of {_bytes(cp['bytes'])}, read + write): {cp['gb_s']:.4g} GB/s.")
+    flops = result.get("config", {}).get("flops")
+    if flops:
+        lines.append(f"FLOPs counted: fwd {flops['fwd']}, bwd {flops['bwd']}, fwd+bwd {flops['full']}.")
+    probe = result.get("max_n_probe")
+    if probe:
+        found = ", ".join(f"{PROVIDER_NAMES.get(p['provider'], p['provider'])} {p['largest_n_ok'] or 'none'} "
+                          f"(then {p['stopped_by']})" for p in probe["results"])
+        lines.append(f"Largest {_size_label(result)} that ran (doubling from {probe['start']}): {found}.")
+    return lines
 
 
 def section(paths: list[Path]) -> str:
@@ -72,24 +170,30 @@ def section(paths: list[Path]) -> str:
     for path in paths:
         result = json.loads(path.read_text())
         meta, config = result["metadata"], result["config"]
-        parts.append(
-            f"### `{config['op']}` on {meta.get('cpu_model', meta.get('device'))} "
-            f"({meta.get('torch_num_threads', '?')} threads)\n\n"
-            f"D={config['d']}, {config['dtype']}, {config['num_classes']} classes, temperature "
-            f"{config['temperature']}; medians; extra peak memory is the resident-set high-water mark above "
-            f"the inputs, each case in its own process. Measured {meta['date'][:10]} with torch {meta['torch']}, "
-            f"mlcontrast {meta['mlcontrast']} (`{' '.join(meta['command'].split()[1:]) if 'command' in meta else ''}`); "
-            f"raw data: [`{path.relative_to(ROOT)}`]({path.relative_to(ROOT)}).\n\n"
-            + table(result)
+        methods = {r.get("memory", {}).get("method") for r in result["records"] if r.get("status") == "ok"}
+        memory = MEMORY_METHODS.get(next(iter(methods)) if len(methods) == 1 else "", "the peak above the inputs")
+        where = meta.get("gpu_name") or meta.get("cpu_model", meta.get("device"))
+        threads = "" if meta.get("gpu_name") else f" ({meta.get('torch_num_threads', '?')} threads)"
+        command = " ".join(meta["command"].split()[1:]) if "command" in meta else ""
+        processes = "every case in one process (quick run)" if config.get("quick") else "each case in its own process"
+        text = (
+            f"### `{config['op']}` on {where}{threads}\n\n"
+            f"{_params(config)}; medians; extra peak memory is {memory}, {processes}. "
+            f"Measured {meta['date'][:10]} with torch {meta['torch']}, mlcontrast {meta['mlcontrast']} (`{command}`); "
+            f"raw data: [`{_rel(path)}`]({_rel(path)}).\n\n"
         )
+        extra = _device_lines(meta, result)
+        if extra:
+            text += " ".join(extra) + "\n\n"
+        parts.append(text + table(result))
         plot = path.with_suffix(".png")
         if plot.exists():
-            parts.append(f"![{config['op']} on {meta['device']}]({plot.relative_to(ROOT)})")
+            parts.append(f"![{config['op']} on {meta['device']}]({_rel(plot)})")
     return "\n\n".join(parts)
 
 
-def result_files() -> list[Path]:
-    return sorted(p for p in RESULTS.glob("*.json") if "_quick_" not in p.name)
+def result_files(results_dir: Path = RESULTS, include_quick: bool = False) -> list[Path]:
+    return sorted(p for p in Path(results_dir).glob("*.json") if include_quick or "_quick_" not in p.name)
 
 
 def write_readme(text: str) -> None:
@@ -104,8 +208,13 @@ def write_readme(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-readme", action="store_true", help="rewrite README's benchmark section")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the results files are")
+    parser.add_argument("--include-quick", action="store_true", help="also the quick runs' files (*_quick_*)")
     args = parser.parse_args(argv)
-    text = section(result_files())
+    paths = result_files(args.results_dir, args.include_quick)
+    if args.write_readme and (args.include_quick or args.results_dir.resolve() != RESULTS):
+        parser.error("--write-readme takes the committed results only (no --results-dir, no --include-quick)")
+    text = section(paths)
     if args.write_readme:
         write_readme(text)
         print(f"updated {README}")

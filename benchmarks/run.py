@@ -4,9 +4,11 @@
     python -m benchmarks.run --device cuda
     python -m benchmarks.run --quick               # smoke run of every op
     python -m benchmarks.run --ops label_supcon -- --n 4096 16384 --providers cpu torch
+    python -m benchmarks.run --quick --out-dir /tmp/bench   # results elsewhere (tests)
 
 Options after ``--`` (and any option this runner does not know) go to every bench script. Each script
-exposes ``main(argv) -> list[Path]`` and writes ``benchmarks/results/<name>_<device>.json`` and ``.png``.
+exposes ``main(argv) -> list[Path]`` and writes ``benchmarks/results/<name>_<device>.json`` and ``.png``
+(``<name>`` = ``<op>[_fp16|_bf16][_quick]``; ``--out-dir`` puts them elsewhere).
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a short smoke run of every op")
     p.add_argument("--ops", nargs="+", default=None, choices=ops, metavar="OP", help=f"ops to run (of {ops})")
     p.add_argument("--max-memory-gib", type=float, default=None, help="memory cap of each case (see bench scripts)")
+    p.add_argument("--out-dir", default=None, help="directory of the results files (default benchmarks/results)")
     args, rest = p.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
 
     forwarded = ["--device", args.device, *(["--quick"] if args.quick else [])]
     if args.max_memory_gib is not None:
         forwarded += ["--max-memory-gib", str(args.max_memory_gib)]
+    if args.out_dir is not None:
+        forwarded += ["--out-dir", args.out_dir]
     forwarded += rest
 
     written: dict[str, list[Path]] = {}

@@ -1,0 +1,157 @@
+"""Smoke test of the benchmarks: ``python -m benchmarks.run --quick --device cpu`` into a temporary directory,
+then ``python -m benchmarks.report`` on what it wrote.
+
+One run of every ``benchmarks/bench_<op>.py`` (tiny sizes, every provider in one process per op, including
+``torch.compile`` of the references) takes about 1.5 minutes on two CPU cores, hence ``slow``. The throughput
+arithmetic behind the GPU-only fields (fractions of the measured matmul rate and copy bandwidth) is checked
+on made-up records, since no device rates are measured on CPU by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+OPS = sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py"))
+
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("MLCONTRAST_BACKEND", None)
+    return env
+
+
+def _snapshot(directory: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in directory.glob("*")} if directory.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    import mlcontrast
+
+    # Without the compiled extension the runner would wait for it (minutes of retries): say so at once.
+    if "cpu" not in mlcontrast.available_backends("cpu"):
+        from mlcontrast import _backends
+
+        pytest.fail(f"the cpu backend is unavailable: {_backends.why_unavailable('cpu', 'cpu')}")
+    out = tmp_path_factory.mktemp("bench_quick")
+    committed = _snapshot(BENCH / "results")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--out-dir", str(out)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
+    )
+    return out, proc, committed
+
+
+def test_ops_are_discovered():
+    assert {"label_supcon", "prototype_nce", "prototype_ce", "update_prototypes"} <= set(OPS)
+
+
+@pytest.mark.slow
+def test_quick_run_exits_cleanly(quick_run):
+    out, proc, committed = quick_run
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    # Everything went to --out-dir: the committed results are untouched.
+    assert _snapshot(BENCH / "results") == committed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_quick_results(quick_run, op):
+    out, proc, _ = quick_run
+    path = out / f"{op}_quick_cpu.json"
+    assert path.exists(), f"{path} missing; stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    result = json.loads(path.read_text())
+    assert result["schema"] == 1
+    config, records = result["config"], result["records"]
+    assert config["op"] == op and config["device"] == "cpu" and config["quick"] is True
+    assert {"torch", "torch_compile", "cpu"} <= set(config["providers"])
+
+    cpu = [r for r in records if r["provider"] == "cpu"]
+    assert sorted(r["n"] for r in cpu) == sorted(config["n"])
+    for r in records:  # every provider ran: the references too
+        assert r["status"] == "ok", f"{r['provider']} n={r['n']}: {r['status']} {r.get('message', '')}"
+        assert r["finite"] is True
+        assert all(r["time_s"][m]["median"] > 0 for m in config["modes"])
+        assert r["memory"]["extra_peak_bytes"] >= 0
+        if "fwd" in config["modes"]:  # a loss op
+            assert math.isfinite(r["loss"])
+    for r in cpu:
+        errors = {k: v for k, v in r["check"].items() if k.endswith("_rel_err")}
+        assert errors, r["check"]
+        assert all(v < 1e-3 for v in errors.values()), errors
+    # The summary has a row per cpu case, with the speed-ups against both references.
+    rows = {(s["provider"], s["n"]) for s in result["summary"] if "speedup_full_vs_torch_compile" in s}
+    assert rows == {("cpu", r["n"]) for r in cpu}
+    if op == "label_supcon":
+        assert config["flops"]["full"] == "8*N^2*D"
+        r = cpu[0]
+        assert r["throughput"]["flops"]["full"] == 8 * r["n"] ** 2 * r["d"]
+    else:
+        assert all(r["bandwidth"]["feature_bytes"] > 0 for r in cpu)
+
+
+@pytest.mark.slow
+def test_report_renders_quick_results(quick_run):
+    out, _, _ = quick_run
+    cmd = [sys.executable, "-m", "benchmarks.report", "--results-dir", str(out)]
+    skipped = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "###" not in skipped.stdout  # quick files are left out by default
+
+    proc = subprocess.run(cmd + ["--include-quick"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for op in OPS:
+        assert f"### `{op}` on " in text
+        section = text.split(f"### `{op}` on ", 1)[1].split("\n### ", 1)[0]
+        table = [line for line in section.splitlines() if line.startswith("|")]
+        assert " provider " in table[0] and set(table[1]) <= set("|-: ")
+        assert any("mlcontrast `cpu`" in line for line in table[2:])
+        assert any("eager reference" in line for line in table[2:])
+
+
+def test_throughput_fractions():
+    from benchmarks import bench_label_supcon, bench_prototype_ce, utils
+
+    stats = lambda s: {"n": 1, "median": s, "min": s, "max": s, "mean": s}  # noqa: E731
+    meta = {"matmul_peak": {"tflops": 100.0}, "copy_bandwidth": {"gb_s": 1000.0}}
+    n, d = 4096, 128
+    flops_full = 8 * n * n * d
+    record = {"status": "ok", "provider": "cuda", "n": n, "d": d, "dtype": "bfloat16",
+              "time_s": {"fwd": stats(flops_full / 4 / 50e12), "bwd": stats(flops_full * 3 / 4 / 50e12),
+                         "full": stats(flops_full / 50e12)},
+              "memory": {"extra_peak_bytes": 1}}
+    utils.add_throughput([record], bench_label_supcon.SPEC, meta)
+    tp = record["throughput"]
+    assert tp["flops"] == {"fwd": 2 * n * n * d, "bwd": 6 * n * n * d, "full": flops_full}
+    for mode in ("fwd", "bwd", "full"):
+        assert tp["tflops"][mode] == pytest.approx(50.0)
+        assert tp["fraction_of_matmul"][mode] == pytest.approx(0.5)
+    assert "bandwidth" not in record
+
+    nbytes = n * 256 * 2  # bf16 features [N, 256]
+    record = {"status": "ok", "provider": "cuda", "n": n, "d": 256, "dtype": "bfloat16",
+              "time_s": {m: stats(nbytes / 250e9) for m in ("fwd", "bwd", "full")},
+              "memory": {"extra_peak_bytes": 1}}
+    utils.add_throughput([record], bench_prototype_ce.SPEC, meta)
+    assert record["bandwidth"]["feature_bytes"] == nbytes
+    assert record["bandwidth"]["feature_read_gb_s"]["full"] == pytest.approx(250.0)
+    assert record["bandwidth"]["fraction_of_copy"]["full"] == pytest.approx(0.25)
+    assert "throughput" not in record
+
+    utils.add_throughput([record], bench_prototype_ce.SPEC, {})  # no device rates: no fractions
+    assert "fraction_of_copy" not in record["bandwidth"]
+    summary = utils.summarize_ratios([record], ["cuda"], bench_prototype_ce.SPEC.modes)
+    assert summary[0]["feature_read_gb_s_full"] == pytest.approx(250.0)
