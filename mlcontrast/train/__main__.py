@@ -1,0 +1,5 @@
+import sys
+
+from mlcontrast.train.cli import main
+
+sys.exit(main())

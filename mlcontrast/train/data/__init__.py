@@ -1,0 +1,37 @@
+"""Datasets of the training package and the partial-label simulation."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mlcontrast.train.data.base import ImageFileDataset, MultiLabelDataset, default_transform
+from mlcontrast.train.data.datasets import VOC_CLASSES, coco2014, cub200, nuswide, visual_genome, voc2007
+from mlcontrast.train.data.digits import DigitMosaics, digits
+from mlcontrast.train.data.partial import simulate_partial_labels
+
+__all__ = ["DATASETS", "build_datasets", "simulate_partial_labels", "MultiLabelDataset", "ImageFileDataset",
+           "DigitMosaics", "digits", "voc2007", "coco2014", "nuswide", "visual_genome", "cub200",
+           "default_transform", "VOC_CLASSES"]
+
+# name → (loader, train split, test split)
+DATASETS: dict[str, tuple[Callable, str, str]] = {
+    "digits": (digits, "train", "test"),
+    "voc2007": (voc2007, "trainval", "test"),
+    "coco2014": (coco2014, "train", "val"),
+    "nuswide": (nuswide, "train", "test"),
+    "vg": (visual_genome, "train", "test"),
+    "cub": (cub200, "train", "test"),
+}
+
+
+def build_datasets(name: str, root=None, img_size: int = 224, seed: int = 0):
+    """``(train, test)`` datasets by CLI name; file datasets need ``root``."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    fn, tr, te = DATASETS[name]
+    if name == "digits":
+        return fn(tr, seed=seed), fn(te, seed=seed)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs --data-root (the folder holding its files)")
+    return (fn(root, tr, transform=default_transform(img_size, train=True)),
+            fn(root, te, transform=default_transform(img_size, train=False)))

@@ -1,0 +1,30 @@
+"""The BCE baseline: backbone → global average pool → linear classifier, BCE on the known labels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mlcontrast.train.models import Backbone, masked_bce
+
+__all__ = ["BCEBaseline"]
+
+
+class BCEBaseline(nn.Module):
+    """``loss = cls_weight · mean BCE`` over known entries (targets -1 are ignored)."""
+
+    makes_pseudo_labels = False
+
+    def __init__(self, num_classes: int, backbone: str = "resnet10t", feature_index: int = -1,
+                 weights: str | None = None, cls_weight: float = 1000.0, **_: object) -> None:
+        super().__init__()
+        self.backbone = Backbone(backbone, feature_index, weights)
+        self.fc = nn.Linear(self.backbone.channels, num_classes)
+        self.cls_weight = cls_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(x).mean((2, 3)))
+
+    def training_loss(self, x: torch.Tensor, targets: torch.Tensor):
+        loss = self.cls_weight * masked_bce(self(x), targets)
+        return loss, {"cls": loss.detach()}

@@ -1,0 +1,145 @@
+"""SADCL: semantic-aware dual contrastive learning (research/seeds_methods.md §2).
+
+Pipeline: timm backbone map → Query2Label-style decoder → label-level features H ``[B, C, d]`` →
+group-wise linear classifier (logits) and a shared projector g applied to H, to the memory bank M and
+to the class prototypes P. Loss:
+
+    L = cls_weight · mean BCE  +  sscl_weight · SSCL  +  pscl_weight · PSCL
+
+- SSCL: :func:`mlcontrast.multilabel_supcon_loss` on the two views ``stack([g(H), g(M)], 1)`` with the current
+  targets, τ = 0.2 (the anchor-mask quirk of the released code with ``legacy_sadcl_mask=True``);
+- PSCL: :func:`mlcontrast.prototype_nce_loss` of g(H) against g(P), τ = 0.07.
+
+After the loss and before backward, without gradient: the memory slot ``M[b, c]`` is replaced by ``H[b, c]``
+where ``targets[b, c] == 1`` and ``sigmoid(logit) > memory_threshold`` (0.8, strict), and the prototypes
+(a :class:`mlcontrast.PrototypeBank`) move by EMA towards the mean of the positive label-level features.
+The released code instead learns the prototypes by gradient and never updates them by EMA; that is
+``legacy_learned_prototypes=True``. The memory bank is indexed by batch slot, as in the released code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mlcontrast import PrototypeBank, multilabel_supcon_loss, prototype_nce_loss
+from mlcontrast.train.models import Backbone, GroupWiseLinear, LabelDecoder, Projector, masked_bce
+
+__all__ = ["SADCL", "build_prototypes"]
+
+
+class SADCL(nn.Module):
+    makes_pseudo_labels = False
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet10t",
+        feature_index: int = -1,
+        weights: str | None = None,
+        hidden_dim: int = 128,
+        proj_dim: int = 64,
+        heads: int = 4,
+        enc_layers: int = 1,
+        dec_layers: int = 2,
+        dropout: float = 0.1,
+        batch_size: int = 32,
+        cls_weight: float = 1000.0,
+        sscl_weight: float = 100.0,
+        pscl_weight: float = 50.0,
+        sscl_temperature: float = 0.2,
+        pscl_temperature: float = 0.07,
+        proto_momentum: float = 0.99,
+        memory_threshold: float = 0.8,
+        backend: str = "auto",
+        legacy_sadcl_mask: bool = False,
+        legacy_learned_prototypes: bool = False,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = Backbone(backbone, feature_index, weights)
+        self.decoder = LabelDecoder(self.backbone.channels, num_classes, hidden_dim, heads, enc_layers, dec_layers,
+                                    dropout=dropout)
+        self.fc = GroupWiseLinear(num_classes, hidden_dim)
+        self.proj = Projector(hidden_dim, proj_dim)
+        # Label-level features leave a LayerNorm (row norm ~ sqrt(d)); the prototypes live in that space, so
+        # they are kept un-normalised and start as Gaussian rows of that scale.
+        init = torch.randn(num_classes, hidden_dim)
+        self.legacy_learned_prototypes = legacy_learned_prototypes
+        if legacy_learned_prototypes:
+            self.learned_prototypes = nn.Parameter(init.clone())
+        else:
+            self.prototype_bank = PrototypeBank(num_classes, hidden_dim, momentum=proto_momentum, normalize=False,
+                                                init=init, backend=backend)
+        self.register_buffer("memory", init.unsqueeze(0).repeat(batch_size, 1, 1))
+        self.cls_weight, self.sscl_weight, self.pscl_weight = cls_weight, sscl_weight, pscl_weight
+        self.sscl_temperature, self.pscl_temperature = sscl_temperature, pscl_temperature
+        self.memory_threshold, self.backend, self.legacy_sadcl_mask = memory_threshold, backend, legacy_sadcl_mask
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        return self.learned_prototypes if self.legacy_learned_prototypes else self.prototype_bank()
+
+    def label_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.label_features(x))
+
+    def training_loss(self, x: torch.Tensor, targets: torch.Tensor):
+        h = self.label_features(x)  # [B, C, d]
+        logits = self.fc(h)
+        b = h.shape[0]
+        if b > self.memory.shape[0]:
+            raise ValueError(f"batch of {b} images exceeds the memory bank's {self.memory.shape[0]} slots")
+        z = self.proj(h)
+        zm = self.proj(self.memory[:b].clone())
+        p_hat = self.proj(self.prototypes.clone())  # a copy: the EMA update below is in place
+        l_cls = masked_bce(logits, targets)
+        l_sscl = multilabel_supcon_loss(torch.stack([z, zm], 1), targets, temperature=self.sscl_temperature,
+                                        backend=self.backend, legacy_sadcl=self.legacy_sadcl_mask)
+        l_pscl = prototype_nce_loss(z, p_hat, targets, temperature=self.pscl_temperature, backend=self.backend)
+        loss = self.cls_weight * l_cls + self.sscl_weight * l_sscl + self.pscl_weight * l_pscl
+        self.update_state_(h.detach(), logits.detach(), targets)
+        parts = {"cls": l_cls.detach(), "sscl": l_sscl.detach(), "pscl": l_pscl.detach()}
+        return loss, parts
+
+    @torch.no_grad()
+    def update_state_(self, h: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Memory-bank replacement (positives recognised with probability > threshold) and prototype EMA."""
+        b = h.shape[0]
+        hit = (targets == 1) & (torch.sigmoid(logits.float()) > self.memory_threshold)
+        mem = self.memory[:b]
+        mem[hit] = h[hit].to(mem.dtype)
+        if not self.legacy_learned_prototypes:
+            self.prototype_bank.update(h.float(), targets)
+
+
+@torch.no_grad()
+def build_prototypes(model: SADCL, loader, score_thr: float = 0.85, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Average the confident positive label-level features per class (§2.2's likely "select … 085" recipe).
+
+    For every (b, c) with ``targets[b, c] == 1`` and ``sigmoid(logit) > score_thr``, H[b, c] joins class c's mean.
+    The means replace the model's prototypes (and the memory-bank slots of those classes); classes without any
+    such feature keep their prototype. Returns the ``[C, d]`` prototypes.
+    """
+    was_training = model.training
+    model.eval()
+    c, d = model.num_classes, model.fc.weight.shape[1]
+    sums = torch.zeros(c, d, dtype=torch.float64)
+    counts = torch.zeros(c, dtype=torch.float64)
+    for x, y in loader:
+        h = model.label_features(x.to(device)).float().cpu()
+        logits = model.fc(h.to(device)).float().cpu()
+        keep = ((y == 1) & (torch.sigmoid(logits) > score_thr)).to(torch.float64)  # [B, C]
+        sums += torch.einsum("bc,bcd->cd", keep, h.double())
+        counts += keep.sum(0)
+    present = counts > 0
+    protos = model.prototypes.detach().clone()
+    protos[present] = (sums[present] / counts[present, None]).to(protos.dtype)
+    target = model.learned_prototypes if model.legacy_learned_prototypes else model.prototype_bank.prototypes
+    target.data.copy_(protos)
+    model.memory[:, present] = protos[present].to(model.memory.dtype)
+    model.train(was_training)
+    return protos
