@@ -4,8 +4,11 @@ Environment switches:
 
 * ``MLCONTRAST_BUILD_CUDA``: ``auto`` (default) builds the CUDA kernels of ``csrc/cuda/`` when torch is a
   CUDA build and nvcc is found; ``1`` forces them and fails loudly when that is impossible; ``0`` skips them.
-* ``TORCH_CUDA_ARCH_LIST``: GPU architectures (default ``8.0;9.0``).
+* ``TORCH_CUDA_ARCH_LIST``: GPU architectures (default ``8.0;9.0``; the tensor-core kernels need 8.0 or
+  newer, older architectures get the SIMT kernels). Add ``+PTX`` to the last one to run on newer GPUs.
 * ``MAX_JOBS``: parallel compile jobs (ninja).
+* ``NVCC_THREADS``: threads of one nvcc call, which compiles the architectures of a .cu file in parallel
+  (default 1; each thread needs about 1 GB of memory).
 * ``CUDA_HOME``: the CUDA toolkit; found from ``nvcc`` on PATH when unset (wrapper scripts are followed).
 * ``MLCONTRAST_DEBUG=1``: ``-O0 -g``.
 
@@ -92,8 +95,15 @@ def extensions():
 
     if cuda_wanted(cuda_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # -lineinfo costs nothing at run time and lets compute-sanitizer name source lines. No
+        # --use_fast_math: the fp32 kernels are held to 1e-4 against fp64.
         nvcc_flags = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
         nvcc_flags += ["--expt-relaxed-constexpr"]
+        nvcc_threads = os.environ.get("NVCC_THREADS", "1").strip()
+        if not nvcc_threads.isdigit() or int(nvcc_threads) < 1:
+            sys.exit(f"NVCC_THREADS must be a positive integer, got {nvcc_threads!r}")
+        if int(nvcc_threads) > 1:
+            nvcc_flags += ["--threads", nvcc_threads]
         return [
             CUDAExtension(
                 "mlcontrast._C",

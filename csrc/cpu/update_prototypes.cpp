@@ -28,11 +28,12 @@ void update_prototypes_cpu(at::Tensor& prototypes, const at::Tensor& features, c
   TORCH_CHECK(labels.size(0) == features.size(0), "labels must have N = ", features.size(0), " entries");
   TORCH_CHECK(momentum >= 0 && momentum <= 1, "momentum must lie in [0, 1]");
 
-  const auto valid = labels.ge(0);
-  const auto y = labels.masked_select(valid);
+  // Rows with label -1 are dropped; when there are none, the features are used without a copy.
+  const auto index = valid_rows(labels);
+  const auto y = index.defined() ? labels.index_select(0, index) : labels.contiguous();
   if (y.numel() == 0) return;
   TORCH_CHECK(y.max().item<int64_t>() < c, "labels must be < C = ", c);
-  const auto z = to_compute(features).index_select(0, valid.nonzero().squeeze(1));
+  const auto z = index.defined() ? to_compute(features).index_select(0, index) : to_compute(features);
 
   const auto counts = at::bincount(y, {}, c);
   const auto sums = at::zeros({c, z.size(1)}, z.options()).index_add_(0, y, z);

@@ -1,0 +1,101 @@
+// Plain parameter structs of the CUDA kernels: device pointers, sizes, strides and scalars.
+//
+// The api files (csrc/cuda/*_api.cpp, torch headers) fill these structs; the kernel files
+// (csrc/cuda/*.cu, *.cuh) read them and include no torch header, so they compile quickly and a
+// kernel's whole contract is visible here. All matrices are row-major with a unit column stride;
+// `ld_*` is the row stride in elements. Counts are int64 so that N * D may exceed 2^31.
+#pragma once
+
+#include <cstdint>
+
+namespace mlcontrast {
+namespace cuda {
+
+// Element type of a tensor handed to a kernel. The accumulation type is fp32 for the first three
+// and fp64 for kFloat64 ("Acc" below).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// label_supcon forward: lse_i = LSE_{j != i} z_i.z_j * inv_temperature over the n given rows
+// (the api has already dropped the rows with label -1). lse_i = -inf when n == 1.
+struct LabelSupconFwdParams {
+  const void* z = nullptr;  // [n, d], dtype
+  void* lse = nullptr;      // [n], Acc
+  int64_t n = 0;
+  int64_t d = 0;
+  int64_t ld_z = 0;
+  double inv_temperature = 1.0;
+  DType dtype = DType::kFloat32;
+  // fp32 only: use TF32 tensor cores (set from torch's allow_tf32 for cuBLAS matmuls).
+  bool allow_tf32 = false;
+};
+
+// label_supcon backward, softmax part: dz_i = sum_{j != i} G_ij z_j with
+//   G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j),   s_ij = z_i.z_j * inv_temperature.
+// Rows with w_i = 0 must come with lse_i = +inf so that their terms vanish exactly.
+struct LabelSupconBwdParams {
+  const void* z = nullptr;    // [n, d], dtype
+  const void* w = nullptr;    // [n], Acc
+  const void* lse = nullptr;  // [n], Acc
+  // Optional device scalar (fp32). G is multiplied by it before it is rounded to the element type
+  // of a tensor-core product and the result divided by it again; this keeps fp16 G out of the
+  // subnormal range. nullptr means 1.
+  const float* g_scale = nullptr;
+  void* dz = nullptr;  // [n, d], Acc, overwritten
+  int64_t n = 0;
+  int64_t d = 0;
+  int64_t ld_z = 0;
+  int64_t ld_dz = 0;
+  double inv_temperature = 1.0;
+  DType dtype = DType::kFloat32;
+  bool allow_tf32 = false;
+};
+
+// prototype_nce, one warp per row r of the [rows = B * C, d] features (row r has class r % c):
+//   logits_r = z_r . unit_p_{r % c} / max(|z_r|, eps) * inv_temperature.
+struct PrototypeNceFwdParams {
+  const void* z = nullptr;       // [rows, d], dtype
+  const void* unit_p = nullptr;  // [c, d], Acc: prototypes already divided by max(|p|, eps)
+  void* logits = nullptr;        // [rows], Acc
+  int64_t rows = 0;
+  int64_t c = 0;
+  int64_t d = 0;
+  double inv_temperature = 1.0;
+  double eps = 1e-8;
+  DType dtype = DType::kFloat32;
+};
+
+// prototype_nce backward, given dlogits = d loss / d logits:
+//   grad_z_r      = (ds_r unit_p - u_r * radial_r) / max(|z_r|, eps),  ds_r = dlogits_r * inv_temperature,
+//                   u_r = z_r / max(|z_r|, eps), radial_r = ds_r (u_r . unit_p) when |z_r| > eps, else 0;
+//   grad_unit_p_c = sum_b ds_{bc} u_{bc}   (summed in order of b: deterministic).
+struct PrototypeNceBwdParams {
+  const void* z = nullptr;        // [rows, d], dtype
+  const void* unit_p = nullptr;   // [c, d], Acc
+  const void* dlogits = nullptr;  // [rows], Acc
+  void* norm = nullptr;           // [rows], Acc scratch: max(|z_r|, eps), written by the row pass
+  void* grad_z = nullptr;         // [rows, d], dtype
+  void* grad_unit_p = nullptr;    // [c, d], Acc, overwritten
+  int64_t rows = 0;
+  int64_t c = 0;
+  int64_t d = 0;
+  double inv_temperature = 1.0;
+  double eps = 1e-8;
+  DType dtype = DType::kFloat32;
+};
+
+// Deterministic segmented sum: out_s = sum_{t in [offsets[s], offsets[s+1])} weight_{order[t]} x_{order[t]},
+// rows taken in the order given by `order` (a stable sort by segment), no atomics.
+struct SegmentSumParams {
+  const void* x = nullptr;        // [rows, d], Acc
+  const void* weight = nullptr;   // [rows], Acc, or nullptr for 1
+  const int64_t* order = nullptr;    // [count of rows in segments]
+  const int64_t* offsets = nullptr;  // [segments + 1]
+  void* out = nullptr;               // [segments, d], Acc, overwritten
+  int64_t segments = 0;
+  int64_t d = 0;
+  int64_t ld_x = 0;
+  DType dtype = DType::kFloat32;  // kFloat32 or kFloat64 (the Acc types)
+};
+
+}  // namespace cuda
+}  // namespace mlcontrast

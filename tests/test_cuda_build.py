@@ -1,0 +1,391 @@
+"""The CUDA backend as far as a machine without a GPU can check it.
+
+The extension loads; when it was built with the CUDA sources every op has a CUDA kernel; without a
+GPU the "cuda" backend is reported unavailable and asking for it raises RuntimeError saying why; the
+kernel files keep the api/kernel split (no torch header in a .cu/.cuh, no cuBLAS-pulling header
+anywhere); every op schema has a CUDA implementation in an api file; and, where nvcc is installed,
+every kernel file compiles on its own for sm_80 (all tensor-core paths included).
+The kernels themselves run only in tests/test_gpu.py, on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mlcontrast
+from mlcontrast import _backends
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "csrc" / "cuda"
+OPS = (
+    "label_supcon",
+    "label_supcon_backward",
+    "prototype_nce",
+    "prototype_nce_backward",
+    "prototype_ce",
+    "prototype_ce_backward",
+    "update_prototypes_",
+)
+
+
+def _extension_error() -> str | None:
+    try:
+        from mlcontrast import _C  # noqa: F401  (loading it registers the kernels)
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+def _built_with_cuda() -> bool:
+    return _extension_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mlcontrast::label_supcon", "CUDA"
+    )
+
+
+def test_extension_loads():
+    assert _extension_error() is None, _extension_error()
+
+
+@pytest.mark.skipif(not _built_with_cuda(), reason="mlcontrast._C was built without its CUDA kernels")
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mlcontrast::{op}", "CUDA"), op
+    # The CPU kernels stay registered next to them.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mlcontrast::{op}", "CPU"), op
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_cuda_backend_is_unavailable_without_a_gpu():
+    assert "cuda" not in mlcontrast.available_backends("cpu")
+    assert "cuda" not in mlcontrast.available_backends("cuda")
+    reason = _backends.why_unavailable("cuda", torch.device("cuda"))
+    assert reason is not None and "GPU" in reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_requesting_cuda_for_cpu_tensors_says_why():
+    z = torch.randn(6, 4)
+    y = torch.tensor([0, 0, 1, 1, -1, 2])
+    with pytest.raises(RuntimeError, match=r'backend "cuda".*CUDA tensors'):
+        mlcontrast.label_supcon_loss(z, y, backend="cuda")
+    with pytest.raises(RuntimeError, match=r'backend "cuda".*CUDA tensors'):
+        mlcontrast.prototype_ce_loss(z, y.clamp(min=0), torch.randn(3, 4), backend="cuda")
+
+
+@pytest.mark.skipif(not _built_with_cuda(), reason="mlcontrast._C was built without its CUDA kernels")
+def test_a_cuda_build_still_dispatches_cpu_tensors_to_the_cpu_kernels():
+    z = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, -1, 2, 2, 0, 3])
+    rows = mlcontrast.label_supcon_loss(z, y, 0.5, reduction="none", backend="cpu")
+    expected = mlcontrast.label_supcon_loss(z, y, 0.5, reduction="none", backend="torch")
+    torch.testing.assert_close(rows, expected)
+
+
+def _sources(*patterns: str) -> list[Path]:
+    return sorted(p for pattern in patterns for p in CUDA_DIR.glob(pattern))
+
+
+def test_kernel_files_include_no_torch_header():
+    kernel_files = _sources("*.cu", "*.cuh", "params.h", "launch.h")
+    assert kernel_files, "no CUDA kernel sources under csrc/cuda"
+    include = re.compile(r'#\s*include\s*[<"](torch|ATen|c10|pybind11)/')
+    offenders = [p.name for p in kernel_files if include.search(p.read_text())]
+    assert not offenders, f"kernel files must not include torch headers (they compile with nvcc alone): {offenders}"
+
+
+def test_no_file_pulls_in_cublas_headers():
+    # ATen/cuda/CUDAContext.h includes cublas_v2.h and cusparse.h, which some toolkits lack.
+    files = [p for p in CUDA_DIR.rglob("*") if p.is_file()]
+    offenders = [p.name for p in files if "ATen/cuda/CUDAContext.h" in p.read_text()]
+    assert not offenders, offenders
+
+
+def test_every_schema_has_a_cuda_implementation_in_an_api_file():
+    schemas = set(re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text()))
+    assert schemas == set(OPS)
+    implemented = set()
+    for api in _sources("*_api.cpp"):
+        text = api.read_text()
+        assert "TORCH_LIBRARY_IMPL(mlcontrast, CUDA, m)" in text, api.name
+        implemented |= set(re.findall(r'm\.impl\(\s*"(\w+)"', text))
+    assert implemented == schemas
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")
+def test_kernel_files_compile_alone_for_sm80(tmp_path):
+    # The flags torch's CUDAExtension passes (no implicit half conversions), plus warnings as output
+    # to inspect. sm_80 compiles every tensor-core path (fp16, bf16, TF32 wmma).
+    flags = [
+        "-std=c++17",
+        "-O3",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "--expt-relaxed-constexpr",
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-Xcompiler",
+        "-Wall",
+    ]
+
+    def compile_one(source: Path) -> tuple[str, subprocess.CompletedProcess]:
+        out = tmp_path / (source.stem + ".o")
+        cmd = [_nvcc(), *flags, "-c", str(source), "-o", str(out)]
+        return source.name, subprocess.run(cmd, capture_output=True, text=True)
+
+    sources = _sources("*.cu")
+    with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(compile_one, sources))
+    for name, result in results:
+        assert result.returncode == 0, f"{name}:\n{result.stderr[-4000:]}"
+        assert "warning" not in result.stderr.lower(), f"{name}:\n{result.stderr[-4000:]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel templates run on the CPU (csrc/cuda/emulation): results, races, bounds
+# ----------------------------------------------------------------------------------------------
+
+EMULATION_DIR = CUDA_DIR / "emulation"
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder (cuda_fp16.h and friends), if there is one."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = _nvcc()
+    if nvcc:
+        real = Path(nvcc).resolve()
+        text = real.read_bytes()[:4096] if real.is_file() else b""
+        match = re.search(rb"(/\S+/bin/nvcc)\b", text) if text.startswith(b"#!") else None
+        roots.append(str(Path(match.group(1).decode()).parent.parent) if match else str(real.parent.parent))
+    roots += sorted((str(p) for p in Path("/usr/local").glob("cuda*")), reverse=True)
+    for root in roots:
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+def _compile_emulator(out: Path, sanitize: str | None) -> Path:
+    cmd = [
+        os.environ.get("CXX", "g++"),
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-pthread",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        f"-I{_cuda_include()}",
+        str(EMULATION_DIR / "emulate_kernels.cpp"),
+        "-o",
+        str(out),
+    ]
+    if sanitize:
+        cmd.insert(1, f"-fsanitize={sanitize}")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+needs_emulator = pytest.mark.skipif(
+    _cuda_include() is None or shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="needs the CUDA headers (cuda_fp16.h) and a C++20 compiler",
+)
+
+
+@pytest.fixture(scope="module")
+def emulators(tmp_path_factory):
+    """The emulator built plain, with ThreadSanitizer and with AddressSanitizer (compiled in parallel)."""
+    folder = tmp_path_factory.mktemp("emulation")
+    kinds = {"plain": None, "thread": "thread", "address": "address"}
+    with ThreadPoolExecutor(max_workers=max(1, min(3, os.cpu_count() or 1))) as pool:
+        futures = {k: pool.submit(_compile_emulator, folder / f"emulate_{k}", s) for k, s in kinds.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+class _Emulation:
+    """Writes the inputs of one kernel run, runs the emulator, reads the outputs."""
+
+    def __init__(self, binary: Path, folder: Path):
+        self.binary, self.folder = binary, folder
+
+    def file(self, name: str, tensor: torch.Tensor | None = None) -> str:
+        path = self.folder / name
+        if tensor is not None:
+            tensor.contiguous().view(torch.uint8).numpy().tofile(path)
+        return str(path)
+
+    def read(self, name: str, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        raw = torch.from_numpy(np.fromfile(self.folder / name, dtype=np.uint8))
+        return raw.view(dtype).reshape(shape).clone()
+
+    def run(self, *args) -> None:
+        env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66", ASAN_OPTIONS="detect_leaks=0")
+        result = subprocess.run([str(self.binary), *map(str, args)], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, f"{args[:7]}\n{result.stderr[-6000:]}"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double(), expected.double()
+    assert torch.isfinite(a).all(), a
+    return (a - e).norm().item() / max(e.norm().item(), 1e-30)
+
+
+# (dtype, tensor cores) of every label_supcon kernel configuration, with the tolerances of the
+# forward (row LSE) and the backward (G Z) against fp64. fp16/bf16 products are exact in fp32; the
+# backward rounds G to the element type (and TF32 rounds both operands to 10 mantissa bits).
+SUPCON_CONFIGS = [
+    (torch.float32, 0, 1e-6, 1e-5),
+    (torch.float32, 1, 5e-4, 3e-3),
+    (torch.float16, 0, 1e-6, 1e-5),
+    (torch.float16, 1, 1e-6, 2e-3),
+    (torch.bfloat16, 0, 1e-6, 1e-5),
+    (torch.bfloat16, 1, 1e-6, 1e-2),
+    (torch.float64, 0, 1e-14, 1e-14),
+]
+
+
+def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0):
+    z = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
+    emu.run("supcon_fwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, emu.file("z", z), emu.file("lse"))
+    lse = emu.read("lse", _acc(dtype), n)
+    zd = z.double()
+    s = zd @ zd.T * inv_t
+    s.fill_diagonal_(-float("inf"))
+    expected = torch.logsumexp(s, 1)
+    if n == 1:
+        assert lse.isneginf().all(), "a lone row has an empty set: LSE -inf"
+    else:
+        assert _rel(lse, expected) <= fwd_tol, (DTYPE_NAMES[dtype], tc, n, d, _rel(lse, expected))
+
+    w = torch.randn(n, dtype=_acc(dtype))
+    w[::3] = 0  # rows without positives: weight 0, LSE +inf
+    lse_eff = torch.where(w != 0, expected.to(_acc(dtype)), torch.full_like(w, float("inf")))
+    g_scale = 0.0 if dtype in (torch.float32, torch.float64) else min(n, 2**14) / max(w.abs().max().item(), 1e-30)
+    emu.run(
+        "supcon_bwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, g_scale,
+        emu.file("z", z), emu.file("w", w), emu.file("lse_eff", lse_eff), emu.file("dz"),
+    )  # fmt: skip
+    dz = emu.read("dz", _acc(dtype), n, d)
+    wd, ld = w.double(), lse_eff.double()
+    g = (wd[:, None] * torch.exp(s - ld[:, None])).nan_to_num(0.0) + (
+        wd[None, :] * torch.exp(s - ld[None, :])
+    ).nan_to_num(0.0)
+    g.fill_diagonal_(0.0)
+    expected_dz = g @ zd
+    if expected_dz.norm() == 0:
+        assert not dz.any()
+    else:
+        assert _rel(dz, expected_dz) <= bwd_tol, (DTYPE_NAMES[dtype], tc, n, d, _rel(dz, expected_dz))
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype,tc,fwd_tol,bwd_tol", SUPCON_CONFIGS, ids=lambda v: str(v))
+def test_emulated_label_supcon_kernels(emulators, tmp_path, dtype, tc, fwd_tol, bwd_tol):
+    emu = _Emulation(emulators["plain"], tmp_path)
+    # n: one row, less than a tile, a partial second tile; d: 1, odd, vector widths, more than one
+    # D chunk and more than one D slice of the backward (DP = 128 for fp16/bf16).
+    for n, d in [(1, 3), (5, 8), (70, 33), (130, 136), (64, 1)]:
+        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d)
+
+
+@needs_emulator
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_emulated_label_supcon_kernels_are_race_free_and_in_bounds(emulators, tmp_path, sanitizer):
+    # ThreadSanitizer: every shared-memory access is ordered by the kernels' barriers;
+    # AddressSanitizer: no access outside the exactly-sized input and output buffers.
+    emu = _Emulation(emulators[sanitizer], tmp_path)
+    for dtype, tc, fwd_tol, bwd_tol in SUPCON_CONFIGS:
+        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, 70, 33 if dtype != torch.float16 else 136)
+
+
+def _check_prototype_nce(emu: _Emulation, dtype, b, c, d, inv_t=1 / 0.07):
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    z = torch.randn(b * c, d, dtype=torch.float64)
+    if dtype != torch.float16:
+        z[0] = 0  # a zero row: the eps clamp (its gradient, ~1e8, overflows fp16)
+    z = z.to(dtype)
+    unit_p = torch.nn.functional.normalize(torch.randn(c, d, dtype=torch.float64), dim=1, eps=1e-8).to(_acc(dtype))
+    emu.run("nce_fwd", DTYPE_NAMES[dtype], b * c, c, d, inv_t, emu.file("z", z), emu.file("p", unit_p), emu.file("l"))
+    logits = emu.read("l", _acc(dtype), b * c)
+    zd, pd = z.double(), unit_p.double()
+    norm = zd.norm(dim=1).clamp_min(1e-8)
+    classes = torch.arange(b * c) % c
+    expected = (zd * pd[classes]).sum(1) / norm * inv_t
+    assert _rel(logits, expected) <= tol
+
+    dlogits = torch.randn(b * c, dtype=_acc(dtype))
+    emu.run(
+        "nce_bwd", DTYPE_NAMES[dtype], b * c, c, d, inv_t,
+        emu.file("z", z), emu.file("p", unit_p), emu.file("dl", dlogits), emu.file("gz"), emu.file("gp"),
+    )  # fmt: skip
+    grad_z = emu.read("gz", dtype, b * c, d)
+    grad_p = emu.read("gp", _acc(dtype), c, d)
+    ds = dlogits.double() * inv_t
+    u = zd / norm[:, None]
+    radial = torch.where(zd.norm(dim=1) > 1e-8, ds * (u * pd[classes]).sum(1), torch.zeros_like(ds))
+    expected_z = (ds[:, None] * pd[classes] - u * radial[:, None]) / norm[:, None]
+    expected_p = torch.zeros(c, d, dtype=torch.float64).index_add_(0, classes, ds[:, None] * u)
+    out_tol = {torch.float16: 1e-3, torch.bfloat16: 5e-3}.get(dtype, tol)  # grad_z is rounded to dtype
+    assert _rel(grad_z, expected_z) <= out_tol
+    assert _rel(grad_p, expected_p) <= tol
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", list(DTYPE_NAMES), ids=str)
+def test_emulated_prototype_nce_kernels(emulators, tmp_path, dtype):
+    emu = _Emulation(emulators["plain"], tmp_path)
+    for b, c, d in [(1, 1, 1), (3, 5, 33), (9, 2, 300)]:
+        _check_prototype_nce(emu, dtype, b, c, d)
+
+
+def _check_segment_sum(emu: _Emulation, dtype, rows, d, segments, weighted):
+    x = torch.randn(rows, d, dtype=dtype)
+    weight = torch.randn(rows, dtype=dtype)
+    labels = torch.randint(0, segments, (rows,))
+    labels[labels == segments - 1] = 0  # an empty segment
+    order = torch.sort(labels, stable=True).indices
+    offsets = torch.searchsorted(labels[order], torch.arange(segments + 1))
+    emu.run(
+        "segment_sum", DTYPE_NAMES[dtype], rows, d, segments, int(weighted), emu.file("x", x),
+        emu.file("w", weight) if weighted else "-", emu.file("o", order), emu.file("off", offsets), emu.file("s"),
+    )  # fmt: skip
+    out = emu.read("s", dtype, segments, d)
+    values = x.double() * (weight.double()[:, None] if weighted else 1)
+    expected = torch.zeros(segments, d, dtype=torch.float64).index_add_(0, labels, values)
+    assert _rel(out, expected) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    assert not out[segments - 1].any()
+
+
+@needs_emulator
+@pytest.mark.parametrize("sanitizer", ["plain", "thread", "address"])
+def test_emulated_segment_sum_and_prototype_kernels(emulators, tmp_path, sanitizer):
+    emu = _Emulation(emulators[sanitizer], tmp_path)
+    rows, d, segments = (300, 70, 7) if sanitizer == "plain" else (40, 33, 3)
+    for dtype in (torch.float32, torch.float64):
+        _check_segment_sum(emu, dtype, rows, d, segments, weighted=True)
+        _check_segment_sum(emu, dtype, 5, 1, 3, weighted=False)
+    if sanitizer != "plain":
+        _check_prototype_nce(emu, torch.float16, 3, 5, 33)
