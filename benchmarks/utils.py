@@ -1249,7 +1249,9 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
         return spec.size_fields(args, n) if spec.size_fields is not None else {"n": n}
 
     ns = list(dict.fromkeys(sized(n)["n"] for n in requested))
-    fused = [b for b in probe_backends(device) if b != "torch"]
+    # Triton on CPU tensors is its interpreter (a test tool, orders of magnitude slower): not a provider
+    # unless asked for by name.
+    fused = [b for b in probe_backends(device) if b != "torch" and not (b == "triton" and not cuda)]
     providers = args.providers or ["torch", "torch_compile", *fused]
     fused = [p for p in providers if p not in REFERENCE_PROVIDERS]
     policy = default_policy(args)
