@@ -1,8 +1,18 @@
-import random
+import os
 
-import numpy as np
-import pytest
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter. It must be chosen before triton is
+# first imported anywhere in this process (triton.language's own helpers are decorated at import), and
+# collecting some test modules imports triton; so it is set here, before any test module is imported.
+# The general tests leave the (slow) interpreted backend to tests/test_triton_ops.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
