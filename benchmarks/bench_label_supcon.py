@@ -69,25 +69,13 @@ def make_inputs(n: int, d: int, dtype: str, device: str, num_classes: int = NUM_
     return features, labels.to(device)
 
 
-def make_loss(provider: str, mlcontrast, temperature: float):
-    """``loss(features, labels)`` of a provider."""
-    import torch
-
-    if provider == "torch":
-        ref = mlcontrast.reference.label_supcon_loss
-        return lambda x, y: ref(x, y, temperature, None, "mean", False)
-    if provider == "torch_compile":
-        compiled = torch.compile(mlcontrast.reference.label_supcon_loss, dynamic=False)
-        return lambda x, y: compiled(x, y, temperature, None, "mean", False)
-    return lambda x, y: mlcontrast.label_supcon_loss(x, y, temperature=temperature, reduction="mean",
-                                                     backend=provider)
-
-
 def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
     """One case (in the child): inputs and the fwd / bwd phases."""
     features, labels = make_inputs(case["n"], case["d"], case["dtype"], case["device"], case["num_classes"],
                                    case["seed"])
-    loss_fn = make_loss(case["provider"], mlcontrast, case["temperature"])
+    loss_fn = utils.provider_function(
+        case["provider"], mlcontrast, "label_supcon_loss", temperature=case["temperature"], reduction="mean"
+    )
     return utils.loss_case(lambda: loss_fn(features, labels), {"grad": features})
 
 

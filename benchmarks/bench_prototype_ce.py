@@ -48,23 +48,12 @@ def make_inputs(n: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     return features, labels.to(device), prototypes
 
 
-def make_loss(provider: str, mlcontrast, temperature: float):
-    """``loss(features, labels, prototypes)`` of a provider."""
-    import torch
-
-    if provider == "torch":
-        ref = mlcontrast.reference.prototype_ce_loss
-        return lambda x, y, p: ref(x, y, p, temperature)
-    if provider == "torch_compile":
-        compiled = torch.compile(mlcontrast.reference.prototype_ce_loss, dynamic=False)
-        return lambda x, y, p: compiled(x, y, p, temperature)
-    return lambda x, y, p: mlcontrast.prototype_ce_loss(x, y, p, temperature=temperature, backend=provider)
-
-
 def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
     features, labels, prototypes = make_inputs(case["n"], case["num_classes"], case["d"], case["dtype"],
                                                case["device"], case["seed"])
-    loss_fn = make_loss(case["provider"], mlcontrast, case["temperature"])
+    loss_fn = utils.provider_function(
+        case["provider"], mlcontrast, "prototype_ce_loss", temperature=case["temperature"]
+    )
     return utils.loss_case(lambda: loss_fn(features, labels, prototypes),
                            {"grad": features, "prototypes_grad": prototypes})
 

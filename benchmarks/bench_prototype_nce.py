@@ -50,23 +50,12 @@ def make_inputs(b: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     return features, prototypes, targets.to(device)
 
 
-def make_loss(provider: str, mlcontrast, temperature: float):
-    """``loss(features, prototypes, targets)`` of a provider."""
-    import torch
-
-    if provider == "torch":
-        ref = mlcontrast.reference.prototype_nce_loss
-        return lambda x, p, t: ref(x, p, t, temperature)
-    if provider == "torch_compile":
-        compiled = torch.compile(mlcontrast.reference.prototype_nce_loss, dynamic=False)
-        return lambda x, p, t: compiled(x, p, t, temperature)
-    return lambda x, p, t: mlcontrast.prototype_nce_loss(x, p, t, temperature=temperature, backend=provider)
-
-
 def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
     features, prototypes, targets = make_inputs(case["b"], case["num_classes"], case["d"], case["dtype"],
                                                 case["device"], case["seed"])
-    loss_fn = make_loss(case["provider"], mlcontrast, case["temperature"])
+    loss_fn = utils.provider_function(
+        case["provider"], mlcontrast, "prototype_nce_loss", temperature=case["temperature"]
+    )
     return utils.loss_case(lambda: loss_fn(features, prototypes, targets),
                            {"grad": features, "prototypes_grad": prototypes})
 

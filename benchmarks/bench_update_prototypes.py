@@ -47,24 +47,13 @@ def make_inputs(n: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     return prototypes.to(device=device, dtype=dt), features.to(device=device, dtype=dt), labels.to(device)
 
 
-def make_update(provider: str, mlcontrast, momentum: float):
-    """``update(prototypes, features, labels)`` of a provider, in place."""
-    import torch
-
-    if provider == "torch":
-        ref = mlcontrast.reference.update_prototypes_
-        return lambda p, x, y: ref(p, x, y, momentum, True)
-    if provider == "torch_compile":
-        compiled = torch.compile(mlcontrast.reference.update_prototypes_, dynamic=False)
-        return lambda p, x, y: compiled(p, x, y, momentum, True)
-    return lambda p, x, y: mlcontrast.update_prototypes_(p, x, y, momentum=momentum, normalize=True, backend=provider)
-
-
 def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
     prototypes, features, labels = make_inputs(case["n"], case["num_classes"], case["d"], case["dtype"],
                                                case["device"], case["seed"])
     initial = prototypes.clone()
-    update = make_update(case["provider"], mlcontrast, case["momentum"])
+    update = utils.provider_function(
+        case["provider"], mlcontrast, "update_prototypes_", momentum=case["momentum"], normalize=True
+    )
 
     def reset() -> None:
         prototypes.copy_(initial)

@@ -960,6 +960,22 @@ class BenchSpec:
     max_n_start: int = 65536
 
 
+
+def provider_function(provider: str, mlcontrast, name: str, **kwargs: Any):
+    """The function a provider times, with ``kwargs`` bound: ``mlcontrast.reference.<name>`` run eagerly
+    ("torch") or under ``torch.compile(dynamic=False)`` ("torch_compile"), or the public
+    ``mlcontrast.<name>`` with ``backend=provider`` (a fused backend)."""
+    import functools
+
+    import torch
+
+    if provider == "torch":
+        return functools.partial(getattr(mlcontrast.reference, name), **kwargs)
+    if provider == "torch_compile":
+        return functools.partial(torch.compile(getattr(mlcontrast.reference, name), dynamic=False), **kwargs)
+    return functools.partial(getattr(mlcontrast, name), backend=provider, **kwargs)
+
+
 def probe_backends(device: str, retries: int = 4, wait_s: float = 30.0) -> list[str]:
     """``mlcontrast.available_backends(device)``, retried while the compiled extension does not load (it
     may be being rebuilt); each try runs in a fresh process, since a failed load is cached."""
