@@ -81,7 +81,7 @@ def test_sadcl_legacy_flags():
 
 def test_build_method_unknown():
     with pytest.raises(ValueError, match="unknown method"):
-        build_method("hst", 3)
+        build_method("nope", 3)
     assert isinstance(build_method("bce", 3, backbone="test_resnet", feature_index=2), BCEBaseline)
 
 
@@ -126,7 +126,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--method", "hst"], ["--dataset", "imagenet"], ["--known-ratio", "0"], ["--known-ratio", "1.5"],
+    [["--method", "nope"], ["--dataset", "imagenet"], ["--known-ratio", "0"], ["--known-ratio", "1.5"],
      ["--epochs", "0"], ["--batch-size", "-2"], ["--lr", "abc"], ["--backend", "gpu"], ["--num-workers", "-1"],
      ["--dataset", "voc2007"]],
 )

@@ -1,6 +1,8 @@
 """``mlcontrast-train`` / ``python -m mlcontrast.train``: train a method on a dataset.
 
-With no arguments it trains SADCL on the embedded digits dataset on the CPU.
+With no arguments it trains SADCL on the embedded digits dataset on the CPU. Under ``torchrun`` it trains
+with DistributedDataParallel: ``--batch-size`` is per process, and the contrastive losses contrast every
+rank's rows (``process_group``), so N processes train like one process with N times the batch.
 """
 
 from __future__ import annotations
@@ -8,43 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlcontrast.train.argtypes import non_negative_int, positive, ratio
 from mlcontrast.train.data import DATASETS
 from mlcontrast.train.methods import METHODS
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
-
-
-def _ratio(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {v}")
-    return v
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return v
-
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,58 +24,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=sorted(METHODS), default="sadcl")
     g.add_argument("--dataset", choices=list(DATASETS), default="digits")
     g.add_argument("--data-root", default=None, help="folder of the dataset's files (not needed for digits)")
-    g.add_argument("--known-ratio", type=_ratio, default=1.0,
+    g.add_argument("--known-ratio", type=ratio, default=1.0,
                    help="proportion of known training labels (partial labels, seeded NumPy stream)")
     g.add_argument("--partial-seed", type=int, default=0, help="seed of the partial-label mask (HST uses 0)")
-    g.add_argument("--img-size", type=_positive(int), default=224, help="input size of file datasets")
-    g.add_argument("--limit-train", type=_positive(int), default=None, help="use only the first N training images")
-    g.add_argument("--limit-test", type=_positive(int), default=None, help="use only the first N test images")
+    g.add_argument("--img-size", type=positive(int), default=224, help="input size of file datasets")
+    g.add_argument("--limit-train", type=positive(int), default=None, help="use only the first N training images")
+    g.add_argument("--limit-test", type=positive(int), default=None, help="use only the first N test images")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=None, help="timm model name (default: resnet10t on digits, else resnet50)")
     g.add_argument("--feature-index", type=int, default=None,
                    help="features_only stage of the backbone (default: 2 for resnet10t on digits, else -1)")
     g.add_argument("--weights", default=None, help="local backbone weights file (default: random init)")
-    g.add_argument("--hidden-dim", type=_positive(int), default=128)
-    g.add_argument("--proj-dim", type=_positive(int), default=64)
-    g = p.add_argument_group("losses (SADCL)")
-    g.add_argument("--cls-weight", type=float, default=1000.0, help="weight of the mean BCE")
-    g.add_argument("--sscl-weight", type=float, default=100.0)
-    g.add_argument("--pscl-weight", type=float, default=50.0)
-    g.add_argument("--sscl-temperature", type=_positive(float), default=0.2)
-    g.add_argument("--pscl-temperature", type=_positive(float), default=0.07)
-    g.add_argument("--proto-momentum", type=float, default=0.99)
-    g.add_argument("--memory-threshold", type=float, default=0.8)
-    g.add_argument("--legacy-sadcl-mask", action="store_true",
-                   help="the released SSCL code's anchor-mask quirk (seeds_methods.md §2.4)")
-    g.add_argument("--legacy-learned-prototypes", action="store_true",
-                   help="as the released code: prototypes learned by gradient, no EMA update")
+    g.add_argument("--hidden-dim", type=positive(int), default=128)
+    g.add_argument("--proj-dim", type=positive(int), default=64)
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="mlcontrast loss backend")
+    g.add_argument("--cls-weight", type=float, default=1000.0,
+                   help="weight of the mean BCE on known labels (sadcl, bce)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive(int), default=15)
-    g.add_argument("--batch-size", type=_positive(int), default=64)
-    g.add_argument("--lr", type=_positive(float), default=1e-3, help="max lr of OneCycle (AdamW)")
+    g.add_argument("--epochs", type=positive(int), default=15)
+    g.add_argument("--batch-size", type=positive(int), default=64)
+    g.add_argument("--lr", type=positive(float), default=1e-3, help="max lr of OneCycle (AdamW)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--output", default=None, help="output folder (default: runs/<method>-<dataset>)")
     g.add_argument("--resume", default=None, help="checkpoint file, or an output folder holding checkpoint.pt")
-    g.add_argument("--num-workers", type=_non_negative_int, default=0)
-    g.add_argument("--threads", type=_non_negative_int, default=None,
+    g.add_argument("--num-workers", type=non_negative_int, default=0)
+    g.add_argument("--threads", type=non_negative_int, default=None,
                    help="torch intra-op CPU threads; 0: torch's default; default: 1 on digits (its small model "
                         "gains little from more, and OpenMP threads on a busy machine are many times slower), "
                         "else torch's default")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for method in METHODS.values():  # each method's own options, prefixed with its name
+        method.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.proto_momentum <= 1.0:
-        parser.error(f"--proto-momentum must lie in [0, 1], got {args.proto_momentum}")
-    if not 0.0 <= args.memory_threshold <= 1.0:
-        parser.error(f"--memory-threshold must lie in [0, 1], got {args.memory_threshold}")
     if args.dataset != "digits" and args.data_root is None:
         parser.error(f"--dataset {args.dataset} needs --data-root")
     from mlcontrast.train.engine import run

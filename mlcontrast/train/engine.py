@@ -1,8 +1,13 @@
 """The training loop: data, model, AdamW + OneCycle, evaluation, JSON-lines metrics, atomic checkpoints, resume.
 
-Determinism: every epoch reseeds the global RNGs and the shuffling generator from ``(seed, epoch)``, so a run
-resumed from the checkpoint of epoch k continues exactly as the uninterrupted run (the checkpoint also holds
-the RNG states, the optimizer, the scheduler and the method's buffers: prototypes and memory bank).
+Determinism: every epoch reseeds the global RNGs and the shuffling generator from ``(seed, epoch)`` (plus
+the rank under ``torchrun``), so a run resumed from the checkpoint of epoch k continues exactly as the
+uninterrupted run (the checkpoint holds the model with the method's buffers, such as prototypes and memory
+bank, the optimizer and the scheduler).
+
+Distributed: under ``torchrun`` each process trains its shard (``DistributedSampler``) through
+DistributedDataParallel, the methods' contrastive losses get ``process_group`` so every rank's rows join the
+contrast set, buffers follow rank 0 (DDP's default), and rank 0 evaluates and writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mlcontrast.train.data import build_datasets
 from mlcontrast.train.methods import build_method
 from mlcontrast.train.metrics import evaluate
 
-__all__ = ["run", "save_checkpoint_atomic", "CHECKPOINT_NAME"]
+__all__ = ["run", "resolve_args", "save_checkpoint_atomic", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _DIGITS_DEFAULTS = {"backbone": "resnet10t", "feature_index": 2}
@@ -67,7 +73,8 @@ def save_checkpoint_atomic(state: dict, path: Path) -> None:
         pass
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of the CLI arguments with the dataset-dependent defaults filled in."""
     args = argparse.Namespace(**vars(args))
     defaults = _DIGITS_DEFAULTS if args.dataset == "digits" else _FILE_DEFAULTS
     if args.backbone is None:
@@ -99,15 +106,122 @@ def _predict(model, loader, device, progress: bool):
     return torch.cat(logits).numpy()
 
 
+class _WithTruth(Dataset):
+    """``(image, partial targets, withheld full targets)``: the truth scores the pseudo-labels."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        x, y = self.base[index]
+        return x, y, torch.from_numpy(self.base.full_targets[index].astype(np.int64))
+
+
+class _TrainingStep(nn.Module):
+    """Makes ``training_loss`` the ``forward`` that DistributedDataParallel wraps (its hooks run in forward)."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, x, targets, epoch: int, progress: float):
+        return self.method.training_loss(x, targets, epoch=epoch, progress=progress)
+
+
+class _Dist:
+    """Process-group facts: one process unless ``torchrun`` set ``WORLD_SIZE`` > 1."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.group, self.owned = 0, None, False
+        if self.world > 1:
+            if not dist.is_available():
+                raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                self.owned = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.group = dist.group.WORLD
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.owned:
+            torch.distributed.destroy_process_group()
+
+
+def _device_for(name: str) -> torch.device:
+    dev = _device(name)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _pseudo_counts(pseudo: torch.Tensor, partial: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """``[pseudo-positives, correct ones, hidden true positives]`` on the unknown entries of one batch."""
+    unknown = partial == -1
+    pp = unknown & (pseudo.to(partial.device) == 1)
+    return torch.stack([pp.sum(), (pp & (truth > 0)).sum(), (unknown & (truth > 0)).sum()]).double().cpu()
+
+
+def _load_checkpoint(path: str, method: str, device: torch.device) -> dict:
+    ckpt_path = Path(path)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / CHECKPOINT_NAME
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if ckpt["method"] != method:
+        raise ValueError(f"--resume: checkpoint {ckpt_path} is a {ckpt['method']!r} run, not {method!r}")
+    return ckpt
+
+
+def _optimizer(model: nn.Module, args: argparse.Namespace, total_steps: int):
+    groups = model.param_groups(args.weight_decay) if hasattr(model, "param_groups") else \
+        [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
+                                                    pct_start=0.2)
+    return optimizer, scheduler
+
+
 def run(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict:
     """Train and evaluate as the CLI does; returns ``{"history": [epoch records], "step_losses": [...]}``.
 
     ``stop_after_epoch`` ends the run after that epoch's checkpoint (to simulate an interruption in tests).
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains its shard with DistributedDataParallel;
+    rank 0 evaluates and writes the files, and the logged losses are means over the ranks.
     """
+    args = resolve_args(args)
+    device = _device_for(args.device)
+    dist = _Dist(device)
+    try:
+        return _run(args, device, dist, stop_after_epoch)
+    finally:
+        dist.close()
+
+
+def _run(args, device, dist: _Dist, stop_after_epoch):
     from tqdm import tqdm
 
-    args = _resolve(args)
-    device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output)
@@ -117,95 +231,125 @@ def run(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict:
     if args.known_ratio < 1.0:
         train_set.apply_partial_labels(args.known_ratio, seed=args.partial_seed)
     test_truth = test_set.full_targets
+    class_names = list(train_set.classes)
+    train_plain, train_truth = train_set, _WithTruth(train_set)
     if args.limit_train is not None:
-        train_set = Subset(train_set, range(min(args.limit_train, len(train_set))))
+        keep = range(min(args.limit_train, len(train_set)))
+        train_plain, train_truth = Subset(train_set, keep), Subset(train_truth, keep)
     if args.limit_test is not None:
         test_truth = test_truth[: args.limit_test]
         test_set = Subset(test_set, range(min(args.limit_test, len(test_set))))
-    steps = len(train_set) // args.batch_size
+    per_rank = len(train_plain) // dist.world
+    steps = per_rank // args.batch_size
     if steps == 0:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images")
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {per_rank} training images of each of "
+                         f"{dist.world} process(es)")
     num_classes = test_truth.shape[1]
+    known_targets = train_set.targets if args.limit_train is None else train_set.targets[: len(train_plain)]
 
-    model = build_method(
-        args.method, num_classes, backbone=args.backbone, feature_index=args.feature_index, weights=args.weights,
-        hidden_dim=args.hidden_dim, proj_dim=args.proj_dim, batch_size=args.batch_size, backend=args.backend,
-        cls_weight=args.cls_weight, sscl_weight=args.sscl_weight, pscl_weight=args.pscl_weight,
-        sscl_temperature=args.sscl_temperature, pscl_temperature=args.pscl_temperature,
-        proto_momentum=args.proto_momentum, memory_threshold=args.memory_threshold,
-        legacy_sadcl_mask=args.legacy_sadcl_mask, legacy_learned_prototypes=args.legacy_learned_prototypes,
-    ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps,
-                                                    pct_start=0.2)
+    # the method also sees the class names and the partial training targets (label co-occurrence statistics)
+    margs = argparse.Namespace(**vars(args), class_names=class_names, train_targets=known_targets)
+    model = build_method(args.method, num_classes, margs).to(device)
+    if dist.world > 1:
+        model.process_group = dist.group
+    optimizer, scheduler = _optimizer(model, args, args.epochs * steps)
 
     start_epoch, history, step_losses = 0, [], []
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     if args.resume:
-        ckpt_path = Path(args.resume)
-        if ckpt_path.is_dir():
-            ckpt_path = ckpt_path / CHECKPOINT_NAME
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint not found: {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["method"] != args.method:
-            raise ValueError(f"--resume: checkpoint {ckpt_path} is a {ckpt['method']!r} run, not {args.method!r}")
+        ckpt = _load_checkpoint(args.resume, args.method, device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history, step_losses = ckpt["epoch"], ckpt["history"], ckpt["step_losses"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
-    with open(out / "metrics.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
-        for rec in history:
-            f.write(json.dumps(rec) + "\n")
+    if dist.main:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
+        with open(out / "metrics.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
 
-    progress = not args.no_progress
+    step_fn: nn.Module = _TrainingStep(model)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # a method whose loss leaves some parameters unused in some steps says so (DDP must then search)
+        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=getattr(model, "has_unused_parameters", False))
+    progress = not args.no_progress and dist.main
+    partial = args.known_ratio < 1.0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        _seed_all(_epoch_seed(args.seed, epoch))
-        gen = torch.Generator().manual_seed(_epoch_seed(args.seed, epoch))
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=gen,
-                            num_workers=args.num_workers)
+        epoch_seed = _epoch_seed(args.seed, epoch)
+        _seed_all(epoch_seed + dist.rank)
+        if hasattr(model, "start_epoch"):
+            plain = DataLoader(train_plain, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+            model.start_epoch(epoch, plain, device)
+            model.train()
+        if dist.world > 1:
+            sampler = DistributedSampler(train_truth, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                         seed=epoch_seed, drop_last=True)
+            loader = DataLoader(train_truth, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=args.num_workers)
+        else:
+            gen = torch.Generator().manual_seed(epoch_seed)
+            loader = DataLoader(train_truth, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                generator=gen, num_workers=args.num_workers)
         model.train()
-        total, parts_sum = 0.0, {}
+        sums = torch.zeros(0, dtype=torch.float64)  # loss, then one slot per part, summed over steps
+        part_names: list[str] = []
+        pseudo = torch.zeros(3, dtype=torch.float64)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not progress)
-        for x, y in bar:
+        for i, (x, y, truth) in enumerate(bar):
             x, y = x.to(device), y.to(device)
-            loss, parts = model.training_loss(x, y)
+            loss, parts = step_fn(x, y, epoch, i / steps)
+            parts = dict(parts)
+            labels = parts.pop("pseudo", None)
+            if labels is not None and partial:
+                pseudo += _pseudo_counts(labels.detach(), y.cpu(), truth)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            value = float(loss.detach())
-            step_losses.append(value)
-            total += value
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-            bar.set_postfix(loss=f"{value:.3f}")
-        eval_loader = DataLoader(test_set, batch_size=max(args.batch_size, 64), shuffle=False,
-                                 num_workers=args.num_workers)
-        scores = _predict(model, eval_loader, device, progress)
-        rec = {"epoch": epoch + 1, "loss": total / steps}
-        rec.update({f"loss_{k}": v / steps for k, v in parts_sum.items()})
-        rec.update(evaluate(scores, test_truth))
-        rec["lr"] = scheduler.get_last_lr()[0]
-        rec["time_s"] = time.time() - t0
-        history.append(rec)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {rec['loss']:.4f} mAP {rec['mAP']:.2f} CF1 {rec['CF1']:.2f} "
-                       f"OF1 {rec['OF1']:.2f} ({rec['time_s']:.1f} s)")
-        state = {
-            "method": args.method, "epoch": epoch + 1, "args": vars(args), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-            "step_losses": step_losses,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        }
-        save_checkpoint_atomic(state, out / CHECKPOINT_NAME)
+            if not part_names:
+                part_names = list(parts)
+                sums = torch.zeros(1 + len(part_names), dtype=torch.float64)
+            values = torch.tensor([float(loss.detach())] + [float(parts[k]) for k in part_names],
+                                  dtype=torch.float64)
+            values = dist.sum_(values) / dist.world
+            step_losses.append(float(values[0]))
+            sums += values
+            bar.set_postfix(loss=f"{float(values[0]):.3f}")
+        dist.sum_(pseudo)
+        rec = None
+        if dist.main:
+            eval_loader = DataLoader(test_set, batch_size=max(args.batch_size, 64), shuffle=False,
+                                     num_workers=args.num_workers)
+            scores = _predict(model, eval_loader, device, progress)
+            rec = {"epoch": epoch + 1, "loss": float(sums[0]) / steps}
+            rec.update({f"loss_{k}": float(v) / steps for k, v in zip(part_names, sums[1:])})
+            if partial and getattr(model, "makes_pseudo_labels", False):
+                pp, tp, hidden = pseudo.tolist()
+                rec.update(pseudo_precision=100.0 * tp / max(pp, 1.0), pseudo_recall=100.0 * tp / max(hidden, 1.0),
+                           pseudo_positives=int(pp))
+            rec.update(evaluate(scores, test_truth))
+            rec["lr"] = scheduler.get_last_lr()[0]
+            rec["time_s"] = time.time() - t0
+            history.append(rec)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if progress:
+                extra = (f" pseudo P/R {rec['pseudo_precision']:.1f}/{rec['pseudo_recall']:.1f}"
+                         if "pseudo_precision" in rec else "")
+                tqdm.write(f"epoch {epoch + 1}: loss {rec['loss']:.4f} mAP {rec['mAP']:.2f} CF1 {rec['CF1']:.2f} "
+                           f"OF1 {rec['OF1']:.2f}{extra} ({rec['time_s']:.1f} s)")
+            state = {
+                "method": args.method, "epoch": epoch + 1, "args": vars(args), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                "step_losses": step_losses,
+            }
+            save_checkpoint_atomic(state, out / CHECKPOINT_NAME)
+        dist.barrier()  # the other ranks wait for the evaluation and the checkpoint
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     return {"history": history, "step_losses": step_losses, "model": model}

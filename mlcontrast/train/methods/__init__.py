@@ -1,8 +1,19 @@
-"""Training methods: each is an ``nn.Module`` with ``forward(images) → logits [B, C]`` and
-``training_loss(images, targets) → (loss, parts)``, which also performs the method's non-gradient state
-updates (memory bank, prototypes) after the loss is computed and before backward."""
+"""Training methods. Each is an ``nn.Module`` class with
+
+- ``add_arguments(parser)`` (classmethod): its own CLI options, prefixed with its name;
+- ``from_args(num_classes, args)`` (classmethod): the model from parsed CLI arguments;
+- ``forward(images) → logits [B, C]``, which evaluation scores;
+- ``training_loss(images, targets, *, epoch, progress) → (loss, parts)``, which also performs the method's
+  non-gradient state updates (memory bank, prototypes) after the loss is computed and before backward;
+  ``parts`` maps names to detached scalars, and its optional ``"pseudo"`` entry (``[B, C]``: 1 / 0 / -1 for
+  pseudo-positive / pseudo-negative / none) feeds the pseudo-label precision and recall;
+- optionally ``start_epoch(epoch, loader, device)`` (per-epoch work over an unshuffled training loader) and
+  ``param_groups(weight_decay)`` (the optimizer's parameter groups).
+"""
 
 from __future__ import annotations
+
+import argparse
 
 from mlcontrast.train.methods.bce import BCEBaseline
 from mlcontrast.train.methods.sadcl import SADCL
@@ -12,7 +23,17 @@ METHODS = {"sadcl": SADCL, "bce": BCEBaseline}
 __all__ = ["METHODS", "SADCL", "BCEBaseline", "build_method"]
 
 
-def build_method(name: str, num_classes: int, **kwargs):
+def build_method(name: str, num_classes: int, args: argparse.Namespace | None = None, **overrides):
+    """The method ``name`` for ``num_classes`` classes, from CLI ``args`` (the parser's defaults when None)
+    with ``overrides`` applied on top."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    return METHODS[name](num_classes, **kwargs)
+    if args is None:
+        from mlcontrast.train.cli import build_parser
+
+        args = build_parser().parse_args(["--method", name])
+        from mlcontrast.train.engine import resolve_args
+
+        args = resolve_args(args)
+    args = argparse.Namespace(**{**vars(args), **overrides})
+    return METHODS[name].from_args(num_classes, args)

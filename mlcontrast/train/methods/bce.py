@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn as nn
 
@@ -22,9 +24,18 @@ class BCEBaseline(nn.Module):
         self.fc = nn.Linear(self.backbone.channels, num_classes)
         self.cls_weight = cls_weight
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """No options of its own: ``--cls-weight`` and the model options are common."""
+
+    @classmethod
+    def from_args(cls, num_classes: int, args: argparse.Namespace) -> "BCEBaseline":
+        return cls(num_classes, backbone=args.backbone, feature_index=args.feature_index, weights=args.weights,
+                   cls_weight=args.cls_weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.backbone(x).mean((2, 3)))
 
-    def training_loss(self, x: torch.Tensor, targets: torch.Tensor):
+    def training_loss(self, x: torch.Tensor, targets: torch.Tensor, *, epoch: int = 0, progress: float = 0.0):
         loss = self.cls_weight * masked_bce(self(x), targets)
         return loss, {"cls": loss.detach()}

@@ -19,10 +19,13 @@ The released code instead learns the prototypes by gradient and never updates th
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn as nn
 
 from mlcontrast import PrototypeBank, multilabel_supcon_loss, prototype_nce_loss
+from mlcontrast.train.argtypes import positive, unit_interval
 from mlcontrast.train.models import Backbone, GroupWiseLinear, LabelDecoder, Projector, masked_bce
 
 __all__ = ["SADCL", "build_prototypes"]
@@ -30,6 +33,8 @@ __all__ = ["SADCL", "build_prototypes"]
 
 class SADCL(nn.Module):
     makes_pseudo_labels = False
+    #: set by the engine under torchrun, so SSCL contrasts every rank's label-level features
+    process_group = None
 
     def __init__(
         self,
@@ -77,6 +82,32 @@ class SADCL(nn.Module):
         self.sscl_temperature, self.pscl_temperature = sscl_temperature, pscl_temperature
         self.memory_threshold, self.backend, self.legacy_sadcl_mask = memory_threshold, backend, legacy_sadcl_mask
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("SADCL (--method sadcl)")
+        g.add_argument("--sscl-weight", type=float, default=100.0)
+        g.add_argument("--pscl-weight", type=float, default=50.0)
+        g.add_argument("--sscl-temperature", type=positive(float), default=0.2)
+        g.add_argument("--pscl-temperature", type=positive(float), default=0.07)
+        g.add_argument("--proto-momentum", type=unit_interval, default=0.99, help="EMA momentum of the prototypes")
+        g.add_argument("--memory-threshold", type=unit_interval, default=0.8,
+                       help="a memory slot is replaced when its positive's probability exceeds this")
+        g.add_argument("--legacy-sadcl-mask", action="store_true",
+                       help="the released SSCL code's anchor-mask quirk (seeds_methods.md §2.4)")
+        g.add_argument("--legacy-learned-prototypes", action="store_true",
+                       help="as the released code: prototypes learned by gradient, no EMA update")
+
+    @classmethod
+    def from_args(cls, num_classes: int, args: argparse.Namespace) -> "SADCL":
+        return cls(
+            num_classes, backbone=args.backbone, feature_index=args.feature_index, weights=args.weights,
+            hidden_dim=args.hidden_dim, proj_dim=args.proj_dim, batch_size=args.batch_size, backend=args.backend,
+            cls_weight=args.cls_weight, sscl_weight=args.sscl_weight, pscl_weight=args.pscl_weight,
+            sscl_temperature=args.sscl_temperature, pscl_temperature=args.pscl_temperature,
+            proto_momentum=args.proto_momentum, memory_threshold=args.memory_threshold,
+            legacy_sadcl_mask=args.legacy_sadcl_mask, legacy_learned_prototypes=args.legacy_learned_prototypes,
+        )
+
     @property
     def prototypes(self) -> torch.Tensor:
         return self.learned_prototypes if self.legacy_learned_prototypes else self.prototype_bank()
@@ -87,7 +118,7 @@ class SADCL(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.label_features(x))
 
-    def training_loss(self, x: torch.Tensor, targets: torch.Tensor):
+    def training_loss(self, x: torch.Tensor, targets: torch.Tensor, *, epoch: int = 0, progress: float = 0.0):
         h = self.label_features(x)  # [B, C, d]
         logits = self.fc(h)
         b = h.shape[0]
@@ -98,7 +129,8 @@ class SADCL(nn.Module):
         p_hat = self.proj(self.prototypes.clone())  # a copy: the EMA update below is in place
         l_cls = masked_bce(logits, targets)
         l_sscl = multilabel_supcon_loss(torch.stack([z, zm], 1), targets, temperature=self.sscl_temperature,
-                                        backend=self.backend, legacy_sadcl=self.legacy_sadcl_mask)
+                                        backend=self.backend, legacy_sadcl=self.legacy_sadcl_mask,
+                                        process_group=self.process_group)
         l_pscl = prototype_nce_loss(z, p_hat, targets, temperature=self.pscl_temperature, backend=self.backend)
         loss = self.cls_weight * l_cls + self.sscl_weight * l_sscl + self.pscl_weight * l_pscl
         self.update_state_(h.detach(), logits.detach(), targets)

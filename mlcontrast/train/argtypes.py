@@ -1,0 +1,49 @@
+"""argparse ``type=`` converters shared by the CLI and the methods' own option groups."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["positive", "non_negative_int", "ratio", "unit_interval"]
+
+
+def _convert(kind, text: str, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def positive(kind):
+    """``type=positive(int)`` / ``positive(float)``: a number > 0."""
+
+    def parse(text: str):
+        v = _convert(kind, text, f"a positive {kind.__name__}")
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    v = _convert(int, text, "an integer >= 0")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def ratio(text: str) -> float:
+    """A proportion in (0, 1] (known-label ratios)."""
+    v = _convert(float, text, "a number in (0, 1]")
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {v}")
+    return v
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (momenta, probability thresholds)."""
+    v = _convert(float, text, "a number in [0, 1]")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {v}")
+    return v
