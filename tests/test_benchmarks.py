@@ -23,7 +23,6 @@ BENCH = ROOT / "benchmarks"
 OPS = sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py"))
 
 
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -156,3 +155,27 @@ def test_throughput_fractions():
     assert "fraction_of_copy" not in record["bandwidth"]
     summary = utils.summarize_ratios([record], ["cuda"], bench_prototype_ce.SPEC.modes)
     assert summary[0]["feature_read_gb_s_full"] == pytest.approx(250.0)
+
+
+def test_train_table_quick(tmp_path):
+    """The training-table script: tiny runs in their own processes, merged records, the markdown table."""
+    out = tmp_path / "digits.json"
+    out.write_text(json.dumps({"records": [
+        {"method": "hst", "known_ratio": 0.5, "status": "ok", "wall_s": 60.0, "mAP": 91.0, "CF1": 80.0, "OF1": 85.0,
+         "pseudo_precision": 70.0, "pseudo_recall": 40.0},
+        {"method": "bce", "known_ratio": 0.5, "status": "ok", "wall_s": 1.0, "mAP": 0.0, "CF1": 0.0, "OF1": 0.0}]}))
+    cmd = [sys.executable, "-m", "benchmarks.train_table", "--quick", "--methods", "bce", "--ratios", "0.5",
+           "--jobs", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    recs = {(r["method"], r["known_ratio"]): r for r in result["records"]}
+    assert set(recs) == {("bce", 0.5), ("hst", 0.5)}  # the old bce record was replaced, hst kept
+    bce = recs[("bce", 0.5)]
+    assert bce["status"] == "ok" and bce["epochs"] == 1 and 0 < bce["mAP"] <= 100 and bce["wall_s"] > 0
+    assert "pseudo_precision" not in bce and result["metadata"]["torch"]
+    from benchmarks.train_table import section
+
+    text = section(result, out)
+    assert "| bce | 50% |" in text and "| hst | 50% | 91.00 | 80.00 | 85.00 | 70.0 | 40.0 | 1.0 min |" in text
+    assert text.index("| bce |") < text.index("| hst |")
