@@ -196,13 +196,14 @@ def result_files(results_dir: Path = RESULTS, include_quick: bool = False) -> li
     return sorted(p for p in Path(results_dir).glob("*.json") if include_quick or "_quick_" not in p.name)
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, start: str = START, end: str = END) -> None:
+    """Replace README's text between the ``start`` and ``end`` markers."""
     readme = README.read_text()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} section")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md has no {start} ... {end} section")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.report import README, write_readme
 from benchmarks.utils import metadata
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "train" / "digits.json"
-README = ROOT / "README.md"
 START, END = "<!-- train:start -->", "<!-- train:end -->"
 METHOD_ORDER = ("bce", "sadcl", "hst", "trmml")
 QUICK = ["--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16", "--hidden-dim", "32",
@@ -111,15 +111,6 @@ def section(result: dict, path: Path) -> str:
     )
 
 
-def write_readme(text: str) -> None:
-    readme = README.read_text()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} section")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_table", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), help="methods to train")
@@ -133,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_readme:
         if args.out.resolve() != RESULTS.resolve():
             p.error("--write-readme takes the committed results file only")
-        write_readme(section(json.loads(RESULTS.read_text()), RESULTS))
+        write_readme(section(json.loads(RESULTS.read_text()), RESULTS), START, END)
         print(f"updated {README}")
         return 0
     if args.jobs < 1:
