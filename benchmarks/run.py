@@ -5,10 +5,12 @@
     python -m benchmarks.run --quick               # smoke run of every op
     python -m benchmarks.run --ops label_supcon -- --n 4096 16384 --providers cpu torch
     python -m benchmarks.run --quick --out-dir /tmp/bench   # results elsewhere (tests)
+    python -m benchmarks.run --device cuda --dims 128 256 512 1024 --dtypes float32 bfloat16   # D x dtype sweep
 
 Options after ``--`` (and any option this runner does not know) go to every bench script. Each script
 exposes ``main(argv) -> list[Path]`` and writes ``benchmarks/results/<name>_<device>.json`` and ``.png``
-(``<name>`` = ``<op>[_fp16|_bf16][_quick]``; ``--out-dir`` puts them elsewhere).
+(``<name>`` = ``<op>[_d<D>][_fp16|_bf16][_quick]``; ``--out-dir`` puts them elsewhere). ``--dims`` and
+``--dtypes`` sweep every op over feature dimensions and input dtypes, one results file per combination.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", nargs="+", default=None, choices=ops, metavar="OP", help=f"ops to run (of {ops})")
     p.add_argument("--max-memory-gib", type=float, default=None, help="memory cap of each case (see bench scripts)")
     p.add_argument("--out-dir", default=None, help="directory of the results files (default benchmarks/results)")
+    p.add_argument("--dims", type=int, nargs="+", default=[None], metavar="D",
+                   help="feature dimensions to sweep (default: each op's own)")
+    p.add_argument("--dtypes", nargs="+", default=[None], choices=("float32", "float16", "bfloat16"),
+                   metavar="DTYPE", help="input dtypes to sweep (default: float32)")
     args, rest = p.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
 
@@ -49,17 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     written: dict[str, list[Path]] = {}
     failed: list[str] = []
     started = time.perf_counter()
+    sweep = [(d, dtype) for dtype in args.dtypes for d in args.dims]
     for op in args.ops or ops:
-        print(f"\n===== {op} ({args.device}) =====", flush=True)
-        try:
-            module = importlib.import_module(f"benchmarks.bench_{op}")
-            written[op] = list(module.main(forwarded) or [])
-        except SystemExit as exit_:  # argparse errors of a bench script
-            if exit_.code not in (0, None):
-                failed.append(op)
-        except Exception:
-            traceback.print_exc()
-            failed.append(op)
+        for d, dtype in sweep:
+            extra = (["--d", str(d)] if d is not None else []) + (["--dtype", dtype] if dtype is not None else [])
+            label = " ".join([op, *extra[1::2]])
+            print(f"\n===== {label} ({args.device}) =====", flush=True)
+            try:
+                module = importlib.import_module(f"benchmarks.bench_{op}")
+                written.setdefault(op, []).extend(module.main(forwarded + extra) or [])
+            except SystemExit as exit_:  # argparse errors of a bench script
+                if exit_.code not in (0, None):
+                    failed.append(label)
+            except Exception:
+                traceback.print_exc()
+                failed.append(label)
 
     print(f"\n===== done in {time.perf_counter() - started:.0f} s =====")
     for op, paths in written.items():

@@ -1059,8 +1059,18 @@ def parse_bench_args(spec: BenchSpec, argv: Sequence[str] | None) -> argparse.Na
     return p.parse_args(argv)
 
 
+def _spec_default(spec: BenchSpec, dest: str) -> Any:
+    parser = argparse.ArgumentParser(add_help=False)
+    spec.add_arguments(parser)
+    return parser.get_default(dest)
+
+
 def results_name(spec: BenchSpec, args: argparse.Namespace) -> str:
+    """``<op>[_d<D>][_fp16|_bf16][_quick]``: D only where it is not the op's default."""
     name = spec.op
+    d = getattr(args, "d", None)
+    if d is not None and d != _spec_default(spec, "d"):
+        name += f"_d{d}"
     if args.dtype != "float32":
         name += "_" + {"float16": "fp16", "bfloat16": "bf16"}[args.dtype]
     if args.quick:

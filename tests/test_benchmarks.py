@@ -179,3 +179,17 @@ def test_train_table_quick(tmp_path):
     text = section(result, out)
     assert "| bce | 50% |" in text and "| hst | 50% | 91.00 | 80.00 | 85.00 | 70.0 | 40.0 | 1.0 min |" in text
     assert text.index("| bce |") < text.index("| hst |")
+
+
+def test_results_name_marks_non_default_d_and_dtype():
+    import argparse
+
+    from benchmarks.bench_label_supcon import SPEC
+    from benchmarks.utils import results_name
+
+    def name(**kw):
+        return results_name(SPEC, argparse.Namespace(**{"d": 128, "dtype": "float32", "quick": False, **kw}))
+
+    assert name() == "label_supcon"
+    assert name(d=1024, dtype="bfloat16") == "label_supcon_d1024_bf16"
+    assert name(dtype="float16", quick=True) == "label_supcon_fp16_quick"
