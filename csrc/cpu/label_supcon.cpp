@@ -1,10 +1,6 @@
-// Label-level supervised contrastive loss on the CPU, without an N x N matrix.
+// Label-level supervised contrastive loss on the CPU, without an N x N matrix (the loss and its
+// O(N D) positive term: shared/label_supcon.h).
 //
-// For valid rows i (label >= 0), with s_ij = z_i.z_j / t:
-//   l_i = (t / t_base) * (LSE_{j != i} s_ij - mean_{p in P(i)} s_ip)      when P(i) is not empty.
-//
-// * The positive term goes through per-class feature sums: sum_{p in P(i)} z_p = M_{y_i} - z_i,
-//   so it costs O(N D).
 // * S is symmetric, so both passes visit only the [128 x 512] tiles on and above the diagonal and
 //   use each tile for its rows and its columns.
 // * Forward: the log-sum-exp keeps an online max and sum per row, fed by the rows and the columns
@@ -16,6 +12,7 @@
 // element-wise work is in vec_math.cpp, on scratch that stays in L2. Scratch is O(tile) per thread
 // plus O(N) (forward) or O(N D) (backward) per worker, bounded by kAccumulatorBudgetBytes.
 #include "common.h"
+#include "shared/label_supcon.h"
 #include "vec_math.h"
 
 #include <torch/library.h>
@@ -37,11 +34,7 @@ constexpr int64_t kAccumulatorBudgetBytes = int64_t(512) << 20;
 void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
   MLC_CHECK_CPU(features);
   MLC_CHECK_CPU(labels);
-  MLC_CHECK_FLOAT(features);
-  MLC_CHECK_INDEX(labels);
-  MLC_CHECK_DIM(features, 2);
-  MLC_CHECK_DIM(labels, 1);
-  TORCH_CHECK(labels.size(0) == features.size(0), "labels must have N = ", features.size(0), " entries");
+  label_supcon::check_inputs(features, labels);
 }
 
 // Sets the entries of a tile (rows from global row i0, columns from global column j0) that lie on
@@ -176,41 +169,21 @@ struct ValidSet {
 
 ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
   ValidSet v;
-  auto z = to_compute(features);
   v.index = valid_rows(labels);
-  v.z = v.index.defined() ? z.index_select(0, v.index) : z;
-  v.labels = v.index.defined() ? labels.index_select(0, v.index) : labels.contiguous();
+  v.z = gather_rows(to_compute(features), v.index);
+  v.labels = gather_rows(labels, v.index);
   return v;
-}
-
-at::Tensor scatter_rows(const at::Tensor& values, const at::Tensor& index, int64_t n) {
-  if (!index.defined()) return values;
-  auto sizes = values.sizes().vec();
-  sizes[0] = n;
-  return at::zeros(sizes, values.options()).index_copy_(0, index, values);
 }
 
 std::tuple<at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                     double temperature, double base_temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels);
-  const int64_t n = features.size(0);
-  const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
-  const int64_t nv = v.z.size(0);
-  if (nv == 0) {
-    auto zeros = at::zeros({n}, features.options().dtype(dtype));
-    return {zeros, zeros.clone()};
-  }
-  const double inv_t = 1.0 / temperature;
-  auto lse = row_lse(v.z, inv_t);
-
-  const auto sums = class_sums(v.z, v.labels);
-  const auto n_pos = sums.counts.index_select(0, sums.inverse).sub_(1).to(dtype);
-  const auto pos_logit_sum = (v.z * (sums.sums.index_select(0, sums.inverse) - v.z)).sum(1).mul_(inv_t);
-  auto loss = at::where(n_pos.gt(0), (lse - pos_logit_sum / n_pos.clamp_min(1)) * (temperature / base_temperature),
-                        at::zeros_like(lse));
-  return {scatter_rows(loss, v.index, n), scatter_rows(lse, v.index, n)};
+  if (v.z.size(0) == 0) return label_supcon::outputs_without_valid_rows(features);
+  const auto lse = row_lse(v.z, 1.0 / temperature);
+  return label_supcon::outputs(lse, v.z, class_sums(v.z, v.labels), v.index, features.size(0), temperature,
+                               base_temperature);
 }
 
 at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
@@ -220,38 +193,22 @@ at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tens
   check_inputs(features, labels);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
-  TORCH_CHECK(grad_rows.numel() == features.size(0) && lse.numel() == features.size(0),
-              "grad_rows and lse must have N entries");
-  const int64_t n = features.size(0);
+  check_row_inputs(grad_rows, lse, features.size(0));
   const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return at::zeros_like(features);
 
-  auto select = [&](const at::Tensor& t) {
-    auto c = t.to(dtype).reshape({-1});
-    return v.index.defined() ? c.index_select(0, v.index) : c.contiguous();
-  };
-  const auto g = select(grad_rows), lse_v = select(lse);
-  const double inv_t = 1.0 / temperature, scale = temperature / base_temperature;
-
+  const auto g = label_supcon::valid_values(grad_rows, v.index, dtype);
   const auto sums = class_sums(v.z, v.labels);
-  const auto n_pos = sums.counts.index_select(0, sums.inverse).sub_(1).to(dtype);
-  const auto has_pos = n_pos.gt(0);
-  const auto zero = at::zeros_like(g);
-  // LSE part: weight of row i in H; positive part: weight of each of its positive pairs.
-  const auto w = at::where(has_pos, g * (scale * inv_t), zero);
-  const auto a = at::where(has_pos, g * (scale * inv_t) / n_pos.clamp_min(1), zero);
-  const auto lse_eff = at::where(w.ne(0), lse_v, at::full_like(lse_v, std::numeric_limits<double>::infinity()));
-
+  const auto weights = label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype), sums,
+                                                      temperature, base_temperature);
   at::Tensor dz;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "label_supcon_backward",
-                             [&] { dz = symmetric_lse_grad<scalar_t>(v.z, lse_eff.contiguous(), w.contiguous(), inv_t); });
-  // d/dz_k of -sum_i a_i z_i.(M_{y_i} - z_i): a_k (M_{y_k} - z_k) from row k, plus
-  // sum_{i in class y_k, i != k} a_i z_i = A_{y_k} - a_k z_k from the rows that have k as a positive.
-  const auto a_col = a.unsqueeze(1);
-  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse, v.z * a_col);
-  dz.sub_(a_col * (sums.sums.index_select(0, sums.inverse) - 2 * v.z) + weighted.index_select(0, sums.inverse));
-  return scatter_rows(dz, v.index, n).to(features.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "label_supcon_backward", [&] {
+    dz = symmetric_lse_grad<scalar_t>(v.z, weights.lse, weights.w, 1.0 / temperature);
+  });
+  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse, v.z * weights.a.unsqueeze(1));
+  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted);
+  return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }
 
 }  // namespace

@@ -1,16 +1,13 @@
-// Prototype-to-sample NCE (SADCL's PSCL) on the CPU.
+// Prototype-to-sample NCE (SADCL's PSCL) on the CPU (the loss: shared/prototype_nce.h).
 //
-// s_bc = cos(z_bc, p_c) / t. For each class c, with known rows K_c = {b : t_bc >= 0} and positives
-// P_c = {b : t_bc = 1}:  L = -(1 / sum_c |P_c|) sum_{c : K_c not empty} (LSE_{P_c} s - LSE_{K_c} s),
-// an LSE over an empty set being 0. One pass over the features computes the [B, C] logits with the
-// normalisation fused into the dot products; the per-class LSEs are saved for backward, which
-// recomputes the logits in its single pass.
+// One pass over the features computes the [B, C] logits with the normalisation fused into the dot
+// products; backward recomputes the logits in its single pass.
 #include "common.h"
+#include "shared/prototype_nce.h"
 
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 
 namespace mlcontrast {
 namespace cpu {
@@ -20,15 +17,7 @@ void check_inputs(const at::Tensor& features, const at::Tensor& prototypes, cons
   MLC_CHECK_CPU(features);
   MLC_CHECK_CPU(prototypes);
   MLC_CHECK_CPU(targets);
-  MLC_CHECK_FLOAT(features);
-  MLC_CHECK_FLOAT(prototypes);
-  MLC_CHECK_INDEX(targets);
-  MLC_CHECK_DIM(features, 3);
-  MLC_CHECK_DIM(prototypes, 2);
-  MLC_CHECK_DIM(targets, 2);
-  const int64_t b = features.size(0), c = features.size(1), d = features.size(2);
-  TORCH_CHECK(prototypes.size(0) == c && prototypes.size(1) == d, "prototypes must be [", c, ", ", d, "]");
-  TORCH_CHECK(targets.size(0) == b && targets.size(1) == c, "targets must be [", b, ", ", c, "]");
+  prototype_nce::check_inputs(features, prototypes, targets);
 }
 
 // logits[b, c] = (z_bc / max(|z_bc|, eps)) . unit_p_c / t, one pass over z.
@@ -95,12 +84,6 @@ at::Tensor logits_of(const at::Tensor& z, const at::Tensor& unit_p, double inv_t
   return logits;
 }
 
-// Column-wise LSE over the rows where `mask` holds, 0 for a column without such rows.
-at::Tensor masked_column_lse(const at::Tensor& logits, const at::Tensor& mask) {
-  auto lse = logits.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity()).logsumexp(0);
-  return at::where(mask.any(0), lse, at::zeros_like(lse));
-}
-
 std::tuple<at::Tensor, at::Tensor> prototype_nce_cpu(const at::Tensor& features, const at::Tensor& prototypes,
                                                      const at::Tensor& targets, double temperature) {
   MLC_KERNEL_GUARD();
@@ -108,14 +91,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_cpu(const at::Tensor& features,
   const auto dtype = compute_dtype(features, prototypes);
   const auto z = to_compute(features, dtype);
   const auto unit_p = unit_rows(to_compute(prototypes, dtype)).unit.contiguous();
-  const auto logits = logits_of(z, unit_p, 1.0 / temperature);
-  const auto positive = targets.eq(1), known = targets.ge(0);
-  auto stats = at::stack({masked_column_lse(logits, positive), masked_column_lse(logits, known)});
-  const auto n_pos = positive.sum().to(z.scalar_type());
-  // Columns without known rows have both LSEs at 0, so they add nothing to the sum; without any
-  // positive the loss is 0 by definition.
-  auto loss = at::where(n_pos.gt(0), (stats[1] - stats[0]).sum() / n_pos.clamp_min(1), at::zeros_like(n_pos));
-  return {loss, stats};
+  return prototype_nce::loss_and_stats(logits_of(z, unit_p, 1.0 / temperature), targets);
 }
 
 std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
@@ -129,17 +105,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cpu(const at::Tensor& 
   const auto z = to_compute(features, dtype);
   const auto pu = unit_rows(to_compute(prototypes, dtype));
   const auto unit_p = pu.unit.contiguous();
-  const auto logits = logits_of(z, unit_p, inv_t);
-  const auto positive = targets.eq(1), known = targets.ge(0);
-  const auto st = stats.to(dtype);
-  const auto n_pos = positive.sum().to(dtype);
-  const auto coef = at::where(n_pos.gt(0), -grad.to(dtype) / n_pos.clamp_min(1), at::zeros_like(n_pos));
-  const auto zero = at::zeros_like(logits);
-  // d L / d s_bc = coef * (softmax over P_c - softmax over K_c)
-  const auto dlogits = (coef * (at::where(positive, (logits - st[0]).exp(), zero) -
-                                at::where(known, (logits - st[1]).exp(), zero)))
-                           .contiguous();
-
+  const auto dlogits = prototype_nce::dlogits(grad, logits_of(z, unit_p, inv_t), targets, stats);
   auto grad_z = at::empty({b, c, d}, z.options());
   auto grad_unit_p = at::zeros({c, d}, z.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "prototype_nce_backward", [&] {

@@ -1,10 +1,10 @@
-// Helpers shared by the CUDA api files (host code, torch headers): input checks, the mapping from
+// Helpers shared by the CUDA api files (host code, torch headers): device checks, the mapping from
 // torch dtypes to the kernels' DType, the current stream, and deterministic per-class statistics
 // (a stable sort plus the segmented-sum kernel, where ATen's index_add_ would use float atomics
 // and give run-to-run different sums).
 //
-// The numeric helpers that do not depend on the device (compute dtype, unit rows, eps) are the
-// CPU kernels' own, from cpu/common.h, so both backends share one definition.
+// What does not depend on the device (compute dtype, unit rows, shape checks) is shared/common.h,
+// the CPU backend's too.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,18 +12,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cpu/common.h"
 #include "cuda/launch.h"
+#include "shared/common.h"
 
 namespace mlcontrast {
 namespace cuda {
-
-using cpu::compute_dtype;
-using cpu::kNormEps;
-using cpu::to_compute;
-using cpu::unit_rows;
-using cpu::unit_rows_backward;
-using cpu::UnitRows;
 
 #define MLC_CHECK_CUDA(x) \
   TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor for the CUDA kernels, got one on ", (x).device())

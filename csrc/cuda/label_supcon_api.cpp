@@ -1,16 +1,14 @@
-// label_supcon on CUDA tensors: input checks, the O(N D) parts with ATen, the launches of the
-// flash-style kernels (label_supcon.cuh), and the registration for the CUDA dispatch key.
-//
-// Same math and return conventions as csrc/cpu/label_supcon.cpp: rows with label -1 are dropped
-// first; the positive term goes through per-class sums (sum_{p in P(i)} z_p = M_{y_i} - z_i), so only
-// the self-excluded row LSE needs the N x N tiles, which the kernels stream without storing. The
-// per-class sums use the deterministic segmented-sum kernel, so two runs give the same bits.
+// label_supcon on CUDA tensors: device checks, the launches of the flash-style kernels
+// (label_supcon.cuh) for the self-excluded row LSE and its gradient, which stream the N x N tiles
+// without storing them, and the registration for the CUDA dispatch key. The O(N D) rest is
+// shared/label_supcon.h, run by the CPU backend too. The per-class sums use the deterministic
+// segmented-sum kernel, so two runs give the same bits.
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 
 #include "cuda/api_common.h"
+#include "shared/label_supcon.h"
 
 namespace mlcontrast {
 namespace cuda {
@@ -20,12 +18,7 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
   MLC_CHECK_CUDA(features);
   MLC_CHECK_CUDA(labels);
   MLC_CHECK_SAME_DEVICE(features, labels);
-  MLC_CHECK_FLOAT(features);
-  MLC_CHECK_INDEX(labels);
-  MLC_CHECK_DIM(features, 2);
-  MLC_CHECK_DIM(labels, 1);
-  TORCH_CHECK(labels.size(0) == features.size(0), "labels must have N = ", features.size(0), " entries, got ",
-              labels.size(0));
+  label_supcon::check_inputs(features, labels);
   dtype_of(features.scalar_type());
 }
 
@@ -38,19 +31,17 @@ struct ValidSet {
 
 ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
   ValidSet v;
-  const auto f = features.detach();
-  v.index = cpu::valid_rows(labels);
-  v.native = v.index.defined() ? f.index_select(0, v.index) : f.contiguous();
+  v.index = valid_rows(labels);
+  v.native = gather_rows(features.detach(), v.index);
   v.z = v.native.to(compute_dtype(features)).contiguous();
-  v.labels = v.index.defined() ? labels.index_select(0, v.index) : labels.contiguous();
+  v.labels = gather_rows(labels, v.index);
   return v;
 }
 
-at::Tensor scatter_rows(const at::Tensor& values, const at::Tensor& index, int64_t n) {
-  if (!index.defined()) return values;
-  auto sizes = values.sizes().vec();
-  sizes[0] = n;
-  return at::zeros(sizes, values.options()).index_copy_(0, index, values);
+// The class sums M_c as shared/label_supcon.h takes them; the caller keeps `stats`, whose sorted
+// order the backward's weighted sums reuse.
+ClassSums class_sums_of(const ValidSet& v, const ClassStats& stats) {
+  return {stats.inverse, stats.counts, class_sums(v.z, stats)};
 }
 
 bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
@@ -110,23 +101,11 @@ std::tuple<at::Tensor, at::Tensor> label_supcon_cuda(const at::Tensor& features,
   MLC_KERNEL_GUARD();
   check_inputs(features, labels);
   const c10::cuda::CUDAGuard device_guard(features.device());
-  const int64_t n = features.size(0);
-  const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
-  if (v.z.size(0) == 0) {
-    auto zeros = at::zeros({n}, features.options().dtype(dtype));
-    return {zeros, zeros.clone()};
-  }
-  const double inv_t = 1.0 / temperature;
-  auto lse = row_lse(v.native, dtype, inv_t);
-
-  const auto stats = class_stats(v.labels);
-  const auto sums = class_sums(v.z, stats);
-  const auto n_pos = stats.counts.index_select(0, stats.inverse).sub_(1).to(dtype);
-  const auto pos_logit_sum = (v.z * (sums.index_select(0, stats.inverse) - v.z)).sum(1).mul_(inv_t);
-  auto loss = at::where(n_pos.gt(0), (lse - pos_logit_sum / n_pos.clamp_min(1)) * (temperature / base_temperature),
-                        at::zeros_like(lse));
-  return {scatter_rows(loss, v.index, n), scatter_rows(lse, v.index, n)};
+  if (v.z.size(0) == 0) return label_supcon::outputs_without_valid_rows(features);
+  const auto lse = row_lse(v.native, compute_dtype(features), 1.0 / temperature);
+  return label_supcon::outputs(lse, v.z, class_sums_of(v, class_stats(v.labels)), v.index, features.size(0),
+                               temperature, base_temperature);
 }
 
 at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& features,
@@ -138,39 +117,20 @@ at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Ten
   MLC_CHECK_CUDA(lse);
   MLC_CHECK_SAME_DEVICE(features, grad_rows);
   MLC_CHECK_SAME_DEVICE(features, lse);
-  TORCH_CHECK(grad_rows.numel() == features.size(0) && lse.numel() == features.size(0),
-              "grad_rows and lse must have N = ", features.size(0), " entries");
+  check_row_inputs(grad_rows, lse, features.size(0));
   const c10::cuda::CUDAGuard device_guard(features.device());
-  const int64_t n = features.size(0);
   const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return at::zeros_like(features);
 
-  auto select = [&](const at::Tensor& t) {
-    auto c = t.detach().to(dtype).reshape({-1});
-    return v.index.defined() ? c.index_select(0, v.index) : c.contiguous();
-  };
-  const auto g = select(grad_rows), lse_v = select(lse);
-  const double inv_t = 1.0 / temperature, scale = temperature / base_temperature;
-
+  const auto g = label_supcon::valid_values(grad_rows, v.index, dtype);
   const auto stats = class_stats(v.labels);
-  const auto sums = class_sums(v.z, stats);
-  const auto n_pos = stats.counts.index_select(0, stats.inverse).sub_(1).to(dtype);
-  const auto has_pos = n_pos.gt(0);
-  const auto zero = at::zeros_like(g);
-  // LSE part: weight of row i in G; positive part: weight of each of its positive pairs.
-  const auto w = at::where(has_pos, g * (scale * inv_t), zero).contiguous();
-  const auto a = at::where(has_pos, g * (scale * inv_t) / n_pos.clamp_min(1), zero);
-  const auto lse_eff =
-      at::where(w.ne(0), lse_v, at::full_like(lse_v, std::numeric_limits<double>::infinity())).contiguous();
-
-  auto dz = lse_grad(v.native, w, lse_eff, inv_t);
-  // d/dz_k of -sum_i a_i z_i.(M_{y_i} - z_i): a_k (M_{y_k} - z_k) from row k, plus
-  // sum_{i in class y_k, i != k} a_i z_i = A_{y_k} - a_k z_k from the rows that have k as a positive.
-  const auto a_col = a.unsqueeze(1);
-  const auto weighted = class_sums(v.z, stats, a);
-  dz.sub_(a_col * (sums.index_select(0, stats.inverse) - 2 * v.z) + weighted.index_select(0, stats.inverse));
-  return scatter_rows(dz, v.index, n).to(features.scalar_type());
+  const auto sums = class_sums_of(v, stats);
+  const auto weights = label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype), sums,
+                                                      temperature, base_temperature);
+  auto dz = lse_grad(v.native, weights.w, weights.lse, 1.0 / temperature);
+  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, class_sums(v.z, stats, weights.a));
+  return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }
 
 }  // namespace

@@ -1,0 +1,86 @@
+// label_supcon math that both backends run with ATen (csrc/cpu/label_supcon.cpp,
+// csrc/cuda/label_supcon_api.cpp); each backend brings the O(N^2 D) parts (the self-excluded row
+// LSE and its gradient) and the per-class sums.
+//
+// For valid rows i (label >= 0), with s_ij = z_i.z_j / t:
+//   l_i = (t / t_base) * (LSE_{j != i} s_ij - mean_{p in P(i)} s_ip)      when P(i) is not empty.
+// The positive term goes through per-class feature sums: sum_{p in P(i)} z_p = M_{y_i} - z_i, so it
+// costs O(N D).
+#pragma once
+
+#include <limits>
+#include <tuple>
+
+#include "shared/common.h"
+
+namespace mlcontrast {
+namespace label_supcon {
+
+inline void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
+  MLC_CHECK_FLOAT(features);
+  MLC_CHECK_INDEX(labels);
+  MLC_CHECK_DIM(features, 2);
+  MLC_CHECK_DIM(labels, 1);
+  TORCH_CHECK(labels.size(0) == features.size(0), "labels must have N = ", features.size(0), " entries, got ",
+              labels.size(0));
+}
+
+// The forward's outputs when every row is ignored: no loss, and an LSE that backward never reads.
+inline std::tuple<at::Tensor, at::Tensor> outputs_without_valid_rows(const at::Tensor& features) {
+  auto zeros = at::zeros({features.size(0)}, features.options().dtype(compute_dtype(features)));
+  return {zeros, zeros.clone()};
+}
+
+// |P(i)| of each valid row: the other rows of its class.
+inline at::Tensor positives(const ClassSums& s, at::ScalarType dtype) {
+  return s.counts.index_select(0, s.inverse).sub_(1).to(dtype);
+}
+
+// The forward's outputs for all n rows (0 on the rows that `index` leaves out) from the valid rows'
+// LSE, features z (compute dtype) and class sums; rows without positives have no loss.
+inline std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& lse, const at::Tensor& z, const ClassSums& s,
+                                                  const at::Tensor& index, int64_t n, double temperature,
+                                                  double base_temperature) {
+  const auto n_pos = positives(s, z.scalar_type());
+  const auto pos_logit_sum = (z * (s.sums.index_select(0, s.inverse) - z)).sum(1).mul_(1.0 / temperature);
+  auto loss = at::where(n_pos.gt(0), (lse - pos_logit_sum / n_pos.clamp_min(1)) * (temperature / base_temperature),
+                        at::zeros_like(lse));
+  return {scatter_rows(loss, index, n), scatter_rows(lse, index, n)};
+}
+
+// A per-row input of the backward (grad_rows, the saved LSE) on the valid rows, in the compute dtype.
+inline at::Tensor valid_values(const at::Tensor& t, const at::Tensor& index, at::ScalarType dtype) {
+  return gather_rows(t.detach().to(dtype).reshape({-1}), index);
+}
+
+// Row weights of the backward, from the valid rows' incoming gradient g and saved LSE.
+struct BackwardWeights {
+  at::Tensor w;    // weight of row i in the softmax part G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j)
+  at::Tensor a;    // weight of each positive pair of row i
+  at::Tensor lse;  // the LSE, +inf where w_i = 0 so that the softmax part's terms of row i vanish exactly
+};
+
+inline BackwardWeights backward_weights(const at::Tensor& g, const at::Tensor& lse, const ClassSums& s,
+                                        double temperature, double base_temperature) {
+  const double inv_t = 1.0 / temperature, scale = temperature / base_temperature;
+  const auto n_pos = positives(s, g.scalar_type());
+  const auto has_pos = n_pos.gt(0);
+  const auto zero = at::zeros_like(g);
+  BackwardWeights out;
+  out.w = at::where(has_pos, g * (scale * inv_t), zero).contiguous();
+  out.a = at::where(has_pos, g * (scale * inv_t) / n_pos.clamp_min(1), zero);
+  out.lse = at::where(out.w.ne(0), lse, at::full_like(lse, std::numeric_limits<double>::infinity())).contiguous();
+  return out;
+}
+
+// Subtracts the gradient of the positive term from dz (the softmax part's gradient). d/dz_k of
+// -sum_i a_i z_i.(M_{y_i} - z_i) is a_k (M_{y_k} - z_k) from row k, plus
+// sum_{i in class y_k, i != k} a_i z_i = A_{y_k} - a_k z_k from the rows that have k as a positive;
+// `weighted` holds the class sums A_c of a_i z_i, summed by the backend like s.sums.
+inline void subtract_positive_term_(at::Tensor& dz, const at::Tensor& z, const at::Tensor& a, const ClassSums& s,
+                                    const at::Tensor& weighted) {
+  dz.sub_(a.unsqueeze(1) * (s.sums.index_select(0, s.inverse) - 2 * z) + weighted.index_select(0, s.inverse));
+}
+
+}  // namespace label_supcon
+}  // namespace mlcontrast
