@@ -3,27 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from train_helpers import TINY, one_thread, tiny_args  # noqa: F401  (one_thread: autouse)
 
-from mlcontrast.train.cli import build_parser, main
+from mlcontrast.train.cli import main
 from mlcontrast.train.engine import CHECKPOINT_NAME, run
 from mlcontrast.train.methods import SADCL, BCEBaseline, build_method
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # OpenMP threads on a busy 2-core machine make these tiny steps many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-TINY = ["--threads", "1", "--backbone", "test_resnet", "--feature-index", "2", "--hidden-dim", "32", "--proj-dim", "16",
-        "--limit-train", "16", "--limit-test", "16", "--batch-size", "8", "--no-progress", "--lr", "1e-3"]
-
-
-def _args(tmp_path, *extra):
-    return build_parser().parse_args([*TINY, "--output", str(tmp_path), *extra])
 
 
 def _tiny_sadcl(**kw):
@@ -90,8 +74,8 @@ def test_build_method_unknown():
 
 @pytest.mark.parametrize("method", ["sadcl", "bce"])
 def test_tiny_run_cpu_and_torch_backends_agree(tmp_path, method):
-    a = run(_args(tmp_path / "cpu", "--method", method, "--epochs", "2", "--backend", "cpu"))
-    b = run(_args(tmp_path / "torch", "--method", method, "--epochs", "2", "--backend", "torch"))
+    a = run(tiny_args(tmp_path / "cpu", "--method", method, "--epochs", "2", "--backend", "cpu"))
+    b = run(tiny_args(tmp_path / "torch", "--method", method, "--epochs", "2", "--backend", "torch"))
     la, lb = np.array(a["step_losses"]), np.array(b["step_losses"])
     assert len(la) == 4 and np.isfinite(la).all()
     np.testing.assert_allclose(la, lb, rtol=1e-4)
@@ -106,11 +90,11 @@ def test_tiny_run_cpu_and_torch_backends_agree(tmp_path, method):
 
 def test_resume_matches_uninterrupted_run(tmp_path):
     extra = ["--epochs", "2", "--backend", "cpu", "--known-ratio", "0.5"]
-    full = run(_args(tmp_path / "full", *extra))
-    part = run(_args(tmp_path / "part", *extra), stop_after_epoch=1)
+    full = run(tiny_args(tmp_path / "full", *extra))
+    part = run(tiny_args(tmp_path / "part", *extra), stop_after_epoch=1)
     assert len(part["history"]) == 1
     assert not list((tmp_path / "part").glob("*.tmp"))
-    resumed = run(_args(tmp_path / "part", *extra, "--resume", str(tmp_path / "part")))
+    resumed = run(tiny_args(tmp_path / "part", *extra, "--resume", str(tmp_path / "part")))
     np.testing.assert_allclose(resumed["step_losses"], full["step_losses"], rtol=1e-5)
     for k in ("loss", "mAP", "CF1", "OF1"):
         assert resumed["history"][-1][k] == pytest.approx(full["history"][-1][k], rel=1e-5, abs=1e-6)

@@ -330,8 +330,9 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
             rec.update({f"loss_{k}": float(v) / steps for k, v in zip(part_names, sums[1:])})
             if partial and getattr(model, "makes_pseudo_labels", False):
                 pp, tp, hidden = pseudo.tolist()
-                rec.update(pseudo_precision=100.0 * tp / max(pp, 1.0), pseudo_recall=100.0 * tp / max(hidden, 1.0),
-                           pseudo_positives=int(pp))
+                # precision is undefined (null) in an epoch without a single pseudo-positive
+                rec.update(pseudo_precision=100.0 * tp / pp if pp else None,
+                           pseudo_recall=100.0 * tp / max(hidden, 1.0), pseudo_positives=int(pp))
             rec.update(evaluate(scores, test_truth))
             rec["lr"] = scheduler.get_last_lr()[0]
             rec["time_s"] = time.time() - t0
@@ -339,7 +340,7 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if progress:
-                extra = (f" pseudo P/R {rec['pseudo_precision']:.1f}/{rec['pseudo_recall']:.1f}"
+                extra = (f" pseudo P/R {rec['pseudo_precision'] or 0:.1f}/{rec['pseudo_recall']:.1f}"
                          if "pseudo_precision" in rec else "")
                 tqdm.write(f"epoch {epoch + 1}: loss {rec['loss']:.4f} mAP {rec['mAP']:.2f} CF1 {rec['CF1']:.2f} "
                            f"OF1 {rec['OF1']:.2f}{extra} ({rec['time_s']:.1f} s)")

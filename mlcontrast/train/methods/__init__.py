@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 
 from mlcontrast.train.methods.bce import BCEBaseline
+from mlcontrast.train.methods.hst import HST
 from mlcontrast.train.methods.sadcl import SADCL
+from mlcontrast.train.methods.trmml import TRMML
 
-METHODS = {"sadcl": SADCL, "bce": BCEBaseline}
+METHODS = {"sadcl": SADCL, "bce": BCEBaseline, "hst": HST, "trmml": TRMML}
 
-__all__ = ["METHODS", "SADCL", "BCEBaseline", "build_method"]
+__all__ = ["METHODS", "SADCL", "BCEBaseline", "HST", "TRMML", "build_method"]
 
 
 def build_method(name: str, num_classes: int, args: argparse.Namespace | None = None, **overrides):
