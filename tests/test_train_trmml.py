@@ -93,13 +93,21 @@ def test_contrast_term_equals_direct_call():
     _, parts = m.training_loss(torch.randn(4, 3, 32, 32), Y, epoch=0)  # warm-up: no pseudo-labels
     r, text = cap.out.detach(), m.text_protos().detach()
     b, c = (Y == 1).nonzero(as_tuple=True)
+    nb, nc = (Y == 0).nonzero(as_tuple=True)
     present = torch.tensor([0, 1, 2, 3])  # class 4 has no known positive
-    rows = torch.cat([r[b, c], text[present]])
-    labels = torch.cat([c, present])
+    # known negatives of class c form a class of their own (5 + c): pushed from c's text and positive regions
+    rows = torch.cat([r[b, c], r[nb, nc], text[present]])
+    labels = torch.cat([c, nc + 5, present])
     expect = reference.label_supcon_loss(rows, labels, temperature=0.2, normalize=True)
     torch.testing.assert_close(parts["mcl"], expect)
-    rows_m, labels_m = m.contrast_set(r, text, Y == 1)
+    rows_m, labels_m = m.contrast_set(r, text, Y == 1, Y == 0)
     assert torch.equal(labels_m, labels) and torch.equal(rows_m, rows)
+    m.mcl_negatives = False  # --trmml-mcl-no-negatives: positives and texts only
+    _, parts = m.training_loss(torch.randn(4, 3, 32, 32), Y, epoch=0)
+    r = cap.out.detach()
+    expect = reference.label_supcon_loss(torch.cat([r[b, c], text[present]]), torch.cat([c, present]),
+                                         temperature=0.2, normalize=True)
+    torch.testing.assert_close(parts["mcl"], expect)
     m.mcl_text = "all"
     _, labels_all = m.contrast_set(r, text, Y == 1)
     assert labels_all[-5:].tolist() == [0, 1, 2, 3, 4]
@@ -120,7 +128,7 @@ def test_prototype_ema_only_at_known_positives():
         else:  # class 4: only negatives and unknowns -> bit-for-bit unchanged
             assert torch.equal(m.visual_protos[cls], p0[cls])
     # pseudo-positives (every unknown entry, with these thresholds) never move the prototypes
-    m = _tiny(warmup_epochs=0, pseudo_threshold=-2.0, pseudo_inter_threshold=0.0)
+    m = _tiny(warmup_epochs=0, pseudo_threshold=-2.0, pseudo_inter_threshold=0.0, pseudo_min_precision=0.0)
     p0 = m.visual_protos.clone()
     _, parts = m.training_loss(torch.randn(4, 3, 32, 32), Y, epoch=0)
     assert parts["pseudo"][:, 4].tolist() == [1, -1, -1, -1]  # its one unknown entry
@@ -147,13 +155,28 @@ def test_pseudo_labels_hand_made():
 
 def test_pseudo_labels_only_after_warmup_and_only_on_unknowns():
     torch.manual_seed(3)
-    m = _tiny(warmup_epochs=2, pseudo_threshold=-2.0, pseudo_inter_threshold=0.0, pseudo_neg_threshold=-3.0)
+    m = _tiny(warmup_epochs=2, pseudo_threshold=-2.0, pseudo_inter_threshold=0.0, pseudo_neg_threshold=-3.0,
+              pseudo_min_precision=0.0)
     x = torch.randn(4, 3, 32, 32)
     for epoch in (0, 1):
         _, parts = m.training_loss(x, Y, epoch=epoch, progress=0.5)
         assert (parts["pseudo"] == -1).all()
     _, parts = m.training_loss(x, Y, epoch=2)
     assert torch.equal(parts["pseudo"], torch.where(Y == -1, 1, -1))  # every unknown passes these thresholds
+
+
+def test_pseudo_labels_gated_by_their_precision_on_known_labels():
+    # the rule flags every entry; on Y's known entries that is 6 right out of 15 flagged (precision 0.4)
+    m = _tiny(pseudo_threshold=-2.0, pseudo_inter_threshold=0.0)
+    r, protos, text = torch.randn(4, 5, 32), torch.randn(5, 32), torch.randn(5, 32)
+    assert int((Y == 1).sum()) == 6 and int((Y >= 0).sum()) == 15
+    m.pseudo_min_precision = 0.39
+    assert torch.equal(m.pseudo_labels(r, protos, text, Y), torch.where(Y == -1, 1, -1))
+    m.pseudo_min_precision = 0.41  # the rule is not trusted yet: no pseudo-positives in this step
+    assert (m.pseudo_labels(r, protos, text, Y) == -1).all()
+    m.pseudo_neg_threshold = 10.0  # pseudo-negatives are not gated (a <= 1 < 10 for every entry not flagged)
+    m.pseudo_threshold = 2.0  # nothing flagged, on known entries either: the gate stays closed for positives
+    assert torch.equal(m.pseudo_labels(r, protos, text, Y), torch.where(Y == -1, 0, -1))
 
 
 def test_loss_parts_and_gradients():
@@ -302,7 +325,8 @@ def test_ddp_contrast_set_equals_one_process(tmp_path):
 
 def _run_extra(*more):
     return ["--method", "trmml", "--known-ratio", "0.5", "--epochs", "2", "--trmml-warmup-epochs", "1",
-            "--trmml-pseudo-threshold", "0.0", "--trmml-pseudo-inter-threshold", "0.5", *more]
+            "--trmml-pseudo-threshold", "0.0", "--trmml-pseudo-inter-threshold", "0.5",
+            "--trmml-pseudo-min-precision", "0", *more]
 
 
 def test_tiny_run_cpu_and_torch_backends_agree(tmp_path):
