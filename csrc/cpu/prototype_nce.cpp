@@ -39,36 +39,40 @@ void cosine_logits(const T* z, const T* unit_p, T* logits, int64_t b, int64_t c,
 }
 
 // Given d L / d logits, writes d L / d z (through the fused normalisation) and accumulates
-// d L / d unit_p. Parallel over classes: each class owns its prototype gradient row, so no two
-// threads write the same memory.
+// d L / d unit_p. Parallel over images, so that each worker reads and writes contiguous [C, D] slabs
+// of z and grad_z; each worker adds into its own [C, D] slab of grad_unit_p ([workers, C, D]), so
+// no two threads write the same memory, and the caller sums the slabs in a fixed order.
 template <typename T>
 void cosine_backward(const T* z, const T* unit_p, const T* dlogits, T* grad_z, T* grad_unit_p, int64_t b, int64_t c,
-                     int64_t d, double inv_t) {
+                     int64_t d, double inv_t, int64_t workers) {
   const T eps = static_cast<T>(kNormEps), it = static_cast<T>(inv_t);
-  at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t cls = c0; cls < c1; ++cls) {
-      const T* p_row = unit_p + cls * d;
-      T* gp_row = grad_unit_p + cls * d;
-      for (int64_t row = 0; row < b; ++row) {
-        const int64_t r = row * c + cls;
-        const T* zr = z + r * d;
-        T* gzr = grad_z + r * d;
-        T sq = 0, dot = 0;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t worker = w0; worker < w1; ++worker) {
+      T* gp = grad_unit_p + worker * c * d;
+      for (int64_t row = worker * b / workers; row < (worker + 1) * b / workers; ++row) {
+        for (int64_t cls = 0; cls < c; ++cls) {
+          const int64_t r = row * c + cls;
+          const T* p_row = unit_p + cls * d;
+          const T* zr = z + r * d;
+          T* gzr = grad_z + r * d;
+          T* gp_row = gp + cls * d;
+          T sq = 0, dot = 0;
 #pragma omp simd reduction(+ : sq, dot)
-        for (int64_t k = 0; k < d; ++k) {
-          sq += zr[k] * zr[k];
-          dot += zr[k] * p_row[k];
-        }
-        const T norm = std::sqrt(sq), clamped = std::max(norm, eps);
-        const T ds = dlogits[r] * it;
-        // The gradient of the unit row is ds * p; its radial part only counts when the norm is
-        // not clamped.
-        const T radial = norm > eps ? ds * dot / clamped : T(0);
+          for (int64_t k = 0; k < d; ++k) {
+            sq += zr[k] * zr[k];
+            dot += zr[k] * p_row[k];
+          }
+          const T norm = std::sqrt(sq), clamped = std::max(norm, eps);
+          const T ds = dlogits[r] * it;
+          // The gradient of the unit row is ds * p; its radial part only counts when the norm is
+          // not clamped.
+          const T radial = norm > eps ? ds * dot / clamped : T(0);
 #pragma omp simd
-        for (int64_t k = 0; k < d; ++k) {
-          const T u = zr[k] / clamped;
-          gzr[k] = (ds * p_row[k] - u * radial) / clamped;
-          gp_row[k] += ds * u;
+          for (int64_t k = 0; k < d; ++k) {
+            const T u = zr[k] / clamped;
+            gzr[k] = (ds * p_row[k] - u * radial) / clamped;
+            gp_row[k] += ds * u;
+          }
         }
       }
     }
@@ -106,13 +110,14 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cpu(const at::Tensor& 
   const auto pu = unit_rows(to_compute(prototypes, dtype));
   const auto unit_p = pu.unit.contiguous();
   const auto dlogits = prototype_nce::dlogits(grad, logits_of(z, unit_p, inv_t), targets, stats);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), b));
   auto grad_z = at::empty({b, c, d}, z.options());
-  auto grad_unit_p = at::zeros({c, d}, z.options());
+  auto grad_unit_p = at::zeros({workers, c, d}, z.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "prototype_nce_backward", [&] {
     cosine_backward<scalar_t>(z.data_ptr<scalar_t>(), unit_p.data_ptr<scalar_t>(), dlogits.data_ptr<scalar_t>(),
-                              grad_z.data_ptr<scalar_t>(), grad_unit_p.data_ptr<scalar_t>(), b, c, d, inv_t);
+                              grad_z.data_ptr<scalar_t>(), grad_unit_p.data_ptr<scalar_t>(), b, c, d, inv_t, workers);
   });
-  auto grad_p = unit_rows_backward(grad_unit_p, pu);
+  auto grad_p = unit_rows_backward(grad_unit_p.sum(0), pu);
   return {grad_z.to(features.scalar_type()), grad_p.to(prototypes.scalar_type())};
 }
 
