@@ -73,10 +73,32 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, 
   return {loss, lse};
 }
 
-// Backward of one block: d_ic = d loss / d u_ic from the recomputed logits, then the gradient of the
-// block's unit rows, G = d P, through the normalisation, (G - x (x . G) [|z_i| > eps]) / max(|z_i|, eps)
-// with x the unit rows (made for the block only), written straight into the block's rows of grad_z;
-// and d loss / d p_c = sum_i d_ic x_i (p = unit prototypes / t) added to the worker's grad_p.
+// In place on the block's rows of grad_z, which hold G, the gradient of their unit rows x = z s:
+// (G - x (x . G) [|z_i| > eps]) s, the gradient through x = z / max(|z|, eps), in one pass per row.
+template <typename T>
+void through_normalisation_(const Inputs& in, int64_t i0, at::Tensor& out) {
+  const int64_t rows = out.size(0), d = out.size(1);
+  const T* z = in.z.data_ptr<T>() + i0 * d;
+  const T* inv = in.inv_norm.data_ptr<T>() + i0;
+  const T* above = in.above.data_ptr<T>() + i0;
+  T* g = out.data_ptr<T>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* zi = z + i * d;
+    T* gi = g + i * d;
+    const T s = inv[i];
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t k = 0; k < d; ++k) dot += zi[k] * gi[k];
+    const T radial = dot * s * above[i];  // x . G
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) gi[k] = (gi[k] - zi[k] * s * radial) * s;
+  }
+}
+
+// Backward of one block: d_ic = d loss / d u_ic from the recomputed logits; G = d P, the gradient of
+// the block's unit rows, taken through the normalisation straight in the block's rows of grad_z;
+// d loss / d p_c = sum_i d_ic x_i = sum_i (d_ic s_i) z_i (p = unit prototypes / t) added to the
+// worker's grad_p.
 void backward_block(const Inputs& in, const prototype_ce::RowGrads& r, int64_t i0, at::Tensor& u, at::Tensor& d,
                     at::Tensor& grad_z, const at::Tensor& grad_p) {
   const int64_t rows = u.size(0);
@@ -84,13 +106,11 @@ void backward_block(const Inputs& in, const prototype_ce::RowGrads& r, int64_t i
   d.copy_(u);
   const auto g_b = prototype_ce::softmax_part_(r, d, i0);
   d.scatter_add_(1, in.o.y.narrow(0, i0, rows).clamp_min(0).unsqueeze(1), -g_b);
-  const auto s = in.inv_norm.narrow(0, i0, rows);
-  const auto x = in.z.narrow(0, i0, rows) * s;
   auto out = grad_z.narrow(0, i0, rows);
   at::mm_out(out, d, in.o.p);
-  const auto radial = (x * out).sum(1, /*keepdim=*/true).mul_(in.above.narrow(0, i0, rows));
-  out.sub_(x * radial).mul_(s);
-  grad_p.addmm_(d.t(), x);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "prototype_ce_normalisation_backward",
+                             [&] { through_normalisation_<scalar_t>(in, i0, out); });
+  grad_p.addmm_(d.mul_(in.inv_norm.narrow(0, i0, rows)).t(), in.z.narrow(0, i0, rows));
 }
 
 std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
