@@ -6,7 +6,9 @@ import pytest
 from mlcontrast.train.metrics import (
     mean_average_precision,
     multilabel_metrics,
+    pseudo_label_counts,
     pseudo_label_metrics,
+    pseudo_label_rates,
     voc_ap,
 )
 
@@ -76,6 +78,10 @@ def test_pseudo_label_metrics():
     # pseudo-positives among them: (0,1) wrong, (0,2) right -> precision 1/2; hidden positives 2 -> recall 1/2
     m = pseudo_label_metrics(pseudo, truth, partial)
     assert m == pytest.approx({"pseudo_precision": 50.0, "pseudo_recall": 50.0})
+    assert pseudo_label_counts(pseudo, truth, partial).tolist() == [2, 1, 2]
+    # counts of two batches add up; without any pseudo-positive the precision is what the caller says
+    assert pseudo_label_rates([0, 0, 3], empty_precision=None) == {"pseudo_precision": None, "pseudo_recall": 0.0}
+    assert pseudo_label_rates([0, 0, 0]) == {"pseudo_precision": 0.0, "pseudo_recall": 0.0}
 
 
 def test_shape_errors():

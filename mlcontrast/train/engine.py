@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mlcontrast.train.data import build_datasets
 from mlcontrast.train.methods import build_method
-from mlcontrast.train.metrics import evaluate
+from mlcontrast.train.metrics import evaluate, pseudo_label_counts, pseudo_label_rates
 
 __all__ = ["run", "resolve_args", "save_checkpoint_atomic", "CHECKPOINT_NAME"]
 
@@ -89,9 +89,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _device(name: str) -> torch.device:
+    """The ``--device``; under torchrun, ``cuda`` without an index is the process's ``LOCAL_RANK`` GPU."""
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     return dev
 
 
@@ -166,22 +171,6 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
-def _device_for(name: str) -> torch.device:
-    dev = _device(name)
-    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def _pseudo_counts(pseudo: torch.Tensor, partial: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """``[pseudo-positives, correct ones, hidden true positives]`` on the unknown entries of one batch."""
-    unknown = partial == -1
-    pp = unknown & (pseudo.to(partial.device) == 1)
-    return torch.stack([pp.sum(), (pp & (truth > 0)).sum(), (unknown & (truth > 0)).sum()]).double().cpu()
-
-
 def _load_checkpoint(path: str, method: str, device: torch.device) -> dict:
     ckpt_path = Path(path)
     if ckpt_path.is_dir():
@@ -211,7 +200,7 @@ def run(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict:
     rank 0 evaluates and writes the files, and the logged losses are means over the ranks.
     """
     args = resolve_args(args)
-    device = _device_for(args.device)
+    device = _device(args.device)
     dist = _Dist(device)
     try:
         return _run(args, device, dist, stop_after_epoch)
@@ -306,7 +295,7 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
             parts = dict(parts)
             labels = parts.pop("pseudo", None)
             if labels is not None and partial:
-                pseudo += _pseudo_counts(labels.detach(), y.cpu(), truth)
+                pseudo += torch.from_numpy(pseudo_label_counts(labels, truth, y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -329,10 +318,8 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
             rec = {"epoch": epoch + 1, "loss": float(sums[0]) / steps}
             rec.update({f"loss_{k}": float(v) / steps for k, v in zip(part_names, sums[1:])})
             if partial and getattr(model, "makes_pseudo_labels", False):
-                pp, tp, hidden = pseudo.tolist()
                 # precision is undefined (null) in an epoch without a single pseudo-positive
-                rec.update(pseudo_precision=100.0 * tp / pp if pp else None,
-                           pseudo_recall=100.0 * tp / max(hidden, 1.0), pseudo_positives=int(pp))
+                rec.update(pseudo_label_rates(pseudo, empty_precision=None), pseudo_positives=int(pseudo[0]))
             rec.update(evaluate(scores, test_truth))
             rec["lr"] = scheduler.get_last_lr()[0]
             rec["time_s"] = time.time() - t0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["voc_ap", "average_precision_per_class", "mean_average_precision", "multilabel_metrics",
-           "pseudo_label_metrics", "evaluate"]
+           "pseudo_label_counts", "pseudo_label_rates", "pseudo_label_metrics", "evaluate"]
 
 
 def _np(x) -> np.ndarray:
@@ -97,12 +97,12 @@ def multilabel_metrics(scores, targets, threshold: float = 0.0, top_k: int = 3) 
     return out
 
 
-def pseudo_label_metrics(pseudo, truth, partial) -> dict[str, float]:
-    """Quality of pseudo-labels on the entries that were unknown (``partial == -1``), as percentages.
+def pseudo_label_counts(pseudo, truth, partial) -> np.ndarray:
+    """``[pseudo-positives, correct pseudo-positives, hidden true positives]`` on the unknown entries
+    (``partial == -1``), as int64: counts add up over batches (and ranks) before they become rates.
 
     ``pseudo``: ``[N, C]`` 1 (pseudo-positive), 0 (pseudo-negative) or -1 (no pseudo-label);
-    ``truth``: the withheld full labels (> 0 positive). pseudo_precision = correct pseudo-positives /
-    pseudo-positives; pseudo_recall = correct pseudo-positives / hidden true positives (0 when empty).
+    ``truth``: the withheld full labels (> 0 positive).
     """
     pseudo, truth, partial = _np(pseudo), _np(truth), _np(partial)
     if not (pseudo.shape == truth.shape == partial.shape):
@@ -110,12 +110,27 @@ def pseudo_label_metrics(pseudo, truth, partial) -> dict[str, float]:
                          f"{pseudo.shape}, {truth.shape}, {partial.shape}")
     unknown = partial == -1
     pp = unknown & (pseudo == 1)
-    tp = pp & (truth > 0)
-    hidden = unknown & (truth > 0)
+    return np.array([pp.sum(), (pp & (truth > 0)).sum(), (unknown & (truth > 0)).sum()], dtype=np.int64)
+
+
+def pseudo_label_rates(counts, empty_precision: float | None = 0.0) -> dict[str, float | None]:
+    """Precision and recall (percentages) from :func:`pseudo_label_counts`; precision is ``empty_precision``
+    without a single pseudo-positive, recall 0 without a hidden positive."""
+    pp, tp, hidden = (float(v) for v in counts)
     return {
-        "pseudo_precision": 100.0 * tp.sum() / max(pp.sum(), 1),
-        "pseudo_recall": 100.0 * tp.sum() / max(hidden.sum(), 1),
+        "pseudo_precision": 100.0 * tp / pp if pp else empty_precision,
+        "pseudo_recall": 100.0 * tp / max(hidden, 1.0),
     }
+
+
+def pseudo_label_metrics(pseudo, truth, partial) -> dict[str, float]:
+    """Quality of pseudo-labels on the entries that were unknown (``partial == -1``), as percentages.
+
+    ``pseudo``: ``[N, C]`` 1 (pseudo-positive), 0 (pseudo-negative) or -1 (no pseudo-label);
+    ``truth``: the withheld full labels (> 0 positive). pseudo_precision = correct pseudo-positives /
+    pseudo-positives; pseudo_recall = correct pseudo-positives / hidden true positives (0 when empty).
+    """
+    return pseudo_label_rates(pseudo_label_counts(pseudo, truth, partial))
 
 
 def evaluate(scores, targets, threshold: float = 0.0) -> dict[str, float]:
