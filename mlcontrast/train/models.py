@@ -75,7 +75,9 @@ class PositionEmbeddingSine(nn.Module):
         return pos.unsqueeze(0).expand(b, -1, -1, -1).to(x.dtype)
 
 
-class _EncoderLayer(nn.Module):
+class _PostNormLayer(nn.Module):
+    """Attention then FFN, each followed by dropout, a residual and a LayerNorm (DETR's post-norm layer)."""
+
     def __init__(self, d: int, heads: int, ffn: int, dropout: float) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
@@ -83,26 +85,22 @@ class _EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        q = x + pos
-        x = self.norm1(x + self.drop1(self.attn(q, q, x, need_weights=False)[0]))
+    def _residuals(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.drop1(attended))
         return self.norm2(x + self.drop2(self.ffn(x)))
 
 
-class _DecoderLayer(nn.Module):
+class _EncoderLayer(_PostNormLayer):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q = x + pos
+        return self._residuals(x, self.attn(q, q, x, need_weights=False)[0])
+
+
+class _DecoderLayer(_PostNormLayer):
     """Cross-attention then FFN, post-norm; no self-attention (Query2Label's ``rm_self_attn_dec``)."""
 
-    def __init__(self, d: int, heads: int, ffn: int, dropout: float) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d))
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
-
     def forward(self, tgt, query_pos, memory, pos):
-        a = self.attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0]
-        tgt = self.norm1(tgt + self.drop1(a))
-        return self.norm2(tgt + self.drop2(self.ffn(tgt)))
+        return self._residuals(tgt, self.attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0])
 
 
 class LabelDecoder(nn.Module):
