@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Backbone", "PositionEmbeddingSine", "LabelDecoder", "GroupWiseLinear", "Projector"]
+__all__ = ["Backbone", "PositionEmbeddingSine", "LabelDecoder", "GroupWiseLinear", "Projector", "masked_bce",
+           "asymmetric_loss_terms"]
 
 
 class Backbone(nn.Module):
@@ -157,6 +158,23 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def asymmetric_loss_terms(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: float = 1.0, gamma_neg: float = 2.0,
+                          clip: float = 0.05, eps: float = 1e-8, detach_focal: bool = False) -> torch.Tensor:
+    """Per-entry asymmetric loss (ASL) on logits with targets 1 / 0 / -1 (ignored: its term is 0), in fp32.
+
+    Positive: −(1 − p)^γ+ log p. Negative: with p_m = max(p − clip, 0), −p_m^γ− log(1 − p_m): easy negatives
+    drop out. ``detach_focal`` keeps the focal weights out of the graph (DualCoOp's ASL); HST's keeps them in.
+    """
+    p = torch.sigmoid(logits.float())
+    pos, neg = (targets == 1).float(), (targets == 0).float()
+    p_neg = (p - clip).clamp(min=0) if clip > 0 else p
+    log_pos = torch.log(p.clamp(min=eps))
+    log_neg = torch.log((1 - p_neg).clamp(min=eps))
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_focal):
+        focal_pos, focal_neg = (1 - p).pow(gamma_pos), p_neg.pow(gamma_neg)
+    return -(pos * log_pos * focal_pos + neg * log_neg * focal_neg)
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

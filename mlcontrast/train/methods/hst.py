@@ -86,7 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlcontrast.train.argtypes import positive
-from mlcontrast.train.models import Backbone, GroupWiseLinear, masked_bce
+from mlcontrast.train.models import Backbone, GroupWiseLinear, asymmetric_loss_terms, masked_bce
 
 __all__ = [
     "HST", "SemanticDecoupling", "GGNN", "CooccurrenceHead", "cooccurrence_adjacency", "ist_scores",
@@ -248,14 +248,9 @@ def asymmetric_pair_loss(q: torch.Tensor, t: torch.Tensor, gamma_pos: float = 1.
 
     Positive: −(1 − p)^γ+ log p. Negative: p_m = max(p − clip, 0), −p_m^γ− log(1 − p_m). The focal weight is
     part of the graph (not detached), as released."""
-    p = torch.sigmoid(q.float())
-    pos = (t == 1).float()
     known = (t >= 0).float()
-    p_neg = (1 - p + clip).clamp(max=1.0)  # probability of "negative", shifted by the clip margin
-    pt = pos * p + (1 - pos) * p_neg
-    gamma = pos * gamma_pos + (1 - pos) * gamma_neg
-    loss = -torch.log(pt.clamp(min=eps)) * (1 - pt).pow(gamma)
-    return (loss * known).sum() / known.sum().clamp(min=1.0)
+    loss = asymmetric_loss_terms(q, t, gamma_pos, gamma_neg, clip, eps)
+    return loss.sum() / known.sum().clamp(min=1.0)
 
 
 def _mine(terms: torch.Tensor, n: int) -> torch.Tensor:

@@ -94,7 +94,7 @@ import torch.nn.functional as F
 
 from mlcontrast import PrototypeBank, label_supcon_loss, prototype_nce_loss
 from mlcontrast.train.argtypes import non_negative_int, positive, unit_interval
-from mlcontrast.train.models import Backbone
+from mlcontrast.train.models import Backbone, asymmetric_loss_terms
 
 __all__ = ["TRMML", "RegionLearner", "partial_asl", "pseudo_labels", "distill_kl"]
 
@@ -115,18 +115,10 @@ def partial_asl(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
 
     ``weights`` (optional, ``[B, C]``) scales each entry's term (pseudo-labels).
     """
-    z = logits.float()
-    p = torch.sigmoid(z)
-    pos, neg = (targets == 1).float(), (targets == 0).float()
-    p_neg = (p - clip).clamp(min=0) if clip > 0 else p  # shifted probability: easy negatives drop out
-    log_pos = torch.log(p.clamp(min=eps))
-    log_neg = torch.log((1 - p_neg).clamp(min=eps))
-    with torch.no_grad():  # the focal weights carry no gradient (as in the released ASL code)
-        focal = pos * (1 - p).pow(gamma_pos) + neg * p_neg.pow(gamma_neg)
-    loss = -(pos * log_pos + neg * log_neg) * focal
+    loss = asymmetric_loss_terms(logits, targets, gamma_pos, gamma_neg, clip, eps, detach_focal=True)
     if weights is not None:
         loss = loss * weights
-    return loss.sum() / z.shape[0]
+    return loss.sum() / logits.shape[0]
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
