@@ -177,8 +177,12 @@ def asymmetric_loss_terms(logits: torch.Tensor, targets: torch.Tensor, gamma_pos
     return -(pos * log_pos * focal_pos + neg * log_neg * focal_neg)
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over the known entries (targets 0 or 1; -1 entries are ignored); 0 if none is known."""
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE over the known entries (targets 0 or 1; -1 entries are ignored); 0 if none is known.
+
+    ``weights`` (optional, ``[B, C]``) scales each entry's term; the mean still divides by the known count.
+    """
     known = (targets >= 0).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits.float(), (targets > 0).float(), reduction="none")
-    return (loss * known).sum() / known.sum().clamp(min=1.0)
+    scale = known if weights is None else known * weights
+    return (loss * scale).sum() / known.sum().clamp(min=1.0)

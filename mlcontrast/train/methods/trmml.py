@@ -94,7 +94,7 @@ import torch.nn.functional as F
 
 from mlcontrast import PrototypeBank, label_supcon_loss, prototype_nce_loss
 from mlcontrast.train.argtypes import non_negative_int, positive, unit_interval
-from mlcontrast.train.models import Backbone, asymmetric_loss_terms
+from mlcontrast.train.models import Backbone, asymmetric_loss_terms, masked_bce
 
 __all__ = ["TRMML", "RegionLearner", "partial_asl", "pseudo_labels", "distill_kl"]
 
@@ -119,14 +119,6 @@ def partial_asl(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     if weights is not None:
         loss = loss * weights
     return loss.sum() / logits.shape[0]
-
-
-def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean BCE over the labelled entries (targets 0 / 1), each scaled by ``weights``; 0 if none is labelled."""
-    known = (targets >= 0).float()
-    w = known if weights is None else known * weights
-    loss = F.binary_cross_entropy_with_logits(logits.float(), (targets == 1).float(), reduction="none")
-    return (loss * w).sum() / known.sum().clamp(min=1.0)
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -590,7 +582,7 @@ class TRMML(nn.Module):
         if self.cls_loss == "asl":
             l_cls = partial_asl(logits, y, w, **self.asl)
         else:
-            l_cls = weighted_bce(logits, y, w)
+            l_cls = masked_bce(logits, y, w)
         loss = self.cls_weight * l_cls
         parts = {"cls": l_cls.detach()}
 
