@@ -69,6 +69,21 @@ def test_matching_logits_hand_made():
     torch.testing.assert_close(m(x), m.match(m.regions(m.encode_image(x)[0]), m.text_protos()))
 
 
+def test_bce_classification_loss_weighs_pseudo_labels():
+    torch.manual_seed(5)
+    m = _tiny(cls_loss="bce", warmup_epochs=0, pseudo_threshold=-2.0, pseudo_inter_threshold=0.0,
+              pseudo_min_precision=0.0, pseudo_weight=0.25)
+    x = torch.randn(4, 3, 32, 32)
+    logits = []
+    m.regions.register_forward_hook(lambda mod, inp, out: logits.append(m.match(out, m.text_protos())))
+    _, parts = m.training_loss(x, Y, epoch=0)
+    z = logits[0].detach().float()
+    y = torch.where(Y == -1, 1, Y)  # every unknown entry is a pseudo-positive with these thresholds
+    w = torch.where(Y == -1, 0.25, 1.0)
+    bce = F.binary_cross_entropy_with_logits(z, (y == 1).float(), reduction="none")
+    torch.testing.assert_close(parts["cls"], (bce * w).sum() / 20)  # 4 x 5 entries, all labelled
+
+
 def test_partial_asl_and_distill_hand_made():
     z = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 0.0, 1.0]])
     y = torch.tensor([[1, 0, -1], [0, 1, 0]])
