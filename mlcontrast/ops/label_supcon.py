@@ -108,6 +108,16 @@ def _similarity_tile(
 
 
 @triton.jit
+def _row_stats(Y, LSE, W, A, idx, idx_in):
+    # Label, saved LSE, row weight w and a of rows idx; rows past N read as ignored rows with weight 0.
+    y = tl.load(Y + idx, mask=idx_in, other=-1)
+    lse = tl.load(LSE + idx, mask=idx_in, other=float("inf"))
+    w = tl.load(W + idx, mask=idx_in, other=0.0)
+    a = tl.load(A + idx, mask=idx_in, other=0.0)
+    return y, lse, w, a
+
+
+@triton.jit
 def _pair_weights(s, rows, cols, y_i, y_j, lse_i, lse_j, w_i, w_j, a_i, a_j):
     # G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) - (a_i + a_j) [y_i = y_j] over valid pairs
     # i != j. Excluded pairs get s = -inf before the exp (the diagonal s_ii exceeds lse_i and would
@@ -216,10 +226,7 @@ def _label_supcon_bwd_kernel(
     inv_t = tl.load(INV_T)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < N
-    y_i = tl.load(Y + rows, mask=row_in, other=-1)
-    lse_i = tl.load(LSE + rows, mask=row_in, other=float("inf"))
-    w_i = tl.load(W + rows, mask=row_in, other=0.0)
-    a_i = tl.load(A + rows, mask=row_in, other=0.0)
+    y_i, lse_i, w_i, a_i = _row_stats(Y, LSE, W, A, rows, row_in)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
@@ -228,10 +235,7 @@ def _label_supcon_bwd_kernel(
     for j0 in range(0, N, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < N
-        y_j = tl.load(Y + cols, mask=col_in, other=-1)
-        lse_j = tl.load(LSE + cols, mask=col_in, other=float("inf"))
-        w_j = tl.load(W + cols, mask=col_in, other=0.0)
-        a_j = tl.load(A + cols, mask=col_in, other=0.0)
+        y_j, lse_j, w_j, a_j = _row_stats(Y, LSE, W, A, cols, col_in)
         s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
         g = _pair_weights(s * inv_t, rows, cols, y_i, y_j, lse_i, lse_j, w_i, w_j, a_i, a_j)
@@ -280,10 +284,7 @@ def _label_supcon_bwd_atomic_kernel(
     i0 = pid * BLOCK
     rows = i0 + tl.arange(0, BLOCK)
     row_in = rows < N
-    y_i = tl.load(Y + rows, mask=row_in, other=-1)
-    lse_i = tl.load(LSE + rows, mask=row_in, other=float("inf"))
-    w_i = tl.load(W + rows, mask=row_in, other=0.0)
-    a_i = tl.load(A + rows, mask=row_in, other=0.0)
+    y_i, lse_i, w_i, a_i = _row_stats(Y, LSE, W, A, rows, row_in)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
@@ -292,10 +293,7 @@ def _label_supcon_bwd_atomic_kernel(
     for j0 in range(i0, N, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         col_in = cols < N
-        y_j = tl.load(Y + cols, mask=col_in, other=-1)
-        lse_j = tl.load(LSE + cols, mask=col_in, other=float("inf"))
-        w_j = tl.load(W + cols, mask=col_in, other=0.0)
-        a_j = tl.load(A + cols, mask=col_in, other=0.0)
+        y_j, lse_j, w_j, a_j = _row_stats(Y, LSE, W, A, cols, col_in)
         s = tl.zeros([BLOCK, BLOCK], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
         g = _pair_weights(s * inv_t, rows, cols, y_i, y_j, lse_i, lse_j, w_i, w_j, a_i, a_j)
