@@ -25,10 +25,10 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
 // the prototypes, scaled row by row by 1 / max(|z_i|, eps). That saves the [N, D] unit rows in the
 // forward and, in the backward, the unit rows and the [N, D] temporaries of their chain rule.
 struct Inputs {
-  prototype_ce::Operands o;  // prototypes and labels (o.z is left empty)
-  at::Tensor z;              // [N, D] the features in the compute dtype, contiguous
-  at::Tensor inv_norm;       // [N, 1] 1 / max(|z_i|, eps)
-  at::Tensor above;          // [N, 1] |z_i| > eps, in the compute dtype: where the norm depends on z_i
+  prototype_ce::ClassOperands o;  // the prototypes and the labels
+  at::Tensor z;                   // [N, D] the features in the compute dtype, contiguous
+  at::Tensor inv_norm;            // [N, 1] 1 / max(|z_i|, eps)
+  at::Tensor above;               // [N, 1] |z_i| > eps, in the compute dtype: where the norm depends on z_i
 };
 
 Inputs inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes, double temperature) {
@@ -38,9 +38,7 @@ Inputs inputs(const at::Tensor& features, const at::Tensor& labels, const at::Te
   const auto norm = at::linalg_vector_norm(in.z, 2, {-1}, /*keepdim=*/true);
   in.inv_norm = norm.clamp_min(kNormEps).reciprocal_();
   in.above = norm.gt(kNormEps).to(dtype);
-  in.o.protos = unit_rows(to_compute(prototypes, dtype));
-  in.o.p = (in.o.protos.unit * (1.0 / temperature)).contiguous();
-  in.o.y = labels.contiguous();
+  in.o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
   return in;
 }
 

@@ -28,28 +28,38 @@ inline void check_inputs(const at::Tensor& features, const at::Tensor& labels, c
   TORCH_CHECK(prototypes.size(0) > 0, "prototypes must hold at least one class");
 }
 
-// The inputs in the compute dtype, with the temperature folded into the prototypes: the logits of
-// rows i0 .. i0 + rows are z.unit[i0 : i0 + rows] p^T.
-struct Operands {
-  UnitRows z;       // the features' unit rows
+// The prototypes and labels in the compute dtype, with the temperature folded into the prototypes.
+struct ClassOperands {
   UnitRows protos;  // the prototypes' unit rows
   at::Tensor p;     // protos.unit / t, contiguous
   at::Tensor y;     // the labels, contiguous
 };
 
-inline Operands operands(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
-                         double temperature) {
-  const auto dtype = compute_dtype(features, prototypes);
-  Operands o;
-  o.z = unit_rows(to_compute(features, dtype));
+inline ClassOperands class_operands(const at::Tensor& labels, const at::Tensor& prototypes, double temperature,
+                                    at::ScalarType dtype) {
+  ClassOperands o;
   o.protos = unit_rows(to_compute(prototypes, dtype));
   o.p = (o.protos.unit * (1.0 / temperature)).contiguous();
   o.y = labels.contiguous();
   return o;
 }
 
+// With the features' unit rows too: the logits of rows i0 .. i0 + rows are z.unit[i0 : i0 + rows] p^T.
+struct Operands : ClassOperands {
+  UnitRows z;  // the features' unit rows
+};
+
+inline Operands operands(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
+                         double temperature) {
+  const auto dtype = compute_dtype(features, prototypes);
+  Operands o;
+  static_cast<ClassOperands&>(o) = class_operands(labels, prototypes, temperature, dtype);
+  o.z = unit_rows(to_compute(features, dtype));
+  return o;
+}
+
 // Writes the row LSE and the loss of the rows i0 .. i0 + logits.size(0) from their logits.
-inline void forward_block(const Operands& o, const at::Tensor& logits, int64_t i0, const at::Tensor& lse,
+inline void forward_block(const ClassOperands& o, const at::Tensor& logits, int64_t i0, const at::Tensor& lse,
                           const at::Tensor& loss) {
   const int64_t rows = logits.size(0);
   auto lse_b = lse.narrow(0, i0, rows);
@@ -66,7 +76,7 @@ struct RowGrads {
   at::Tensor lse;  // [N]
 };
 
-inline RowGrads row_grads(const Operands& o, const at::Tensor& grad_rows, const at::Tensor& lse) {
+inline RowGrads row_grads(const ClassOperands& o, const at::Tensor& grad_rows, const at::Tensor& lse) {
   const auto dtype = o.p.scalar_type();
   RowGrads r;
   r.g = at::where(o.y.ge(0), grad_rows.detach().to(dtype).reshape({-1}), at::zeros({}, o.p.options())).contiguous();
