@@ -234,10 +234,10 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {per_rank} training images of each of "
                          f"{dist.world} process(es)")
     num_classes = test_truth.shape[1]
-    known_targets = train_set.targets if args.limit_train is None else train_set.targets[: len(train_plain)]
 
     # the method also sees the class names and the partial training targets (label co-occurrence statistics)
-    margs = argparse.Namespace(**vars(args), class_names=class_names, train_targets=known_targets)
+    margs = argparse.Namespace(**vars(args), class_names=class_names,
+                               train_targets=train_set.targets[: len(train_plain)])
     model = build_method(args.method, num_classes, margs).to(device)
     if dist.world > 1:
         model.process_group = dist.group
