@@ -58,10 +58,6 @@ def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
                            {"grad": features, "prototypes_grad": prototypes})
 
 
-def feature_bytes(record: dict[str, Any]) -> int:
-    return record["n"] * record["d"] * utils.torch_dtype(record["dtype"]).itemsize
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d", type=int, default=256, help="feature dimension D")
     p.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="prototypes C")
@@ -78,7 +74,7 @@ SPEC = utils.BenchSpec(
     add_arguments=add_arguments,
     case_fields=lambda a: {"d": a.d, "num_classes": a.num_classes, "temperature": a.temperature},
     params=lambda a: f"C={a.num_classes}, D={a.d}, temperature {a.temperature:g}",
-    feature_bytes=feature_bytes,
+    feature_bytes=utils.row_feature_bytes,
 )
 
 

@@ -64,10 +64,6 @@ def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
     return utils.CaseSetup(phases=[("full", call)], reset=reset, outputs=lambda: {"prototypes": prototypes})
 
 
-def feature_bytes(record: dict[str, Any]) -> int:
-    return record["n"] * record["d"] * utils.torch_dtype(record["dtype"]).itemsize
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d", type=int, default=256, help="feature dimension D")
     p.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="prototypes C")
@@ -86,7 +82,7 @@ SPEC = utils.BenchSpec(
     config_fields=lambda a: {"d": a.d, "num_classes": a.num_classes, "momentum": a.momentum, "normalize": True},
     params=lambda a: f"C={a.num_classes}, D={a.d}, momentum {a.momentum:g}",
     modes=("full",),
-    feature_bytes=feature_bytes,
+    feature_bytes=utils.row_feature_bytes,
 )
 
 

@@ -668,6 +668,11 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def row_feature_bytes(record: dict[str, Any]) -> int:
+    """Bytes of ``[N, D]`` features in the record's dtype (``BenchSpec.feature_bytes`` of row-wise ops)."""
+    return record["n"] * record["d"] * torch_dtype(record["dtype"]).itemsize
+
+
 def select_cuda_device(device: str, allow_tf32: bool = False) -> None:
     """Makes ``device`` current (``"cuda"`` without an index keeps the current one: ``torch.cuda.set_device``
     rejects an index-less device) and sets ``torch.backends.cuda.matmul.allow_tf32`` when asked."""
