@@ -18,10 +18,12 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(mlcontrast, m) {
   // Label-level SupCon. Returns the per-row loss [N] (0 on ignored rows and rows without
   // positives) and the per-row log-sum-exp [N] saved for backward; both fp32 (fp64 for fp64 input).
-  m.def("label_supcon(Tensor features, Tensor labels, float temperature, float base_temperature)"
-        " -> (Tensor, Tensor)");
+  // Only the anchor rows [anchor_start, anchor_stop) (stop: N when None) get a loss and an LSE; all
+  // valid rows stay in their contrast sets. The other rows' loss and LSE are 0.
+  m.def("label_supcon(Tensor features, Tensor labels, float temperature, float base_temperature,"
+        " int anchor_start=0, int? anchor_stop=None) -> (Tensor, Tensor)");
   m.def("label_supcon_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor lse,"
-        " float temperature, float base_temperature) -> Tensor");
+        " float temperature, float base_temperature, int anchor_start=0, int? anchor_stop=None) -> Tensor");
 
   // Prototype-to-sample NCE (SADCL's PSCL). Returns the scalar loss and per-class statistics
   // [2, C] (log-sum-exp over positives and over known entries) saved for backward.

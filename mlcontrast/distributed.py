@@ -12,8 +12,9 @@ This module holds the collective pieces they use:
   :func:`rank_offset`, :func:`all_reduce_sum` (global counts and sums, no host sync),
   :func:`check_process_group` and :func:`local_result` (global value, ``world_size`` × local gradient).
 
-The losses compute every row's loss of the gathered set on every rank and keep their own anchors'
-rows: world_size-fold redundant work, accepted in this version for its simplicity.
+Each rank computes only its own anchors' losses, against all gathered rows (the ops' anchor rows):
+O(N_rank N D) work per rank instead of O(N^2 D). Its anchors' gradients with respect to the other
+ranks' rows reach their owners through the gather's backward.
 
 Every rank of the group must make the same calls in the same order (these are collectives), and every
 rank must call ``backward()`` on a result that depends on a gathered tensor, or none may.

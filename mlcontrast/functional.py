@@ -132,36 +132,53 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _label_supcon_rows(
-    backend: str, features: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float
+    backend: str,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    base_temperature: float,
+    anchor_start: int = 0,
+    anchor_stop: int | None = None,
 ) -> torch.Tensor:
+    """The ``[N]`` per-row losses of the fused ``backend``: those of the anchor rows, 0 elsewhere."""
     if backend == "triton":
         from mlcontrast.ops import label_supcon as triton_label_supcon
 
-        return triton_label_supcon.label_supcon_rows(features, labels, temperature, base_temperature)
-    return torch.ops.mlcontrast.label_supcon(features, labels, temperature, base_temperature)[0]
+        return triton_label_supcon.label_supcon_rows(
+            features, labels, temperature, base_temperature, anchor_start, anchor_stop
+        )
+    return torch.ops.mlcontrast.label_supcon(
+        features, labels, temperature, base_temperature, anchor_start, anchor_stop
+    )[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Cross-rank contrast sets (process_group=)
 # ----------------------------------------------------------------------------------------------
-# Every rank gathers all ranks' rows (with gradient) and computes the per-row losses of the whole set,
-# then keeps its own anchors' rows. Computing every row's loss on every rank is world_size-fold
-# redundant work; it keeps this version simple (one gather, the existing per-row kernels).
+# Every rank gathers all ranks' rows (with gradient) and computes the losses of its own rows, the
+# anchors, against the whole set: O(N_rank N D) work per rank. The gradients that this rank's
+# anchors send to other ranks' rows travel back through the gather's backward (an all_reduce).
 
 
-def _label_supcon_per_row(
+def _anchor_losses(
     backend: str,
     features: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
     base_temperature: float,
     normalize: bool,
+    anchors: tuple[int, int],
 ) -> torch.Tensor:
-    """The ``[N]`` per-row losses of :func:`label_supcon_loss` with the resolved ``backend``."""
+    """The per-row losses of :func:`label_supcon_loss` of the rows ``anchors[0] .. anchors[1]``, with every
+    valid row in their contrast sets, on the resolved ``backend``."""
+    start, stop = anchors
     if backend == "torch":
-        return reference.label_supcon_loss(features, labels, temperature, base_temperature, "none", normalize)
+        return reference.label_supcon_anchor_rows(
+            features, labels, temperature, base_temperature, normalize, start, stop
+        )
     z = _unit(features) if normalize else features
-    return _label_supcon_rows(backend, z, labels, float(temperature), base_temperature)
+    rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature, start, stop)
+    return rows[start:stop]
 
 
 def _shard_result(
@@ -230,8 +247,9 @@ def label_supcon_loss(
             every rank gives each rank ``world_size`` × the gradient of the sum over ranks of ``f``
             (``rows.sum() / global_valid_count`` reproduces ``"mean"``). Every rank must make the call
             and call ``backward()`` (they are collectives), with the same arguments apart from the
-            tensors. Each rank computes the losses of the whole gathered set (world_size-fold redundant
-            work in this version). ``RuntimeError`` if torch.distributed is not initialised.
+            tensors. Each rank computes only its own rows' losses, against all rows (O(N_rank N D)
+            work per rank on the fused backends). ``RuntimeError`` if torch.distributed is not
+            initialised.
 
     Shape:
         features ``[N, D]``, labels ``[N]`` → scalar, or ``[N]`` with ``reduction="none"``.
@@ -254,9 +272,10 @@ def label_supcon_loss(
     if process_group is not None:
         everything, sizes, start = distributed.gather_with_sizes(features, process_group)
         all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
-        rows = _label_supcon_per_row(backend, everything, all_labels, temperature, base_temperature, normalize)
+        anchors = (start, start + features.shape[0])
+        rows = _anchor_losses(backend, everything, all_labels, temperature, base_temperature, normalize, anchors)
         count = (all_labels >= 0).sum().clamp(min=1).to(rows.dtype)
-        return _shard_result(rows[start : start + features.shape[0]], count, reduction, process_group, world_size)
+        return _shard_result(rows, count, reduction, process_group, world_size)
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
     z = _unit(features) if normalize else features
@@ -327,13 +346,18 @@ def supcon_loss(
         else:
             all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
             all_labels = all_labels - all_labels.min() if total > 0 else all_labels
-        rows = everything.transpose(0, 1).reshape(total * v, -1)  # view-major, as SupContrast
-        losses = _label_supcon_per_row(
-            backend, rows, all_labels.repeat(v), temperature, base_temperature, normalize=False
-        ).view(v, total)[:, start : start + b]
-        anchors = losses[0] if contrast_mode == "one" else losses
+        # Rows ordered so that this rank's anchors are contiguous: view-major for "one" (view 0 of
+        # its samples), sample-major for "all" (all views of its samples). A row's loss does not
+        # depend on the order of the others.
+        if contrast_mode == "one":
+            rows, row_labels, anchors = everything.transpose(0, 1), all_labels.repeat(v), (start, start + b)
+        else:
+            rows, row_labels, anchors = everything, all_labels.repeat_interleave(v), (start * v, (start + b) * v)
+        losses = _anchor_losses(
+            backend, rows.reshape(total * v, -1), row_labels, temperature, base_temperature, False, anchors
+        )
         count = total if contrast_mode == "one" else total * v
-        return _shard_result(anchors, count, "mean", process_group, world_size)
+        return _shard_result(losses, count, "mean", process_group, world_size)
     if backend == "torch":
         return reference.supcon_loss(features, labels, temperature, base_temperature, contrast_mode)
     if labels is None:
@@ -400,18 +424,25 @@ def multilabel_supcon_loss(
         everything, sizes, start = distributed.gather_with_sizes(features, process_group)  # [B_total, V, C, D]
         all_targets = distributed.all_gather_no_grad(targets, sizes, process_group)
         total = everything.shape[0]
-        positive = (all_targets == 1).repeat(v, 1).reshape(-1)  # (v, b, c) order
-        classes = torch.arange(c, device=device).repeat(v * total)
-        rows = everything.transpose(0, 1).reshape(v * total * c, -1)
-        losses = _label_supcon_per_row(
-            backend, rows, torch.where(positive, classes, -1), temperature, base_temperature, normalize=True
+        # Rows in (b, v, c) order, so that this rank's anchors, the rows of its samples, are contiguous.
+        positive = (all_targets == 1).repeat_interleave(v, 0).reshape(-1)
+        classes = torch.arange(c, device=device).repeat(total * v)
+        anchors = (start * v * c, (start + b) * v * c)
+        losses = _anchor_losses(
+            backend,
+            everything.reshape(total * v * c, -1),
+            torch.where(positive, classes, -1),
+            temperature,
+            base_temperature,
+            True,
+            anchors,
         )
-        if legacy_sadcl:
+        if legacy_sadcl:  # the released mask is indexed in (v, b, c) order: take this rank's (b, v, c) rows of it
             sample = (torch.arange(v * total, device=device) // v).repeat_interleave(c)
-            losses = losses * (all_targets[sample, classes] == 1)
+            mask = (all_targets[sample, classes] == 1).view(v, total, c).transpose(0, 1)
+            losses = losses * mask[start : start + b].reshape(-1)
         count = positive.sum().clamp(min=1).to(losses.dtype)
-        local = losses.view(v, total, c)[:, start : start + b]
-        return _shard_result(local, count, "mean", process_group, world_size)
+        return _shard_result(losses, count, "mean", process_group, world_size)
     if backend == "torch":
         return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
     rows = _unit(features).transpose(0, 1).reshape(v * b * c, -1)  # (v, b, c) order

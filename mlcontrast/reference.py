@@ -52,20 +52,39 @@ def label_supcon_loss(
     normalize: bool = False,
 ) -> torch.Tensor:
     """Label-level SupCon with the full N x N similarity matrix (see ``functional.label_supcon_loss``)."""
+    rows = label_supcon_anchor_rows(features, labels, temperature, base_temperature, normalize)
+    return reduce_rows(rows, (labels >= 0).sum(), reduction)
+
+
+def label_supcon_anchor_rows(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+    normalize: bool = False,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """The per-row losses of :func:`label_supcon_loss` of the anchor rows ``start .. stop``, densely.
+
+    Every valid row stays in the anchors' contrast sets; only the ``[stop - start, N]`` similarities of
+    the anchors are formed (a process group's rows against all ranks' rows).
+    """
     base_temperature = temperature if base_temperature is None else base_temperature
     z = _unit(features) if normalize else _compute(features)
     n = z.shape[0]
+    stop = n if stop is None else stop
+    anchors = torch.arange(start, stop, device=z.device)
     valid = labels >= 0
-    logits = z @ z.T / temperature
-    not_self = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    contrast = valid[:, None] & valid[None, :] & not_self
-    positive = contrast & (labels[:, None] == labels[None, :])
+    logits = z[start:stop] @ z.T / temperature
+    not_self = anchors[:, None] != torch.arange(n, device=z.device)[None, :]
+    contrast = valid[start:stop, None] & valid[None, :] & not_self
+    positive = contrast & (labels[start:stop, None] == labels[None, :])
 
     lse = _masked_lse(logits, contrast, dim=1)
     n_pos = positive.sum(1)
     mean_pos = (logits * positive).sum(1) / n_pos.clamp(min=1)
-    rows = torch.where(valid & (n_pos > 0), (temperature / base_temperature) * (lse - mean_pos), 0.0)
-    return reduce_rows(rows, valid.sum(), reduction)
+    return torch.where(valid[start:stop] & (n_pos > 0), (temperature / base_temperature) * (lse - mean_pos), 0.0)
 
 
 def supcon_loss(

@@ -193,3 +193,21 @@ def test_results_name_marks_non_default_d_and_dtype():
     assert name() == "label_supcon"
     assert name(d=1024, dtype="bfloat16") == "label_supcon_d1024_bf16"
     assert name(dtype="float16", quick=True) == "label_supcon_fp16_quick"
+
+
+def test_distributed_table_quick(tmp_path):
+    """The process_group benchmark: 2 gloo processes, both distributed variants agree, the markdown table."""
+    out = tmp_path / "distributed.json"
+    cmd = [sys.executable, "-m", "benchmarks.distributed_table", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    variants = {r["variant"]: r for r in result["records"]}
+    assert set(variants) == {"anchors", "gathered set", "one process"}
+    assert all(r["n"] == 512 and len(r["times_s"]) == 2 and r["median_s"] > 0 for r in variants.values())
+    assert variants["anchors"]["world"] == 2 and variants["one process"]["world"] == 1
+    # Every variant computes the same loss over the same 512 rows.
+    assert variants["anchors"]["loss"] == pytest.approx(variants["one process"]["loss"], rel=1e-5)
+    from benchmarks.distributed_table import table
+
+    assert "| 512 | 2 |" in table(result["records"], result["metadata"])

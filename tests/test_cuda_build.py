@@ -267,25 +267,29 @@ SUPCON_CONFIGS = [
 ]
 
 
-def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0):
+def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0, anchors=None):
+    begin, end = anchors if anchors is not None else (0, n)
     z = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
-    emu.run("supcon_fwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, emu.file("z", z), emu.file("lse"))
+    emu.run("supcon_fwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, emu.file("z", z), emu.file("lse"))
     lse = emu.read("lse", _acc(dtype), n)
     zd = z.double()
     s = zd @ zd.T * inv_t
     s.fill_diagonal_(-float("inf"))
     expected = torch.logsumexp(s, 1)
-    if n == 1:
+    assert not lse[:begin].any() and not lse[end:].any(), "rows outside the anchors are not written"
+    if n == 1 and end > begin:
         assert lse.isneginf().all(), "a lone row has an empty set: LSE -inf"
-    else:
-        assert _rel(lse, expected) <= fwd_tol, (DTYPE_NAMES[dtype], tc, n, d, _rel(lse, expected))
+    elif end > begin:
+        assert _rel(lse[begin:end], expected[begin:end]) <= fwd_tol, (DTYPE_NAMES[dtype], tc, n, d, begin, end)
 
     w = torch.randn(n, dtype=_acc(dtype))
     w[::3] = 0  # rows without positives: weight 0, LSE +inf
+    w[:begin] = 0  # rows outside the anchors have no loss
+    w[end:] = 0
     lse_eff = torch.where(w != 0, expected.to(_acc(dtype)), torch.full_like(w, float("inf")))
     g_scale = 0.0 if dtype in (torch.float32, torch.float64) else min(n, 2**14) / max(w.abs().max().item(), 1e-30)
     emu.run(
-        "supcon_bwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, g_scale,
+        "supcon_bwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, g_scale,
         emu.file("z", z), emu.file("w", w), emu.file("lse_eff", lse_eff), emu.file("dz"),
     )  # fmt: skip
     dz = emu.read("dz", _acc(dtype), n, d)
@@ -298,7 +302,7 @@ def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0
     if expected_dz.norm() == 0:
         assert not dz.any()
     else:
-        assert _rel(dz, expected_dz) <= bwd_tol, (DTYPE_NAMES[dtype], tc, n, d, _rel(dz, expected_dz))
+        assert _rel(dz, expected_dz) <= bwd_tol, (DTYPE_NAMES[dtype], tc, n, d, begin, end, _rel(dz, expected_dz))
 
 
 @needs_emulator
@@ -309,6 +313,10 @@ def test_emulated_label_supcon_kernels(emulators, tmp_path, dtype, tc, fwd_tol, 
     # D chunk and more than one D slice of the backward (DP = 128 for fp16/bf16).
     for n, d in [(1, 3), (5, 8), (70, 33), (130, 136), (64, 1)]:
         _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d)
+    # Anchors (a process group's own rows): in the middle, off the tile grid, across a tile
+    # boundary; at the start and end; none.
+    for n, d, anchors in [(200, 20, (70, 135)), (150, 9, (0, 40)), (150, 9, (110, 150)), (40, 5, (17, 17))]:
+        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d, anchors=anchors)
 
 
 @needs_emulator
@@ -318,7 +326,8 @@ def test_emulated_label_supcon_kernels_are_race_free_and_in_bounds(emulators, tm
     # AddressSanitizer: no access outside the exactly-sized input and output buffers.
     emu = _Emulation(emulators[sanitizer], tmp_path)
     for dtype, tc, fwd_tol, bwd_tol in SUPCON_CONFIGS:
-        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, 70, 33 if dtype != torch.float16 else 136)
+        # Anchors 20 .. 45: row blocks that visit every column tile and some that visit only the anchors'.
+        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, 70, 33 if dtype != torch.float16 else 136, anchors=(20, 45))
 
 
 def _check_prototype_nce(emu: _Emulation, dtype, b, c, d, inv_t=1 / 0.07):

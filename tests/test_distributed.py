@@ -58,6 +58,11 @@ CASES = {
     "multilabel-bvcd-cpu": ("multilabel", dict(backend="cpu"), {}),
     "multilabel-bvcd-torch": ("multilabel", dict(temperature=0.5, backend="torch"), {}),
     "multilabel-legacy-cpu": ("multilabel", dict(backend="cpu", legacy_sadcl=True), {}),
+    "multilabel-legacy-torch": ("multilabel", dict(backend="torch", legacy_sadcl=True), {}),
+    # The Triton kernels (interpreted here), whose anchor rows are each rank's own rows.
+    "label-mean-triton": ("label", dict(reduction="mean", normalize=True, backend="triton"), {}),
+    "supcon-labels-all-triton": ("supcon", dict(contrast_mode="all", backend="triton"), {}),
+    "multilabel-bvcd-triton": ("multilabel", dict(backend="triton"), {}),
     "multilabel-module": ("multilabel", dict(backend="cpu"), dict(module=True)),
 }
 MODULES = {

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 from utils import assert_close_by_norm, assert_matches, loss_and_grads, make_labels, make_targets  # noqa: E402
 
 import mlcontrast  # noqa: E402
-from mlcontrast import _backends, reference  # noqa: E402
+from mlcontrast import _backends, functional, reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -48,6 +48,22 @@ def test_label_supcon(backend, n, d, reduction, dtype):
         upstream,
     )
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,anchors", [(1031, (300, 517)), (4099, (0, 1025)), (257, (200, 257)), (64, (5, 5))])
+def test_label_supcon_anchor_rows(backend, n, anchors, dtype):
+    # A process group's rows: only the anchors get a loss, against all rows.
+    start, stop = anchors
+    z = torch.randn(n, 96, device=CUDA).to(dtype)
+    y = make_labels(n, max(1, n // 8), ignore_fraction=0.1, singleton=True).to(CUDA)
+    assert_matches(
+        lambda x: functional._anchor_losses(backend, x, y, 0.1, 0.1, True, anchors),
+        lambda x: reference.label_supcon_loss(x, y, 0.1, None, "none", True)[start:stop],
+        [z],
+        torch.randn(stop - start, dtype=torch.float64, device=CUDA),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

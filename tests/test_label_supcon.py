@@ -7,7 +7,7 @@ import torch
 from utils import assert_close_by_norm, assert_matches, cpu_backends, grads, loss_and_grads, make_labels
 
 import mlcontrast
-from mlcontrast import reference
+from mlcontrast import functional, reference
 
 BACKENDS = cpu_backends()
 # The CPU kernel tiles rows by 128 and columns by 512: these sizes sit on both sides of the boundaries.
@@ -226,3 +226,35 @@ def test_zero_norm_row_with_normalize(backend):
     z = torch.randn(6, 4, dtype=torch.float64)
     z[2] = 0
     check(backend, z, torch.tensor([0, 1, 2, 0, 1, 2]), normalize=True)
+
+
+# Anchor rows: a process group's own rows get a loss, against every rank's rows. The CPU kernel's
+# tiles are 128 rows and 512 columns; these ranges start and end off the tile grid, at the edges, and
+# cover the empty range and a single row.
+ANCHOR_CASES = [(300, (0, 300)), (700, (70, 201)), (300, (0, 45)), (300, (260, 300)), (40, (13, 13)), (31, (30, 31))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("n,anchors", ANCHOR_CASES)
+def test_anchor_rows_match_the_rows_of_the_full_loss(backend, n, anchors):
+    start, stop = anchors
+    z = torch.randn(n, 16, dtype=torch.float64)
+    y = make_labels(n, 6, ignore_fraction=0.2, singleton=True)
+    upstream = torch.randn(stop - start, dtype=torch.float64)
+
+    def anchors_only(x):
+        return functional._anchor_losses(backend, x, y, 0.2, 0.3, True, anchors)
+
+    def full_then_sliced(x):
+        return reference.label_supcon_loss(x, y, 0.2, 0.3, "none", normalize=True)[start:stop]
+
+    assert_matches(anchors_only, full_then_sliced, [z], upstream, names=["features"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anchor_rows_outside_the_rows_are_refused(backend):
+    z, y = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    error = RuntimeError if backend == "cpu" else ValueError
+    for start, stop in [(-1, 3), (4, 3), (0, 7)]:
+        with pytest.raises(error, match="anchor_start <= anchor_stop <= N = 6"):
+            functional._label_supcon_rows(backend, z, y, 0.1, 0.1, start, stop)

@@ -37,6 +37,7 @@ def test_opcheck_label_supcon(dtype, requires_grad):
     z = _float(11, 5, dtype=dtype, requires_grad=requires_grad)
     y = torch.tensor([0, 0, 1, 1, 2, -1, 0, 3, 1, -1, 2])
     torch.library.opcheck(OPS.label_supcon.default, (z, y, 0.2, 0.3))
+    torch.library.opcheck(OPS.label_supcon.default, (z, y, 0.2, 0.3, 3, 9))  # anchor rows 3 .. 9
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -72,6 +73,8 @@ def test_opcheck_backward_ops(dtype):
     y = torch.tensor([0, 0, 1, 1, -1, 2, 2, 2])
     rows, lse = OPS.label_supcon(z, y, 0.5, 0.5)
     torch.library.opcheck(OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, 0.5, 0.5))
+    rows, lse = OPS.label_supcon(z, y, 0.5, 0.5, 2, 5)
+    torch.library.opcheck(OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, 0.5, 0.5, 2, 5))
 
     p = _float(3, 3, dtype=dtype)
     rows, lse = OPS.prototype_ce(z, y, p, 0.5)

@@ -111,6 +111,27 @@ def test_label_supcon_matches_reference(n, d, dtype, backward_mode):
     assert torch.all(grad[y < 0] == 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,anchors", [(70, (20, 45)), (70, (0, 16)), (40, (33, 40)), (33, (9, 9))])
+def test_label_supcon_anchor_rows(n, anchors, dtype, backward_mode):
+    # A process group's rows: only the anchors get a loss, against all rows. Row blocks of 16 that
+    # overlap the anchors visit every column tile, the others only the anchors' tiles.
+    start, stop = anchors
+    z = _rand(n, 12, dtype=dtype, scale=12**-0.5)
+    (y,) = _to_device(make_labels(n, 5, ignore_fraction=0.2, singleton=True))
+    upstream = torch.randn(n, dtype=torch.float64, device=DEVICE)
+    out, (grad,) = assert_matches(
+        lambda x: triton_label_supcon.label_supcon_rows(x, y, 0.1, 0.07, start, stop),
+        lambda x: torch.nn.functional.pad(
+            reference.label_supcon_anchor_rows(x, y, 0.1, 0.07, False, start, stop), (start, n - stop)
+        ),
+        [z],
+        upstream,
+        names=["features"],
+    )
+    assert not out[:start].any() and not out[stop:].any()
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_label_supcon_reductions_and_normalize(reduction, normalize):
@@ -434,7 +455,7 @@ def _opcheck_cases():
     t = torch.tensor([[1, 0, -1], [0, 1, 1]], device=DEVICE)
     ops = torch.ops.mlcontrast_triton
     return [
-        ("label_supcon", ops.label_supcon.default, (z.requires_grad_(), y, 0.1, 0.2)),
+        ("label_supcon", ops.label_supcon.default, (z.requires_grad_(), y, 0.1, 0.2, 1, 4)),
         ("prototype_ce", ops.prototype_ce.default, (z.detach().requires_grad_(), y, p.requires_grad_(), 0.1)),
         ("prototype_nce", ops.prototype_nce.default, (z[:6].reshape(2, 3, 5).detach().requires_grad_(), p, t, 0.1)),
         ("update_prototypes_", ops.update_prototypes_.default, (p.detach().clone(), z.detach(), y, 0.9, True)),

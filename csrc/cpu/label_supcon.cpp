@@ -1,10 +1,11 @@
 // Label-level supervised contrastive loss on the CPU, without an N x N matrix (the loss and its
 // O(N D) positive term: shared/label_supcon.h).
 //
-// * S is symmetric, so both passes visit only the [128 x 512] tiles on and above the diagonal and
-//   use each tile for its rows and its columns.
+// * S is symmetric, so both passes visit, among the anchors, only the [128 x 512] tiles on and
+//   above the diagonal and use each tile for its rows and its columns. Columns outside the anchors
+//   (a process_group call's other ranks' rows) are visited once per anchor block, one-sided.
 // * Forward: the log-sum-exp keeps an online max and sum per row, fed by the rows and the columns
-//   of each tile: N^2 D flops.
+//   of each tile: N^2 D flops for all rows as anchors.
 // * Backward: recomputes each tile from the saved row LSE; dZ = (H + H^T) Z with
 //   H_ij = w_i exp(s_ij - LSE_i), both products from the same tile: 3 N^2 D flops (6 N^2 D
 //   without the symmetry). Only O(N) statistics (the LSE) are saved.
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace mlcontrast {
@@ -31,10 +33,13 @@ constexpr int64_t kColBlock = 512;
 // Scratch bound for the per-worker gradient accumulators of the symmetric backward.
 constexpr int64_t kAccumulatorBudgetBytes = int64_t(512) << 20;
 
-void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
+using label_supcon::AnchorArgs;
+using label_supcon::Anchors;
+
+void check_arguments(const at::Tensor& features, const at::Tensor& labels, const AnchorArgs& anchors) {
   MLC_CHECK_CPU(features);
   MLC_CHECK_CPU(labels);
-  label_supcon::check_inputs(features, labels);
+  label_supcon::check_inputs(features, labels, anchors);
 }
 
 // Sets the entries of a tile (rows from global row i0, columns from global column j0) that lie on
@@ -55,14 +60,32 @@ bool owns(int64_t worker, int64_t workers, int64_t block) {
   return (pos < workers ? pos : 2 * workers - 1 - pos) == worker;
 }
 
-// LSE_{j != i} z_i.z_j / t for every row. S is symmetric, so only the tiles on and above the
-// diagonal are computed: each off-diagonal tile feeds an online log-sum-exp state of its rows and,
-// through its columns, of the rows j it covers. Each worker keeps its own state for all rows; the
-// states are merged at the end, exactly (no fixed shift, so no underflow for any temperature).
+// How a column tile relates to its row block: the diagonal block (square; its rows cover both orders
+// of its pairs), a tile above it among the anchors (serves its rows and its columns), or a tile of
+// columns outside the anchors (serves its rows only, as those columns have no loss).
+enum class Tile { kDiagonal, kSymmetric, kRowsOnly };
+
+// Calls visit(j0, cols, kind) for every column tile of the anchor block of rows i0 .. i0 + rows.
+template <class Visit>
+void for_each_tile(int64_t i0, int64_t rows, const Anchors& a, int64_t n, Visit visit) {
+  visit(i0, rows, Tile::kDiagonal);
+  auto sweep = [&](int64_t from, int64_t to, Tile kind) {
+    for (int64_t j0 = from; j0 < to; j0 += kColBlock) visit(j0, std::min(kColBlock, to - j0), kind);
+  };
+  sweep(i0 + rows, a.end, Tile::kSymmetric);
+  sweep(a.end, n, Tile::kRowsOnly);
+  sweep(0, a.begin, Tile::kRowsOnly);
+}
+
+// LSE_{j != i} z_i.z_j / t for every anchor row (0 on the other rows). S is symmetric, so among the
+// anchors only the tiles on and above the diagonal are computed: each of them feeds an online
+// log-sum-exp state of its rows and, through its columns, of the rows j it covers. Each worker keeps
+// its own state for all rows; the states are merged at the end, exactly (no fixed shift, so no
+// underflow for any temperature).
 template <typename T>
-void row_lse(const at::Tensor& z, const at::Tensor& zs, at::Tensor& lse) {
+void row_lse(const at::Tensor& z, const at::Tensor& zs, const Anchors& a, at::Tensor& lse) {
   const int64_t n = z.size(0);
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t blocks = (a.end - a.begin + kRowBlock - 1) / kRowBlock;
   const int64_t workers = triangle_workers(blocks, 2 * n * int64_t(sizeof(T)));
   const T neg_inf = -std::numeric_limits<T>::infinity();
   std::vector<T> state_max(workers * n, neg_inf), state_sum(workers * n, T(0));
@@ -76,28 +99,24 @@ void row_lse(const at::Tensor& z, const at::Tensor& zs, at::Tensor& lse) {
       T* run_sum = state_sum.data() + worker * n;
       for (int64_t b = 0; b < blocks; ++b) {
         if (!owns(worker, workers, b)) continue;
-        const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
+        const int64_t i0 = a.begin + b * kRowBlock, rows = std::min(kRowBlock, a.end - i0);
         const auto zi = zs.narrow(0, i0, rows);
-        for (int64_t j0 = i0; j0 < n;) {
-          // The diagonal block's rows already cover both orders of every pair inside it.
-          const bool diagonal = j0 == i0;
-          const int64_t cols = diagonal ? rows : std::min(kColBlock, n - j0);
+        for_each_tile(i0, rows, a, n, [&](int64_t j0, int64_t cols, Tile tile) {
           auto s = scratch.narrow(0, 0, rows).narrow(1, 0, cols);
           at::mm_out(s, zi, z.narrow(0, j0, cols).t());
           const T* sp = s.data_ptr<T>();
-          if (diagonal) fill_diagonal(s, i0, j0, neg_inf);
+          if (tile == Tile::kDiagonal) fill_diagonal(s, i0, j0, neg_inf);
           online_lse_update(sp, rows, cols, scratch.stride(0), run_max + i0, run_sum + i0);
-          if (!diagonal) {
+          if (tile == Tile::kSymmetric) {
             online_lse_update_cols(sp, rows, cols, scratch.stride(0), run_max + j0, run_sum + j0, col_scratch.data());
           }
-          j0 += cols;
-        }
+        });
       }
     }
   });
 
   T* out = lse.data_ptr<T>();
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = a.begin; i < a.end; ++i) {
     T m = neg_inf;
     for (int64_t w = 0; w < workers; ++w) m = std::max(m, state_max[w * n + i]);
     if (m == neg_inf) {
@@ -110,19 +129,21 @@ void row_lse(const at::Tensor& z, const at::Tensor& zs, at::Tensor& lse) {
   }
 }
 
-at::Tensor row_lse(const at::Tensor& z, double inv_t) {
+at::Tensor row_lse(const at::Tensor& z, double inv_t, const Anchors& a) {
   const auto zs = z * inv_t;
-  auto lse = at::empty({z.size(0)}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_lse", [&] { row_lse<scalar_t>(z, zs, lse); });
+  auto lse = at::zeros({z.size(0)}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_lse", [&] { row_lse<scalar_t>(z, zs, a, lse); });
   return lse;
 }
 
-// dZ = (H + H^T) Z with H_ij = w_i exp(z_i.z_j / t - lse_i) (i != j), visiting tiles j >= i only.
-// Rows with w_i = 0 must have lse_i = +inf so that their terms vanish.
+// dZ = (H + H^T) Z with H_ij = w_i exp(z_i.z_j / t - lse_i) (i != j), over the tiles of
+// for_each_tile. Rows with w_i = 0 must have lse_i = +inf so that their terms vanish, and every row
+// outside the anchors must have w_i = 0.
 template <typename T>
-at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& w, double inv_t) {
+at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& w, double inv_t,
+                              const Anchors& a) {
   const int64_t n = z.size(0), d = z.size(1);
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t blocks = (a.end - a.begin + kRowBlock - 1) / kRowBlock;
   const int64_t workers = triangle_workers(blocks, n * d * z.element_size());
   // Each worker owns whole tile rows and accumulates into its own [N, D] buffer, so no two threads
   // write the same memory and the result does not depend on scheduling.
@@ -138,23 +159,20 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
       auto dz = acc[worker];
       for (int64_t b = 0; b < blocks; ++b) {
         if (!owns(worker, workers, b)) continue;
-        const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
+        const int64_t i0 = a.begin + b * kRowBlock, rows = std::min(kRowBlock, a.end - i0);
         const auto zi = z.narrow(0, i0, rows), zsi = zs.narrow(0, i0, rows);
-        for (int64_t j0 = i0; j0 < n;) {
-          // The first tile of a row is the diagonal block: its row side already covers both
-          // orders of every pair inside the block.
-          const bool diagonal = j0 == i0;
-          const int64_t cols = diagonal ? rows : std::min(kColBlock, n - j0);
+        for_each_tile(i0, rows, a, n, [&](int64_t j0, int64_t cols, Tile tile) {
           const auto zj = z.narrow(0, j0, cols);
           auto h = h_buf.narrow(0, 0, rows).narrow(1, 0, cols);
           at::mm_out(h, zsi, zj.t());
+          // Only symmetric tiles have column weights; rows outside the anchors have w = 0.
+          const bool both_sides = tile == Tile::kSymmetric;
           softmax_weights(h.data_ptr<T>(), rows, cols, h_buf.stride(0), lse_p + i0, w_p + i0,
-                          diagonal ? nullptr : lse_p + j0, diagonal ? nullptr : w_p + j0);
-          if (diagonal) fill_diagonal(h, i0, j0, 0.0);
+                          both_sides ? lse_p + j0 : nullptr, both_sides ? w_p + j0 : nullptr);
+          if (tile == Tile::kDiagonal) fill_diagonal(h, i0, j0, 0.0);
           dz.narrow(0, i0, rows).addmm_(h, zj);
           dz.narrow(0, j0, cols).addmm_(h.t(), zi);
-          j0 += cols;
-        }
+        });
       }
     }
   });
@@ -176,35 +194,41 @@ ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
 }
 
 std::tuple<at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features, const at::Tensor& labels,
-                                                    double temperature, double base_temperature) {
+                                                    double temperature, double base_temperature, int64_t anchor_start,
+                                                    std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
-  check_inputs(features, labels);
+  const AnchorArgs args{anchor_start, anchor_stop};
+  check_arguments(features, labels, args);
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return label_supcon::outputs_without_valid_rows(features);
-  const auto lse = row_lse(v.z, 1.0 / temperature);
-  return label_supcon::outputs(lse, v.z, class_sums(v.z, v.labels), v.index, features.size(0), temperature,
+  const auto a = label_supcon::valid_anchors(labels, v.index, v.z.size(0), args);
+  const auto lse = row_lse(v.z, 1.0 / temperature, a);
+  return label_supcon::outputs(lse, v.z, class_sums(v.z, v.labels), a, v.index, features.size(0), temperature,
                                base_temperature);
 }
 
 at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
                                      const at::Tensor& labels, const at::Tensor& lse, double temperature,
-                                     double base_temperature) {
+                                     double base_temperature, int64_t anchor_start,
+                                     std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
-  check_inputs(features, labels);
+  const AnchorArgs args{anchor_start, anchor_stop};
+  check_arguments(features, labels, args);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
   check_row_inputs(grad_rows, lse, features.size(0));
   const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return at::zeros_like(features);
+  const auto a = label_supcon::valid_anchors(labels, v.index, v.z.size(0), args);
 
-  const auto g = label_supcon::valid_values(grad_rows, v.index, dtype);
+  const auto g = label_supcon::anchor_grads(grad_rows, v.index, a, dtype);
   const auto sums = class_sums(v.z, v.labels);
   const auto weights = label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype), sums,
                                                       temperature, base_temperature);
   at::Tensor dz;
   AT_DISPATCH_FLOATING_TYPES(dtype, "label_supcon_backward", [&] {
-    dz = symmetric_lse_grad<scalar_t>(v.z, weights.lse, weights.w, 1.0 / temperature);
+    dz = symmetric_lse_grad<scalar_t>(v.z, weights.lse, weights.w, 1.0 / temperature, a);
   });
   const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse, v.z * weights.a.unsqueeze(1));
   label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted);

@@ -387,9 +387,10 @@ struct SmemLayout {
 // Kernels
 // ----------------------------------------------------------------------------------------------
 
-// Row LSE. grid.x = ceil(n / BM), 128 threads. Thread t reads row r = t / TPR of each S tile, at
-// columns (t % TPR) + TPR c, and keeps an online (max, sum) for them; the TPR partial states of a
-// row (adjacent lanes) merge at the end.
+// Row LSE of the anchors. grid = lse_grid<Cfg>(p), 128 threads; block x covers rows
+// row_begin + BM x .. + BM. Thread t reads row r = t / TPR of each S tile, at columns
+// (t % TPR) + TPR c, and keeps an online (max, sum) for them; the TPR partial states of a row
+// (adjacent lanes) merge at the end.
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParams p) {
   using T = typename Cfg::Elem;
@@ -402,7 +403,7 @@ __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParam
   unsigned char* ab = smem + L::kS;
 
   const T* z = static_cast<const T*>(p.z);
-  const int64_t n = p.n, i0 = int64_t(blockIdx.x) * BM;
+  const int64_t n = p.n, i0 = p.row_begin + int64_t(blockIdx.x) * BM;
   const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
   const int64_t i = i0 + r;
   const Acc inv_t = static_cast<Acc>(p.inv_temperature);
@@ -442,14 +443,16 @@ __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParam
       run_max = m;
     }
   }
-  if (part == 0 && i < n) {
+  if (part == 0 && i < p.row_end) {
     // A row with no other row (n == 1) has an empty set: -inf, as on the CPU.
     static_cast<Acc*>(p.lse)[i] = run_max > neg_inf ? run_max + acc_log(run_sum) : neg_inf;
   }
 }
 
-// Gradient of the LSE part. grid = (ceil(n / BM), ceil(d / DP)), 128 threads; block (x, y) writes
-// dz rows [BM x, BM (x + 1)) and columns [DP y, DP (y + 1)), overwriting them.
+// Gradient of the LSE part. grid = lse_grad_grid<Cfg>(p) = (ceil(n / BM), ceil(d / DP)), 128
+// threads; block (x, y) writes dz rows [BM x, BM (x + 1)) and columns [DP y, DP (y + 1)),
+// overwriting them. A row block outside the anchors has w = 0, so its G is 0 but for the anchors'
+// columns: it visits only those tiles.
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwdParams p) {
   using T = typename Cfg::Elem;
@@ -480,9 +483,12 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
   const Acc w_i = i < n ? w[i] : Acc(0);
   const Acc lse_i = i < n ? lse[i] : inf;
 
+  const bool anchor_block = i0 < p.anchor_end && i0 + BM > p.anchor_begin;
+  const int64_t j_begin = anchor_block ? 0 : p.anchor_begin, j_end = anchor_block ? n : p.anchor_end;
+
   typename Cfg::Grad grad;
   grad.init();
-  for (int64_t j0 = 0; j0 < n; j0 += BN) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
     // w_J / lse_J were last read in the previous tile's epilogue, which two barriers separate from here.
     if (threadIdx.x < BN) {
       const int64_t j = j0 + threadIdx.x;
@@ -508,6 +514,17 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
   // The S area is free once every warp is past its last product.
   __syncthreads();
   grad.store(static_cast<Acc*>(p.dz), p.ld_dz, i0, d0, n, d, Acc(1) / g_scale, smem);
+}
+
+// The grids of the two kernels, for the launchers and the CPU emulation alike.
+template <class Cfg>
+dim3 lse_grid(const LabelSupconFwdParams& p) {
+  return dim3(blocks_for(p.row_end - p.row_begin, Cfg::BM));
+}
+
+template <class Cfg>
+dim3 lse_grad_grid(const LabelSupconBwdParams& p) {
+  return dim3(blocks_for(p.n, Cfg::BM), blocks_for(p.d, Cfg::DP));
 }
 
 }  // namespace supcon

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "cuda/api_common.h"
 #include "shared/label_supcon.h"
@@ -14,11 +15,14 @@ namespace mlcontrast {
 namespace cuda {
 namespace {
 
-void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
+using label_supcon::AnchorArgs;
+using label_supcon::Anchors;
+
+void check_arguments(const at::Tensor& features, const at::Tensor& labels, const AnchorArgs& anchors) {
   MLC_CHECK_CUDA(features);
   MLC_CHECK_CUDA(labels);
   MLC_CHECK_SAME_DEVICE(features, labels);
-  label_supcon::check_inputs(features, labels);
+  label_supcon::check_inputs(features, labels, anchors);
   dtype_of(features.scalar_type());
 }
 
@@ -46,13 +50,16 @@ ClassSums class_sums_of(const ValidSet& v, const ClassStats& stats) {
 
 bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
 
-// LSE_{j != i} z_i.z_j / t over the rows of `native`, in the compute dtype.
-at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t) {
-  auto lse = at::empty({native.size(0)}, native.options().dtype(dtype));
+// LSE_{j != i} z_i.z_j / t over the rows of `native` for the anchors (0 on the other rows), in the
+// compute dtype.
+at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t, const Anchors& a) {
+  auto lse = at::zeros({native.size(0)}, native.options().dtype(dtype));
   LabelSupconFwdParams p;
   p.z = native.data_ptr();
   p.lse = lse.data_ptr();
   p.n = native.size(0);
+  p.row_begin = a.begin;
+  p.row_end = a.end;
   p.d = native.size(1);
   p.ld_z = native.size(1);
   p.inv_temperature = inv_t;
@@ -64,8 +71,9 @@ at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t)
 }
 
 // dZ = G Z with G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) (i != j), in the compute dtype.
-// Rows with w_i = 0 must have lse_i = +inf.
-at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Tensor& lse, double inv_t) {
+// Rows with w_i = 0 must have lse_i = +inf, and rows outside the anchors w_i = 0.
+at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Tensor& lse, double inv_t,
+                    const Anchors& a) {
   const int64_t n = native.size(0), d = native.size(1);
   auto dz = at::empty({n, d}, w.options());
   if (d == 0) return dz;
@@ -85,6 +93,8 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
   p.g_scale = g_scale.defined() ? g_scale.data_ptr<float>() : nullptr;
   p.dz = dz.data_ptr();
   p.n = n;
+  p.anchor_begin = a.begin;
+  p.anchor_end = a.end;
   p.d = d;
   p.ld_z = d;
   p.ld_dz = d;
@@ -97,22 +107,27 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> label_supcon_cuda(const at::Tensor& features, const at::Tensor& labels,
-                                                     double temperature, double base_temperature) {
+                                                     double temperature, double base_temperature,
+                                                     int64_t anchor_start, std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
-  check_inputs(features, labels);
+  const AnchorArgs args{anchor_start, anchor_stop};
+  check_arguments(features, labels, args);
   const c10::cuda::CUDAGuard device_guard(features.device());
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return label_supcon::outputs_without_valid_rows(features);
-  const auto lse = row_lse(v.native, compute_dtype(features), 1.0 / temperature);
-  return label_supcon::outputs(lse, v.z, class_sums_of(v, class_stats(v.labels)), v.index, features.size(0),
+  const auto a = label_supcon::valid_anchors(labels, v.index, v.z.size(0), args);
+  const auto lse = row_lse(v.native, compute_dtype(features), 1.0 / temperature, a);
+  return label_supcon::outputs(lse, v.z, class_sums_of(v, class_stats(v.labels)), a, v.index, features.size(0),
                                temperature, base_temperature);
 }
 
 at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& features,
                                       const at::Tensor& labels, const at::Tensor& lse, double temperature,
-                                      double base_temperature) {
+                                      double base_temperature, int64_t anchor_start,
+                                      std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
-  check_inputs(features, labels);
+  const AnchorArgs args{anchor_start, anchor_stop};
+  check_arguments(features, labels, args);
   MLC_CHECK_CUDA(grad_rows);
   MLC_CHECK_CUDA(lse);
   MLC_CHECK_SAME_DEVICE(features, grad_rows);
@@ -122,13 +137,14 @@ at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Ten
   const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return at::zeros_like(features);
+  const auto a = label_supcon::valid_anchors(labels, v.index, v.z.size(0), args);
 
-  const auto g = label_supcon::valid_values(grad_rows, v.index, dtype);
+  const auto g = label_supcon::anchor_grads(grad_rows, v.index, a, dtype);
   const auto stats = class_stats(v.labels);
   const auto sums = class_sums_of(v, stats);
   const auto weights = label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype), sums,
                                                       temperature, base_temperature);
-  auto dz = lse_grad(v.native, weights.w, weights.lse, 1.0 / temperature);
+  auto dz = lse_grad(v.native, weights.w, weights.lse, 1.0 / temperature, a);
   label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, class_sums(v.z, stats, weights.a));
   return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }

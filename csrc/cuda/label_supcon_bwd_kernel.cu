@@ -10,8 +10,7 @@ namespace {
 
 template <class Cfg>
 void launch_grad(const LabelSupconBwdParams& p, cudaStream_t stream) {
-  const dim3 grid(blocks_for(p.n, Cfg::BM), blocks_for(p.d, Cfg::DP));
-  supcon::lse_grad_kernel<Cfg><<<grid, dim3(kThreads), 0, stream>>>(p);
+  supcon::lse_grad_kernel<Cfg><<<supcon::lse_grad_grid<Cfg>(p), dim3(kThreads), 0, stream>>>(p);
 }
 
 template <typename T>

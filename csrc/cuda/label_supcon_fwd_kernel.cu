@@ -10,7 +10,7 @@ namespace {
 
 template <class Cfg>
 void launch_lse(const LabelSupconFwdParams& p, cudaStream_t stream) {
-  supcon::lse_kernel<Cfg><<<dim3(blocks_for(p.n, Cfg::BM)), dim3(kThreads), 0, stream>>>(p);
+  supcon::lse_kernel<Cfg><<<supcon::lse_grid<Cfg>(p), dim3(kThreads), 0, stream>>>(p);
 }
 
 template <typename T>
@@ -26,7 +26,7 @@ void launch_lse_tensor_cores(const LabelSupconFwdParams& p, cudaStream_t stream)
 }  // namespace
 
 void run_label_supcon_fwd(const LabelSupconFwdParams& p, cudaStream_t stream) {
-  if (p.n == 0) return;
+  if (p.row_end <= p.row_begin) return;  // no anchors
   switch (p.dtype) {
     case DType::kFloat16:
       launch_lse_tensor_cores<__half>(p, stream);

@@ -16,11 +16,14 @@ namespace cuda {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // label_supcon forward: lse_i = LSE_{j != i} z_i.z_j * inv_temperature over the n given rows
-// (the api has already dropped the rows with label -1). lse_i = -inf when n == 1.
+// (the api has already dropped the rows with label -1), for the anchors i in [row_begin, row_end)
+// only; the other entries of lse are not written. lse_i = -inf when n == 1.
 struct LabelSupconFwdParams {
   const void* z = nullptr;  // [n, d], dtype
   void* lse = nullptr;      // [n], Acc
   int64_t n = 0;
+  int64_t row_begin = 0;
+  int64_t row_end = 0;
   int64_t d = 0;
   int64_t ld_z = 0;
   double inv_temperature = 1.0;
@@ -31,7 +34,9 @@ struct LabelSupconFwdParams {
 
 // label_supcon backward, softmax part: dz_i = sum_{j != i} G_ij z_j with
 //   G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j),   s_ij = z_i.z_j * inv_temperature.
-// Rows with w_i = 0 must come with lse_i = +inf so that their terms vanish exactly.
+// Rows with w_i = 0 must come with lse_i = +inf so that their terms vanish exactly, and rows outside
+// the anchors [anchor_begin, anchor_end) must have w_i = 0: a row block outside them then visits
+// only the anchors' column tiles, where its G is not 0.
 struct LabelSupconBwdParams {
   const void* z = nullptr;    // [n, d], dtype
   const void* w = nullptr;    // [n], Acc
@@ -42,6 +47,8 @@ struct LabelSupconBwdParams {
   const float* g_scale = nullptr;
   void* dz = nullptr;  // [n, d], Acc, overwritten
   int64_t n = 0;
+  int64_t anchor_begin = 0;
+  int64_t anchor_end = 0;
   int64_t d = 0;
   int64_t ld_z = 0;
   int64_t ld_dz = 0;

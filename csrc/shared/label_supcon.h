@@ -6,9 +6,14 @@
 //   l_i = (t / t_base) * (LSE_{j != i} s_ij - mean_{p in P(i)} s_ip)      when P(i) is not empty.
 // The positive term goes through per-class feature sums: sum_{p in P(i)} z_p = M_{y_i} - z_i, so it
 // costs O(N D).
+//
+// Anchors: only the rows anchor_start .. anchor_stop get a loss (the others stay in every anchor's
+// contrast set, with loss 0). A process_group call makes its own rows the anchors of the gathered
+// set, so that each rank pays for its rows against all rows, not for the whole N x N.
 #pragma once
 
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "shared/common.h"
@@ -16,13 +21,41 @@
 namespace mlcontrast {
 namespace label_supcon {
 
-inline void check_inputs(const at::Tensor& features, const at::Tensor& labels) {
+// The anchor rows as given to an op: [start, stop), stop = N when absent.
+struct AnchorArgs {
+  int64_t start = 0;
+  std::optional<int64_t> stop;
+};
+
+inline void check_inputs(const at::Tensor& features, const at::Tensor& labels, const AnchorArgs& anchors) {
   MLC_CHECK_FLOAT(features);
   MLC_CHECK_INDEX(labels);
   MLC_CHECK_DIM(features, 2);
   MLC_CHECK_DIM(labels, 1);
-  TORCH_CHECK(labels.size(0) == features.size(0), "labels must have N = ", features.size(0), " entries, got ",
-              labels.size(0));
+  const int64_t n = features.size(0);
+  TORCH_CHECK(labels.size(0) == n, "labels must have N = ", n, " entries, got ", labels.size(0));
+  const int64_t stop = anchors.stop.value_or(n);
+  TORCH_CHECK(0 <= anchors.start && anchors.start <= stop && stop <= n,
+              "anchor rows must satisfy 0 <= anchor_start <= anchor_stop <= N = ", n, ", got ", anchors.start,
+              " and ", stop);
+}
+
+// The anchors [begin, end) among the valid rows (the kernels see only those), from the anchor rows
+// among all rows. Valid rows keep their order, so the anchors stay one contiguous range.
+struct Anchors {
+  int64_t begin = 0;
+  int64_t end = 0;
+};
+
+inline Anchors valid_anchors(const at::Tensor& labels, const at::Tensor& index, int64_t valid_count,
+                             const AnchorArgs& args) {
+  const int64_t n = labels.size(0), stop = args.stop.value_or(n);
+  if (!index.defined()) return {args.start, stop};
+  // Valid rows before a position (a host sync, as valid_rows already made one).
+  auto before = [&](int64_t position) {
+    return position >= n ? valid_count : labels.narrow(0, 0, position).ge(0).sum().item<int64_t>();
+  };
+  return {before(args.start), before(stop)};
 }
 
 // The forward's outputs when every row is ignored: no loss, and an LSE that backward never reads.
@@ -36,21 +69,39 @@ inline at::Tensor positives(const ClassSums& s, at::ScalarType dtype) {
   return s.counts.index_select(0, s.inverse).sub_(1).to(dtype);
 }
 
-// The forward's outputs for all n rows (0 on the rows that `index` leaves out) from the valid rows'
-// LSE, features z (compute dtype) and class sums; rows without positives have no loss.
+// The forward's outputs for all n rows (0 on the rows that `index` leaves out and on the valid rows
+// outside the anchors) from the LSE of the anchors, lse[a.begin : a.end], the valid rows' features z
+// (compute dtype) and class sums; rows without positives have no loss.
 inline std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& lse, const at::Tensor& z, const ClassSums& s,
-                                                  const at::Tensor& index, int64_t n, double temperature,
-                                                  double base_temperature) {
-  const auto n_pos = positives(s, z.scalar_type());
-  const auto pos_logit_sum = (z * (s.sums.index_select(0, s.inverse) - z)).sum(1).mul_(1.0 / temperature);
-  auto loss = at::where(n_pos.gt(0), (lse - pos_logit_sum / n_pos.clamp_min(1)) * (temperature / base_temperature),
-                        at::zeros_like(lse));
+                                                  const Anchors& a, const at::Tensor& index, int64_t n,
+                                                  double temperature, double base_temperature) {
+  const int64_t count = a.end - a.begin;
+  const auto n_pos = positives(s, z.scalar_type()).narrow(0, a.begin, count);
+  const auto z_a = z.narrow(0, a.begin, count);
+  const auto sums_a = s.sums.index_select(0, s.inverse.narrow(0, a.begin, count));
+  const auto pos_logit_sum = (z_a * (sums_a - z_a)).sum(1).mul_(1.0 / temperature);
+  const auto lse_a = lse.narrow(0, a.begin, count);
+  const double scale = temperature / base_temperature;
+  const auto loss_a =
+      at::where(n_pos.gt(0), (lse_a - pos_logit_sum / n_pos.clamp_min(1)) * scale, at::zeros_like(lse_a));
+  auto loss = at::zeros_like(lse);
+  loss.narrow(0, a.begin, count).copy_(loss_a);
   return {scatter_rows(loss, index, n), scatter_rows(lse, index, n)};
 }
 
 // A per-row input of the backward (grad_rows, the saved LSE) on the valid rows, in the compute dtype.
 inline at::Tensor valid_values(const at::Tensor& t, const at::Tensor& index, at::ScalarType dtype) {
   return gather_rows(t.detach().to(dtype).reshape({-1}), index);
+}
+
+// The incoming gradient of the valid rows, 0 outside the anchors (whose loss is the constant 0).
+inline at::Tensor anchor_grads(const at::Tensor& grad_rows, const at::Tensor& index, const Anchors& a,
+                               at::ScalarType dtype) {
+  auto g = valid_values(grad_rows, index, dtype);
+  if (a.begin == 0 && a.end == g.size(0)) return g;
+  auto out = at::zeros_like(g);
+  out.narrow(0, a.begin, a.end - a.begin).copy_(g.narrow(0, a.begin, a.end - a.begin));
+  return out;
 }
 
 // Row weights of the backward, from the valid rows' incoming gradient g and saved LSE.

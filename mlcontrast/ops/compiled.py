@@ -19,13 +19,15 @@ def _loss_dtype(features: torch.Tensor) -> torch.dtype:
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
-def _fake_label_supcon(features, labels, temperature, base_temperature):
+def _fake_label_supcon(features, labels, temperature, base_temperature, anchor_start=0, anchor_stop=None):
     n = features.shape[0]
     dtype = _loss_dtype(features)
     return features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype)
 
 
-def _fake_label_supcon_backward(grad_rows, features, labels, lse, temperature, base_temperature):
+def _fake_label_supcon_backward(
+    grad_rows, features, labels, lse, temperature, base_temperature, anchor_start=0, anchor_stop=None
+):
     return torch.empty_like(features)
 
 
@@ -51,16 +53,16 @@ def _fake_update_prototypes_(prototypes, features, labels, momentum, normalize):
 
 
 def _setup_label_supcon(ctx, inputs, output):
-    features, labels, ctx.temperature, ctx.base_temperature = inputs
+    features, labels, ctx.temperature, ctx.base_temperature, ctx.anchor_start, ctx.anchor_stop = inputs
     ctx.save_for_backward(features, labels, output[1])
 
 
 def _backward_label_supcon(ctx, grad_rows, grad_lse):
     features, labels, lse = ctx.saved_tensors
     grad = torch.ops.mlcontrast.label_supcon_backward(
-        grad_rows, features, labels, lse, ctx.temperature, ctx.base_temperature
+        grad_rows, features, labels, lse, ctx.temperature, ctx.base_temperature, ctx.anchor_start, ctx.anchor_stop
     )
-    return grad, None, None, None
+    return grad, None, None, None, None, None
 
 
 def _setup_prototype_nce(ctx, inputs, output):

@@ -152,18 +152,20 @@ def _label_supcon_fwd_kernel(
     Y,  # [N] int64 labels, -1 = ignored row
     N,
     D,
+    ANCHOR_START,
+    ANCHOR_STOP,  # the anchor rows, whose statistics are written
     INV_T,  # INV_T: [1] tensor holding 1 / temperature in the compute dtype
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # One program per BLOCK_M rows; streams all column tiles with an online log-sum-exp.
+    # One program per BLOCK_M anchor rows; streams all column tiles with an online log-sum-exp.
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: N * D may exceed 2^31
     acc_dtype = LSE.dtype.element_ty
     inv_t = tl.load(INV_T)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < N
+    rows = ANCHOR_START + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < ANCHOR_STOP
     y_i = tl.load(Y + rows, mask=row_in, other=-1)
     offs_d = tl.arange(0, BLOCK_D)
     z_i0 = tl.load(
@@ -208,9 +210,11 @@ def _label_supcon_bwd_kernel(
     Y,
     LSE,
     W,
-    A,  # features, labels, saved LSE (+inf where W = 0), row weights w and a
+    A,  # features, labels, saved LSE (+inf where W = 0), row weights w and a (0 outside the anchors)
     N,
     D,
+    ANCHOR_START,
+    ANCHOR_STOP,
     INV_T,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -220,7 +224,8 @@ def _label_supcon_bwd_kernel(
 ):
     # Deterministic: one program owns BLOCK_M rows of dZ and visits every column tile;
     # dZ_I = sum_J G_IJ Z_J. The first D chunk is accumulated in registers, further chunks by a
-    # read-modify-write of rows no other program touches.
+    # read-modify-write of rows no other program touches. A row block outside the anchors has
+    # w = a = 0, so its G is 0 but for the anchors' columns: it visits only those.
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = DZ.dtype.element_ty
     inv_t = tl.load(INV_T)
@@ -231,8 +236,11 @@ def _label_supcon_bwd_kernel(
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
 
+    anchor_block = (pid * BLOCK_M < ANCHOR_STOP) & (pid * BLOCK_M + BLOCK_M > ANCHOR_START)
+    j_start = tl.where(anchor_block, 0, ANCHOR_START)
+    j_stop = tl.where(anchor_block, N, ANCHOR_STOP)
     dz0 = tl.zeros([BLOCK_M, BLOCK_D], acc_dtype)
-    for j0 in range(0, N, BLOCK_N):
+    for j0 in range(j_start, j_stop, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < N
         y_j, lse_j, w_j, a_j = _row_stats(Y, LSE, W, A, cols, col_in)
@@ -268,6 +276,8 @@ def _label_supcon_bwd_atomic_kernel(
     A,
     N,
     D,
+    ANCHOR_START,
+    ANCHOR_STOP,
     INV_T,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -278,6 +288,8 @@ def _label_supcon_bwd_atomic_kernel(
     # the diagonal block is J = I). G is symmetric, so one tile serves both sides:
     # dZ_I += G_IJ Z_J, and for J > I also dZ_J += G_IJ^T Z_I. The diagonal tile's row side already
     # covers both orders of its pairs. Other programs add into the same rows: atomics throughout.
+    # Outside the anchors w = a = 0, so a tile of two blocks outside them is 0: a row block outside
+    # the anchors visits only the tiles J >= I that overlap them.
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = DZ.dtype.element_ty
     inv_t = tl.load(INV_T)
@@ -289,8 +301,11 @@ def _label_supcon_bwd_atomic_kernel(
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
 
+    anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK > ANCHOR_START)
+    j_start = i0 + tl.where(anchor_block, 0, tl.maximum(ANCHOR_START - i0, 0) // BLOCK * BLOCK)
+    j_stop = tl.where(anchor_block, N, ANCHOR_STOP)
     dz0 = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
-    for j0 in range(i0, N, BLOCK):
+    for j0 in range(j_start, j_stop, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         col_in = cols < N
         y_j, lse_j, w_j, a_j = _row_stats(Y, LSE, W, A, cols, col_in)
@@ -361,14 +376,28 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     }
 
 
-def _fake_label_supcon(features, labels, temperature, base_temperature):
+def _anchor_range(n: int, anchor_start: int, anchor_stop: int | None) -> tuple[int, int]:
+    stop = n if anchor_stop is None else anchor_stop
+    if not 0 <= anchor_start <= stop <= n:
+        raise ValueError(
+            f"anchor rows must satisfy 0 <= anchor_start <= anchor_stop <= N = {n}, got {anchor_start} and {stop}"
+        )
+    return anchor_start, stop
+
+
+def _fake_label_supcon(features, labels, temperature, base_temperature, anchor_start=0, anchor_stop=None):
     n, dtype = features.shape[0], compute_dtype(features.dtype)
     return features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype)
 
 
 @triton_library_op("label_supcon", fake=_fake_label_supcon)
 def label_supcon(
-    features: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    base_temperature: float,
+    anchor_start: int = 0,
+    anchor_stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Per-row loss, row LSE and positive count of label-level SupCon (forward launcher).
 
@@ -377,22 +406,26 @@ def label_supcon(
         labels: ``[N]`` int64 class ids, -1 for a row that takes no part.
         temperature: :math:`\tau > 0`.
         base_temperature: :math:`\tau_{base} > 0`.
+        anchor_start, anchor_stop: the anchor rows (``anchor_stop=None``: N). Only they get a loss;
+            every valid row stays in their contrast sets (a process group's rows against all rows).
 
     Returns:
         ``(loss, lse, n_pos)``, each ``[N]`` in fp32 (fp64 for fp64 features): :math:`\ell_i` (0 on
-        ignored rows and rows without positives), :math:`\mathrm{LSE}_i` (-inf for a row with nothing to
-        contrast with) and :math:`n_i`. Only ``loss`` is differentiable.
+        ignored rows, rows without positives and rows outside the anchors), :math:`\mathrm{LSE}_i`
+        (-inf for a row with nothing to contrast with) and :math:`n_i` (both 0 outside the anchors).
+        Only ``loss`` is differentiable.
     """
     z = features.contiguous()
     y = labels.contiguous()
     n, d = z.shape
+    start, stop = _anchor_range(n, anchor_start, anchor_stop)
     dtype = compute_dtype(z.dtype)
-    lse = torch.empty(n, dtype=dtype, device=z.device)
-    pos = torch.empty(n, dtype=dtype, device=z.device)
-    n_pos = torch.empty(n, dtype=dtype, device=z.device)
-    if n > 0:
+    lse = torch.zeros(n, dtype=dtype, device=z.device)
+    pos = torch.zeros(n, dtype=dtype, device=z.device)
+    n_pos = torch.zeros(n, dtype=dtype, device=z.device)
+    if stop > start:
         cfg = _config(d, z.dtype)
-        launch(_label_supcon_fwd_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),))(
+        launch(_label_supcon_fwd_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
             lse,
             pos,
             n_pos,
@@ -401,6 +434,8 @@ def label_supcon(
             y,
             n,
             d,
+            start,
+            stop,
             scalar(1.0 / temperature, dtype, z.device),
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
@@ -415,7 +450,9 @@ def label_supcon(
     return loss, lse, n_pos
 
 
-def _fake_label_supcon_backward(grad_rows, features, labels, lse, n_pos, temperature, base_temperature, atomic):
+def _fake_label_supcon_backward(
+    grad_rows, features, labels, lse, n_pos, temperature, base_temperature, atomic, anchor_start=0, anchor_stop=None
+):
     return torch.empty_like(features, memory_format=torch.contiguous_format)
 
 
@@ -429,12 +466,16 @@ def label_supcon_backward(
     temperature: float,
     base_temperature: float,
     atomic: bool,
+    anchor_start: int = 0,
+    anchor_stop: int | None = None,
 ) -> torch.Tensor:
     r"""Gradient of :math:`\sum_i g_i \ell_i` with respect to the features (backward launcher).
 
     Args:
-        grad_rows: ``[N]`` upstream gradient :math:`g` of the per-row loss.
-        features, labels, temperature, base_temperature: as given to :func:`label_supcon`.
+        grad_rows: ``[N]`` upstream gradient :math:`g` of the per-row loss (rows outside the anchors,
+            whose loss is the constant 0, contribute nothing).
+        features, labels, temperature, base_temperature, anchor_start, anchor_stop: as given to
+            :func:`label_supcon`.
         lse, n_pos: ``[N]`` statistics saved by :func:`label_supcon`.
         atomic: use the symmetric-tile kernel with atomic accumulation instead of the deterministic one.
 
@@ -444,50 +485,50 @@ def label_supcon_backward(
     z = features.contiguous()
     y = labels.contiguous()
     n, d = z.shape
+    start, stop = _anchor_range(n, anchor_start, anchor_stop)
     dtype = compute_dtype(z.dtype)
     inv_t = 1.0 / temperature
     zero = torch.zeros((), dtype=dtype, device=z.device)
-    has_pos = n_pos > 0
-    w = torch.where(has_pos, grad_rows.to(dtype) * (temperature / base_temperature * inv_t), zero)
+    anchors = torch.arange(n, device=z.device)
+    has_loss = (n_pos > 0) & (anchors >= start) & (anchors < stop)
+    w = torch.where(has_loss, grad_rows.to(dtype) * (temperature / base_temperature * inv_t), zero)
     a = w / n_pos.clamp(min=1)
     # Rows that contribute nothing get LSE = +inf, which makes their exp terms exactly 0 in the kernel.
     lse_eff = torch.where(w != 0, lse.to(dtype), torch.full((), float("inf"), dtype=dtype, device=z.device))
     grad = torch.zeros((n, d), dtype=dtype, device=z.device)
     inv_t_arg = scalar(inv_t, dtype, z.device)
-    if n > 0:
+    if stop > start:
         cfg = _config(d, z.dtype)
-        common = dict(
+        kernel, blocks = (
+            (_label_supcon_bwd_atomic_kernel, {"BLOCK": cfg["BLOCK_M"]})
+            if atomic
+            else (_label_supcon_bwd_kernel, {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]})
+        )
+        launch(kernel, (triton.cdiv(n, cfg["BLOCK_M"]),))(
+            grad,
+            grad.stride(0),
+            z,
+            z.stride(0),
+            y,
+            lse_eff,
+            w,
+            a,
+            n,
+            d,
+            start,
+            stop,
+            inv_t_arg,
             BLOCK_D=cfg["BLOCK_D"],
             PRECISION=dot_precision(z.dtype),
             SCALE_G=z.dtype in (torch.float16, torch.bfloat16),
+            **blocks,
             **cfg["options"],
         )
-        if atomic:
-            launch(_label_supcon_bwd_atomic_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),))(
-                grad, grad.stride(0), z, z.stride(0), y, lse_eff, w, a, n, d, inv_t_arg, BLOCK=cfg["BLOCK_M"], **common
-            )
-        else:
-            launch(_label_supcon_bwd_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),))(
-                grad,
-                grad.stride(0),
-                z,
-                z.stride(0),
-                y,
-                lse_eff,
-                w,
-                a,
-                n,
-                d,
-                inv_t_arg,
-                BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"],
-                **common,
-            )
     return grad.to(features.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    features, labels, ctx.temperature, ctx.base_temperature = inputs
+    features, labels, ctx.temperature, ctx.base_temperature, ctx.anchor_start, ctx.anchor_stop = inputs
     _, lse, n_pos = output
     ctx.save_for_backward(features, labels, lse, n_pos)
 
@@ -495,16 +536,30 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_lse, grad_n_pos):
     features, labels, lse, n_pos = ctx.saved_tensors
     grad = label_supcon_backward(
-        grad_loss, features, labels, lse, n_pos, ctx.temperature, ctx.base_temperature, _use_atomic_backward()
+        grad_loss,
+        features,
+        labels,
+        lse,
+        n_pos,
+        ctx.temperature,
+        ctx.base_temperature,
+        _use_atomic_backward(),
+        ctx.anchor_start,
+        ctx.anchor_stop,
     )
-    return grad, None, None, None
+    return grad, None, None, None, None, None
 
 
 label_supcon.register_autograd(_backward, setup_context=_setup_context)
 
 
 def label_supcon_rows(
-    features: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    base_temperature: float,
+    anchor_start: int = 0,
+    anchor_stop: int | None = None,
 ) -> torch.Tensor:
     r"""Per-row label-level SupCon loss :math:`\ell` on the Triton backend, differentiable w.r.t. ``features``.
 
@@ -513,9 +568,10 @@ def label_supcon_rows(
         labels: ``[N]`` int64 class ids, -1 for a row that takes no part.
         temperature: :math:`\tau > 0`.
         base_temperature: :math:`\tau_{base} > 0`.
+        anchor_start, anchor_stop: the rows that get a loss (``None``: up to N); all rows are contrasted.
 
     Shape:
-        features ``[N, D]``, labels ``[N]`` → ``[N]`` in fp32 (fp64 for fp64 features), 0 on ignored rows
-        and on rows without positives.
+        features ``[N, D]``, labels ``[N]`` → ``[N]`` in fp32 (fp64 for fp64 features), 0 on ignored rows,
+        on rows without positives and outside the anchors.
     """
-    return label_supcon(features, labels, float(temperature), float(base_temperature))[0]
+    return label_supcon(features, labels, float(temperature), float(base_temperature), anchor_start, anchor_stop)[0]

@@ -1,8 +1,8 @@
 // Runs the CUDA kernel templates of csrc/cuda on the CPU through host_emulation.h (see there).
 // Used by tests/test_cuda_build.py; not part of the extension.
 //
-//   emulate_kernels supcon_fwd  DTYPE TC N D INV_T                    z lse
-//   emulate_kernels supcon_bwd  DTYPE TC N D INV_T G_SCALE            z w lse dz
+//   emulate_kernels supcon_fwd  DTYPE TC N D INV_T BEGIN END          z lse
+//   emulate_kernels supcon_bwd  DTYPE TC N D INV_T BEGIN END G_SCALE  z w lse dz
 //   emulate_kernels nce_fwd     DTYPE ROWS C D INV_T                  z unit_p logits
 //   emulate_kernels nce_bwd     DTYPE ROWS C D INV_T                  z unit_p dlogits grad_z grad_unit_p
 //   emulate_kernels segment_sum DTYPE ROWS D SEGMENTS WEIGHTED        x weight order offsets out
@@ -10,7 +10,8 @@
 // DTYPE is float32, float16, bfloat16 or float64: the element type of z / x; every other float
 // array is in the accumulation type (fp64 for float64, else fp32); order and offsets are int64.
 // TC = 1 picks the tensor-core (WMMA) configuration (fp32 as TF32), 0 the SIMT one. G_SCALE = 0
-// means none. Arrays are raw little-endian files; outputs are written the same way.
+// means none. BEGIN END are the anchor rows. Arrays are raw little-endian files; outputs are written
+// the same way (lse outside the anchors keeps the input's zeros).
 #include "host_emulation.h"
 
 // The kernel templates under test (after the emulation header, which redefines the CUDA keywords).
@@ -109,25 +110,28 @@ int run(int argc, char** argv) {
     const bool tc = std::stoi(argv[3]) != 0;
     const int64_t n = std::stoll(argv[4]), d = std::stoll(argv[5]);
     const double inv_t = std::stod(argv[6]);
+    const int64_t begin = std::stoll(argv[7]), end = std::stoll(argv[8]);
     if (op == "supcon_fwd") {
-      Buffer z = Buffer::from_file(argv[7], n * d * es), lse(n * as);
+      Buffer z = Buffer::from_file(argv[9], n * d * es), lse(n * as);
       LabelSupconFwdParams p;
       p.z = z.get();
       p.lse = lse.get();
       p.n = n;
+      p.row_begin = begin;
+      p.row_end = end;
       p.d = d;
       p.ld_z = d;
       p.inv_temperature = inv_t;
       p.dtype = dtype;
       dispatch(dtype, tc, [&]<typename T, bool TC>() {
         using Cfg = supcon::KernelConfig<T, TC>;
-        emu::launch(dim3(ceil_div(n, Cfg::BM)), kThreads, supcon::lse_kernel<Cfg>, p);
+        emu::launch(supcon::lse_grid<Cfg>(p), kThreads, supcon::lse_kernel<Cfg>, p);
       });
-      lse.save(argv[8]);
+      lse.save(argv[10]);
     } else {
-      const double g_scale_value = std::stod(argv[7]);
-      Buffer z = Buffer::from_file(argv[8], n * d * es), w = Buffer::from_file(argv[9], n * as),
-             lse = Buffer::from_file(argv[10], n * as), dz(n * d * as);
+      const double g_scale_value = std::stod(argv[9]);
+      Buffer z = Buffer::from_file(argv[10], n * d * es), w = Buffer::from_file(argv[11], n * as),
+             lse = Buffer::from_file(argv[12], n * as), dz(n * d * as);
       float g_scale = static_cast<float>(g_scale_value);
       LabelSupconBwdParams p;
       p.z = z.get();
@@ -136,6 +140,8 @@ int run(int argc, char** argv) {
       p.g_scale = g_scale_value != 0 ? &g_scale : nullptr;
       p.dz = dz.get();
       p.n = n;
+      p.anchor_begin = begin;
+      p.anchor_end = end;
       p.d = d;
       p.ld_z = d;
       p.ld_dz = d;
@@ -143,9 +149,9 @@ int run(int argc, char** argv) {
       p.dtype = dtype;
       dispatch(dtype, tc, [&]<typename T, bool TC>() {
         using Cfg = supcon::KernelConfig<T, TC>;
-        emu::launch(dim3(ceil_div(n, Cfg::BM), ceil_div(d, Cfg::DP)), kThreads, supcon::lse_grad_kernel<Cfg>, p);
+        emu::launch(supcon::lse_grad_grid<Cfg>(p), kThreads, supcon::lse_grad_kernel<Cfg>, p);
       });
-      dz.save(argv[11]);
+      dz.save(argv[13]);
     }
     return 0;
   }
