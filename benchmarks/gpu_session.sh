@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# A GPU session in a few calls: build on the GPU machine, run the GPU tests, run the GPU benchmarks.
+#
+#   bash benchmarks/gpu_session.sh build          # build the extension for this GPU (in place); ~2 min on 16 cores
+#   bash benchmarks/gpu_session.sh test           # build if needed, then the GPU tests and compute-sanitizer
+#   bash benchmarks/gpu_session.sh bench-supcon   # label_supcon: bf16 D=256 (the targets' shape) + largest-N probe
+#   bash benchmarks/gpu_session.sh bench-protos   # prototype_nce, prototype_ce, update_prototypes: fp32 and bf16
+#   bash benchmarks/gpu_session.sh bench-sweep    # label_supcon fp32 / bf16 at D = 128 and 512
+#
+# Written for the device tool's machines (python3 with torch and triton already installed, nothing to
+# download, each call a fresh machine unless it is still warm, at most 10 minutes a call). Every phase
+# writes its log, and the benchmark phases their results, under $OUT (or ./gpu_out without it):
+# `log-<phase>.txt`, `results-<phase>.tgz` (benchmarks/results/*_cuda.*) and, after a build,
+# `_C.abi3.so.gz`, the built extension. To skip the build in later calls, unpack that file to
+# `.device_build/_C.abi3.so` here (`.device_build/` is git-ignored) and name `.device_build` in the
+# call's carry: the script uses it when it was built against the same torch.
+#
+# Python packages that the GPU image lacks and the tests need (expecttest, for opcheck) travel as
+# wheels: here, `pip download --no-deps --only-binary=:all: -d .whl expecttest` (`.whl/` is git-ignored)
+# and name `.whl` in carry; the script installs them to /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phase="${1:-test}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+log="$OUT/log-$phase.txt"
+exec > >(tee -a "$log") 2>&1
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+
+step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+machine() {
+  step "machine"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton missing")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
+EOF
+}
+
+# The extension for this GPU's architecture, in place; a carried build of the same torch is reused.
+build() {
+  local torch_version arch
+  torch_version=$("$PY" -c "import torch; print(torch.__version__)")
+  arch=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
+  if [ -f .device_build/_C.abi3.so ] && [ "$(cat .device_build/torch_version 2>/dev/null)" = "$torch_version" ]; then
+    step "using the carried build of .device_build (torch $torch_version)"
+    cp .device_build/_C.abi3.so mlcontrast/_C.abi3.so
+  else
+    step "building for sm_${arch/./} against torch $torch_version"
+    local start=$SECONDS
+    MLCONTRAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace \
+      || { echo "BUILD FAILED"; exit 1; }
+    echo "built in $((SECONDS - start)) s"
+    gzip -c mlcontrast/_C.abi3.so > "$OUT/_C.abi3.so.gz"
+    echo "$torch_version" > "$OUT/torch_version"
+  fi
+  "$PY" -c "import mlcontrast, torch; print('backends on cuda:', mlcontrast.available_backends('cuda'))"
+}
+
+pack() {
+  tar czf "$OUT/results-$phase.tgz" benchmarks/results/*_cuda.* 2>/dev/null && echo "packed $OUT/results-$phase.tgz"
+}
+
+case "$phase" in
+  build)
+    machine; build ;;
+  test)
+    machine; build
+    step "GPU tests (tests/test_gpu.py: every op on CUDA, opcheck, determinism, compute-sanitizer)"
+    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -rs --durations=15
+    step "Triton on the GPU (tests/test_triton_ops.py, bf16 and large sizes included)"
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py -rs --durations=10 ;;
+  bench-supcon)
+    machine; build
+    step "label_supcon, bf16, D = 256, the issue's shape (N = 32768) and around it; largest N up to 2^20"
+    "$PY" -m benchmarks.bench_label_supcon --device cuda --dtype bfloat16 --d 256 --n 4096 16384 32768 65536 \
+      --max-n-probe --max-n-start 131072 --max-n-limit 1048576 --max-n-timeout-s 120
+    pack ;;
+  bench-protos)
+    machine; build
+    for dtype in float32 bfloat16; do
+      for op in prototype_nce prototype_ce update_prototypes; do
+        step "$op, $dtype"
+        "$PY" -m benchmarks.bench_$op --device cuda --dtype $dtype
+      done
+    done
+    pack ;;
+  bench-sweep)
+    machine; build
+    for dtype in float32 bfloat16; do
+      for d in 128 512; do
+        step "label_supcon, $dtype, D = $d"
+        "$PY" -m benchmarks.bench_label_supcon --device cuda --dtype $dtype --d $d
+      done
+    done
+    pack ;;
+  *)
+    echo "unknown phase $phase (build, test, bench-supcon, bench-protos, bench-sweep)"; exit 2 ;;
+esac
+step "done"
