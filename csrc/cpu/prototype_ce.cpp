@@ -1,6 +1,7 @@
 // Sample-to-prototype cross-entropy on the CPU, a fused linear cross-entropy with C classes (the
-// loss: shared/prototype_ce.h). Row blocks are processed in parallel, each on its own scratch block
-// of logits; the features' normalisation is folded into the blocks (no [N, D] temporaries).
+// loss and the blocks: shared/prototype_ce.h). Row blocks of 256 are processed in parallel, each on
+// its own scratch block of logits; the features' normalisation is folded into the blocks (no [N, D]
+// temporaries), and its chain rule is one pass per row here.
 #include "common.h"
 #include "shared/prototype_ce.h"
 
@@ -21,64 +22,39 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
   prototype_ce::check_inputs(features, labels, prototypes);
 }
 
-// The features' unit rows are never materialised: a block's logits are the GEMM of its raw rows with
-// the prototypes, scaled row by row by 1 / max(|z_i|, eps). That saves the [N, D] unit rows in the
-// forward and, in the backward, the unit rows and the [N, D] temporaries of their chain rule.
-struct Inputs {
-  prototype_ce::ClassOperands o;  // the prototypes and the labels
-  at::Tensor z;                   // [N, D] the features in the compute dtype, contiguous
-  at::Tensor inv_norm;            // [N, 1] 1 / max(|z_i|, eps)
-  at::Tensor above;               // [N, 1] |z_i| > eps, in the compute dtype: where the norm depends on z_i
-};
-
-Inputs inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes, double temperature) {
-  const auto dtype = compute_dtype(features, prototypes);
-  Inputs in;
-  in.z = to_compute(features, dtype);
-  const auto norm = at::linalg_vector_norm(in.z, 2, {-1}, /*keepdim=*/true);
-  in.inv_norm = norm.clamp_min(kNormEps).reciprocal_();
-  in.above = norm.gt(kNormEps).to(dtype);
-  in.o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
-  return in;
-}
-
-// The logits u of rows i0 .. i0 + out.size(0) into `out`: (z_i . p_c) / max(|z_i|, eps).
-void block_logits(const Inputs& in, int64_t i0, at::Tensor& out) {
-  const int64_t rows = out.size(0);
-  at::mm_out(out, in.z.narrow(0, i0, rows), in.o.p.t());
-  out.mul_(in.inv_norm.narrow(0, i0, rows));
-}
+using prototype_ce::FeatureRows;
 
 std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                     const at::Tensor& prototypes, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
   const int64_t n = features.size(0), c = prototypes.size(0);
-  const auto in = inputs(features, labels, prototypes, temperature);
-  auto loss = at::zeros({n}, in.o.p.options());
-  auto lse = at::empty({n}, in.o.p.options());
+  const auto dtype = compute_dtype(features, prototypes);
+  const auto o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
+  const auto f = prototype_ce::feature_rows(features, dtype);
+  auto loss = at::zeros({n}, o.p.options());
+  auto lse = at::empty({n}, o.p.options());
 
   at::parallel_for(0, (n + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
     MLC_KERNEL_GUARD();
-    auto scratch = at::empty({kRowBlock, c}, in.o.p.options());
+    auto scratch = at::empty({kRowBlock, c}, o.p.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
       auto logits = scratch.narrow(0, 0, rows);
-      block_logits(in, i0, logits);
-      prototype_ce::forward_block(in.o, logits, i0, lse, loss);
+      prototype_ce::block_logits(o, f, f.block(i0, rows), i0, logits);
+      prototype_ce::forward_block(o, logits, i0, lse, loss);
     }
   });
   return {loss, lse};
 }
 
-// In place on the block's rows of grad_z, which hold G, the gradient of their unit rows x = z s:
-// (G - x (x . G) [|z_i| > eps]) s, the gradient through x = z / max(|z|, eps), in one pass per row.
+// prototype_ce::through_normalisation_ in one pass per row: (g - x (x . g) [|z| > eps]) s with x = z s.
 template <typename T>
-void through_normalisation_(const Inputs& in, int64_t i0, at::Tensor& out) {
+void through_normalisation_(const FeatureRows& f, const at::Tensor& zb, int64_t i0, at::Tensor& out) {
   const int64_t rows = out.size(0), d = out.size(1);
-  const T* z = in.z.data_ptr<T>() + i0 * d;
-  const T* inv = in.inv_norm.data_ptr<T>() + i0;
-  const T* above = in.above.data_ptr<T>() + i0;
+  const T* z = zb.data_ptr<T>();
+  const T* inv = f.inv_norm.data_ptr<T>() + i0;
+  const T* above = f.above.data_ptr<T>() + i0;
   T* g = out.data_ptr<T>();
   for (int64_t i = 0; i < rows; ++i) {
     const T* zi = z + i * d;
@@ -87,28 +63,10 @@ void through_normalisation_(const Inputs& in, int64_t i0, at::Tensor& out) {
     T dot = 0;
 #pragma omp simd reduction(+ : dot)
     for (int64_t k = 0; k < d; ++k) dot += zi[k] * gi[k];
-    const T radial = dot * s * above[i];  // x . G
+    const T radial = dot * s * above[i];  // x . g
 #pragma omp simd
     for (int64_t k = 0; k < d; ++k) gi[k] = (gi[k] - zi[k] * s * radial) * s;
   }
-}
-
-// Backward of one block: d_ic = d loss / d u_ic from the recomputed logits; G = d P, the gradient of
-// the block's unit rows, taken through the normalisation straight in the block's rows of grad_z;
-// d loss / d p_c = sum_i d_ic x_i = sum_i (d_ic s_i) z_i (p = unit prototypes / t) added to the
-// worker's grad_p.
-void backward_block(const Inputs& in, const prototype_ce::RowGrads& r, int64_t i0, at::Tensor& u, at::Tensor& d,
-                    at::Tensor& grad_z, const at::Tensor& grad_p) {
-  const int64_t rows = u.size(0);
-  block_logits(in, i0, u);
-  d.copy_(u);
-  const auto g_b = prototype_ce::softmax_part_(r, d, i0);
-  d.scatter_add_(1, in.o.y.narrow(0, i0, rows).clamp_min(0).unsqueeze(1), -g_b);
-  auto out = grad_z.narrow(0, i0, rows);
-  at::mm_out(out, d, in.o.p);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "prototype_ce_normalisation_backward",
-                             [&] { through_normalisation_<scalar_t>(in, i0, out); });
-  grad_p.addmm_(d.mul_(in.inv_norm.narrow(0, i0, rows)).t(), in.z.narrow(0, i0, rows));
 }
 
 std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
@@ -120,29 +78,34 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(const at::Tensor& g
   MLC_CHECK_CPU(lse);
   check_row_inputs(grad_rows, lse, features.size(0));
   const int64_t n = features.size(0), c = prototypes.size(0), d = features.size(1);
-  const auto in = inputs(features, labels, prototypes, temperature);
-  const auto r = prototype_ce::row_grads(in.o, grad_rows, lse);
+  const auto dtype = compute_dtype(features, prototypes);
+  const auto o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
+  const auto f = prototype_ce::feature_rows(features, dtype);
+  const auto r = prototype_ce::row_grads(o, grad_rows, lse);
+  auto normalise = [&](const at::Tensor& zb, int64_t i0, at::Tensor& g) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "prototype_ce_normalisation_backward",
+                               [&] { through_normalisation_<scalar_t>(f, zb, i0, g); });
+  };
 
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  auto grad_z = at::empty({n, d}, in.o.p.options());
+  auto grad_z = at::empty({n, d}, o.p.options());
   // One [C, D] accumulator per worker for the prototype gradient: no shared writes.
-  auto grad_p = at::zeros({workers, c, d}, in.o.p.options());
+  auto grad_p = at::zeros({workers, c, d}, o.p.options());
 
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     MLC_KERNEL_GUARD();
-    auto scratch = at::empty({2, kRowBlock, c}, in.o.p.options());
+    auto scratch = at::empty({kRowBlock, c}, o.p.options());
     for (int64_t worker = w0; worker < w1; ++worker) {
       for (int64_t b = worker * blocks / workers; b < (worker + 1) * blocks / workers; ++b) {
         const int64_t i0 = b * kRowBlock, rows = std::min(kRowBlock, n - i0);
-        auto u = scratch[0].narrow(0, 0, rows), dl = scratch[1].narrow(0, 0, rows);
-        backward_block(in, r, i0, u, dl, grad_z, grad_p[worker]);
+        auto dl = scratch.narrow(0, 0, rows);
+        auto out = grad_z.narrow(0, i0, rows);
+        prototype_ce::backward_block(o, f, r, i0, dl, out, grad_p[worker], normalise);
       }
     }
   });
-  auto grad_unit_p = grad_p.sum(0).mul_(1.0 / temperature);
-  return {grad_z.to(features.scalar_type()),
-          unit_rows_backward(grad_unit_p, in.o.protos).to(prototypes.scalar_type())};
+  return {grad_z.to(features.scalar_type()), prototype_ce::prototype_grad(o, grad_p.sum(0), temperature, prototypes)};
 }
 
 }  // namespace

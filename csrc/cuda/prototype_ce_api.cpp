@@ -2,9 +2,11 @@
 // the CUDA dispatch key; the math of a block is shared/prototype_ce.h, run by the CPU backend too.
 //
 // No custom kernel: the [rows x C] logits are GEMMs that cuBLAS (through at::mm) runs at full
-// rate, and everything else is O(N (C + D)). Rows go in chunks so that no N x C buffer exists beyond
-// kChunkElements, and the gradients use no atomics (the label column is subtracted with a one-hot
-// compare, not scatter_add_), so results are deterministic.
+// rate, and everything else is O(N (C + D)). Rows go in chunks so that no [rows, C] or [rows, D]
+// buffer exceeds kChunkElements; the features are never normalised in memory (the blocks of
+// shared/prototype_ce.h fold the normalisation in), so the backward's only [N, D] buffer is the
+// gradient it returns. Chunks run in stream order and every add is a GEMM or meets one entry, so
+// results are deterministic.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,7 +18,7 @@ namespace mlcontrast {
 namespace cuda {
 namespace {
 
-// Elements of one chunk of logits (64 MiB in fp32).
+// Elements of a chunk's largest buffer (64 MiB in fp32).
 constexpr int64_t kChunkElements = int64_t(1) << 24;
 
 void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes) {
@@ -28,7 +30,7 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
   prototype_ce::check_inputs(features, labels, prototypes);
 }
 
-int64_t chunk_rows(int64_t c) { return std::max<int64_t>(1, kChunkElements / c); }
+int64_t chunk_rows(int64_t c, int64_t d) { return std::max<int64_t>(1, kChunkElements / std::max(c, d)); }
 
 std::tuple<at::Tensor, at::Tensor> prototype_ce_cuda(const at::Tensor& features, const at::Tensor& labels,
                                                      const at::Tensor& prototypes, double temperature) {
@@ -38,13 +40,18 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_cuda(const at::Tensor& features,
   const int64_t n = features.size(0), c = prototypes.size(0);
   // A label >= C would index past the logits on the device (a device-side assert, not an error).
   check_labels_below(labels, c);
-  const auto o = prototype_ce::operands(features, labels, prototypes, temperature);
+  const auto dtype = compute_dtype(features, prototypes);
+  const auto o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
+  const auto f = prototype_ce::feature_rows(features, dtype);
   auto loss = at::zeros({n}, o.p.options());
   auto lse = at::empty({n}, o.p.options());
-  const int64_t step = chunk_rows(c);
+  const int64_t step = chunk_rows(c, features.size(1));
+  auto scratch = at::empty({std::min(step, n), c}, o.p.options());
   for (int64_t i0 = 0; i0 < n; i0 += step) {
     const int64_t rows = std::min(step, n - i0);
-    prototype_ce::forward_block(o, at::mm(o.z.unit.narrow(0, i0, rows), o.p.t()), i0, lse, loss);
+    auto logits = scratch.narrow(0, 0, rows);
+    prototype_ce::block_logits(o, f, f.block(i0, rows), i0, logits);
+    prototype_ce::forward_block(o, logits, i0, lse, loss);
   }
   return {loss, lse};
 }
@@ -61,22 +68,26 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cuda(const at::Tensor& 
   check_row_inputs(grad_rows, lse, features.size(0));
   const c10::cuda::CUDAGuard device_guard(features.device());
   const int64_t n = features.size(0), c = prototypes.size(0), d = features.size(1);
-  const auto o = prototype_ce::operands(features, labels, prototypes, temperature);
+  check_labels_below(labels, c);  // the label column's scatter would write past the logits
+  const auto dtype = compute_dtype(features, prototypes);
+  const auto o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
+  const auto f = prototype_ce::feature_rows(features, dtype);
   const auto r = prototype_ce::row_grads(o, grad_rows, lse);
-  const auto classes = at::arange(c, o.y.options());
+  auto normalise = [&](const at::Tensor& zb, int64_t i0, at::Tensor& g) {
+    prototype_ce::through_normalisation_(f, zb, i0, g);
+  };
 
-  auto grad_unit_z = at::empty({n, d}, o.p.options());
-  auto grad_unit_p = at::zeros({c, d}, o.p.options());
-  const int64_t step = chunk_rows(c);
+  auto grad_z = at::empty({n, d}, o.p.options());
+  auto grad_p = at::zeros({c, d}, o.p.options());
+  const int64_t step = chunk_rows(c, d);
+  auto scratch = at::empty({std::min(step, n), c}, o.p.options());
   for (int64_t i0 = 0; i0 < n; i0 += step) {
     const int64_t rows = std::min(step, n - i0);
-    auto dlogits = at::mm(o.z.unit.narrow(0, i0, rows), o.p.t());
-    const auto g_b = prototype_ce::softmax_part_(r, dlogits, i0);
-    const auto label_column = classes.unsqueeze(0).eq(o.y.narrow(0, i0, rows).unsqueeze(1));
-    dlogits.sub_(label_column.to(o.p.scalar_type()).mul_(g_b));
-    prototype_ce::backward_block(o, dlogits, i0, temperature, grad_unit_z, grad_unit_p);
+    auto dlogits = scratch.narrow(0, 0, rows);
+    auto out = grad_z.narrow(0, i0, rows);
+    prototype_ce::backward_block(o, f, r, i0, dlogits, out, grad_p, normalise);
   }
-  return prototype_ce::input_grads(o, grad_unit_z, grad_unit_p, features, prototypes);
+  return {grad_z.to(features.scalar_type()), prototype_ce::prototype_grad(o, grad_p, temperature, prototypes)};
 }
 
 }  // namespace

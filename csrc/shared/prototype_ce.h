@@ -1,6 +1,7 @@
 // prototype_ce math that both backends run with ATen (csrc/cpu/prototype_ce.cpp,
 // csrc/cuda/prototype_ce_api.cpp), block of rows by block of rows; each backend brings its own
-// blocking, the logits GEMM of a block and the subtraction of the label column in the backward.
+// blocking (parallel blocks of 256 rows on the CPU, large chunks in stream order on CUDA) and the
+// chain rule of the normalisation in the backward.
 //
 // u_ic = cos(z_i, p_c) / t,  l_i = LSE_c u_ic - u_{i,y_i}  for rows with y_i >= 0 (0 otherwise).
 // Only a block of logits exists at a time, and only the row LSE is saved for backward, which
@@ -44,18 +45,35 @@ inline ClassOperands class_operands(const at::Tensor& labels, const at::Tensor& 
   return o;
 }
 
-// With the features' unit rows too: the logits of rows i0 .. i0 + rows are z.unit[i0 : i0 + rows] p^T.
-struct Operands : ClassOperands {
-  UnitRows z;  // the features' unit rows
+// The features, never normalised in memory: the logits of a block of rows are the GEMM of its raw
+// rows with the prototypes, scaled row by row by 1 / max(|z_i|, eps). That saves the [N, D] unit rows
+// in the forward and, in the backward, the unit rows and the [N, D] temporaries of their chain rule.
+struct FeatureRows {
+  at::Tensor z;          // [N, D] the features in their own dtype, contiguous
+  at::Tensor inv_norm;   // [N, 1] compute dtype: 1 / max(|z_i|, eps)
+  at::Tensor above;      // [N, 1] compute dtype: |z_i| > eps, where the norm depends on z_i
+  at::ScalarType dtype;  // the compute dtype
+
+  // Rows i0 .. i0 + rows in the compute dtype: a view of fp32 (fp64) features, a copy of the block for
+  // 16-bit ones.
+  at::Tensor block(int64_t i0, int64_t rows) const { return z.narrow(0, i0, rows).to(dtype); }
 };
 
-inline Operands operands(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
-                         double temperature) {
-  const auto dtype = compute_dtype(features, prototypes);
-  Operands o;
-  static_cast<ClassOperands&>(o) = class_operands(labels, prototypes, temperature, dtype);
-  o.z = unit_rows(to_compute(features, dtype));
-  return o;
+inline FeatureRows feature_rows(const at::Tensor& features, at::ScalarType dtype) {
+  FeatureRows f;
+  f.z = features.detach().contiguous();
+  f.dtype = dtype;
+  const auto norm = at::linalg_vector_norm(f.z, 2, {-1}, /*keepdim=*/true, dtype);
+  f.inv_norm = norm.clamp_min(kNormEps).reciprocal_();
+  f.above = norm.gt(kNormEps).to(dtype);
+  return f;
+}
+
+// The logits of rows i0 .. i0 + out.size(0), whose compute-dtype block is zb, into `out`.
+inline void block_logits(const ClassOperands& o, const FeatureRows& f, const at::Tensor& zb, int64_t i0,
+                         at::Tensor& out) {
+  at::mm_out(out, zb, o.p.t());
+  out.mul_(f.inv_norm.narrow(0, i0, out.size(0)));
 }
 
 // Writes the row LSE and the loss of the rows i0 .. i0 + logits.size(0) from their logits.
@@ -94,22 +112,40 @@ inline at::Tensor softmax_part_(const RowGrads& r, at::Tensor& logits, int64_t i
   return g_b;
 }
 
-// From d loss / d u of the rows i0 .. i0 + dlogits.size(0): writes their rows of the gradient of
-// the features' unit rows and adds their part of the gradient of the prototypes' unit rows.
-inline void backward_block(const Operands& o, const at::Tensor& dlogits, int64_t i0, double temperature,
-                           const at::Tensor& grad_unit_z, const at::Tensor& grad_unit_p) {
-  const int64_t rows = dlogits.size(0);
-  auto out = grad_unit_z.narrow(0, i0, rows);
-  at::mm_out(out, dlogits, o.p);
-  grad_unit_p.addmm_(dlogits.t(), o.z.unit.narrow(0, i0, rows), /*beta=*/1, /*alpha=*/1.0 / temperature);
+// In place on g, the gradient of the unit rows x = z s (s = 1 / max(|z|, eps)) of the block zb at
+// rows i0: (g - x (x . g) [|z| > eps]) s, the gradient through the normalisation. ATen form, with two
+// block-sized temporaries (the CPU backend has a one-pass loop for it).
+inline void through_normalisation_(const FeatureRows& f, const at::Tensor& zb, int64_t i0, at::Tensor& g) {
+  const int64_t rows = g.size(0);
+  const auto s = f.inv_norm.narrow(0, i0, rows);
+  const auto radial = (zb * g).sum(1, /*keepdim=*/true).mul_(s).mul_(f.above.narrow(0, i0, rows));  // x . g
+  g.sub_(zb * (s * radial)).mul_(s);
 }
 
-// The gradients of the features and the prototypes, in their dtypes, from those of their unit rows.
-inline std::tuple<at::Tensor, at::Tensor> input_grads(const Operands& o, const at::Tensor& grad_unit_z,
-                                                      const at::Tensor& grad_unit_p, const at::Tensor& features,
-                                                      const at::Tensor& prototypes) {
-  return {unit_rows_backward(grad_unit_z, o.z).to(features.scalar_type()),
-          unit_rows_backward(grad_unit_p, o.protos).to(prototypes.scalar_type())};
+// Backward of the block of rows i0 .. i0 + d.size(0): d_ic = d loss / d u_ic from the recomputed
+// logits (d is the block's [rows, C] scratch); G = d P, the gradient of the block's unit rows, goes
+// through the normalisation straight in grad_z_block (its rows of the features' gradient, compute
+// dtype); d loss / d p_c = sum_i d_ic x_i = sum_i (d_ic s_i) z_i (p = unit prototypes / t) is added
+// to grad_p. `normalise(zb, i0, g)` applies the normalisation's chain rule in place on g.
+template <class Normalise>
+void backward_block(const ClassOperands& o, const FeatureRows& f, const RowGrads& r, int64_t i0, at::Tensor& d,
+                    at::Tensor& grad_z_block, const at::Tensor& grad_p, Normalise normalise) {
+  const int64_t rows = d.size(0);
+  const auto zb = f.block(i0, rows);
+  block_logits(o, f, zb, i0, d);
+  const auto g_b = softmax_part_(r, d, i0);
+  // The label column: one entry per row (an ignored row adds its g = 0 to column 0), so no two adds
+  // meet and the result does not depend on their order.
+  d.scatter_add_(1, o.y.narrow(0, i0, rows).clamp_min(0).unsqueeze(1), -g_b);
+  at::mm_out(grad_z_block, d, o.p);
+  normalise(zb, i0, grad_z_block);
+  grad_p.addmm_(d.mul_(f.inv_norm.narrow(0, i0, rows)).t(), zb);
+}
+
+// The gradient of the prototypes, in their dtype, from grad_p = sum over the blocks of the above.
+inline at::Tensor prototype_grad(const ClassOperands& o, const at::Tensor& grad_p, double temperature,
+                                 const at::Tensor& prototypes) {
+  return unit_rows_backward(grad_p * (1.0 / temperature), o.protos).to(prototypes.scalar_type());
 }
 
 }  // namespace prototype_ce

@@ -80,7 +80,13 @@ def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def launch(kernel, grid: tuple[int, ...]):
-    """``kernel[grid]`` through ``wrap_triton`` so that a ``triton_op`` body stays traceable."""
+    """``kernel[grid]`` through ``wrap_triton`` so that a ``triton_op`` body stays traceable.
+
+    An interpreted kernel (``TRITON_INTERPRET=1``, where the ops are plain ``custom_op``s) is launched
+    directly: torch before 2.14 refuses to wrap one.
+    """
+    if is_interpreted(kernel):
+        return kernel[grid]
     return torch.library.wrap_triton(kernel)[grid]
 
 
