@@ -12,8 +12,11 @@
 # writes its log, and the benchmark phases their results, under $OUT (or ./gpu_out without it):
 # `log-<phase>.txt`, `results-<phase>.tgz` (benchmarks/results/*_cuda.*) and, after a build,
 # `_C.abi3.so.gz`, the built extension. To skip the build in later calls, unpack that file to
-# `.device_build/_C.abi3.so` here (`.device_build/` is git-ignored) and name `.device_build` in the
-# call's carry: the script uses it when it was built against the same torch.
+# `.device_build/_C.abi3.so` here, with `torch_version` beside it (`.device_build/` is git-ignored), and
+# name `.device_build` in the call's carry: the script uses it when it was built against the same torch.
+# Back here, unpack the results tarballs at the repo root, commit benchmarks/results/*_cuda.*, and run
+# `python -m benchmarks.report --write-readme --write-measured` (README's tables and the table that
+# "auto" follows on CUDA).
 #
 # Python packages that the GPU image lacks and the tests need (expecttest, for opcheck) travel as
 # wheels: here, `pip download --no-deps --only-binary=:all: -d .whl expecttest` (`.whl/` is git-ignored)

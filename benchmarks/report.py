@@ -3,6 +3,7 @@
     python -m benchmarks.report                  # print the tables of every results file
     python -m benchmarks.report --write-readme   # replace README's section between the bench markers
     python -m benchmarks.report --results-dir /tmp/quick --include-quick   # tables of quick runs elsewhere
+    python -m benchmarks.report --write-measured # mlcontrast/_measured.py: the fastest CUDA backend per shape
 
 README's benchmark section is never typed by hand: it is this script's output for the committed
 ``benchmarks/results/<op>_<device>.json`` files (quick runs, ``*_quick_*``, are left out). The tables are
@@ -206,20 +207,71 @@ def write_readme(text: str, start: str = START, end: str = END) -> None:
     README.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
+FUSED_ON_CUDA = ("cuda", "triton")
+MEASURED = ROOT / "mlcontrast" / "_measured.py"
+
+
+def fastest_backends(paths: list[Path]) -> tuple[str | None, dict[tuple[str, str], list[tuple[int, int, str]]]]:
+    """From CUDA results files: the GPU's name and, per (op, dtype), each measured (rows, D) with the fused
+    backend of the smallest fwd+bwd (or single-call) median time."""
+    device, best = None, {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        if not str(result["metadata"]["device"]).startswith("cuda"):
+            continue
+        device = device or result["metadata"].get("gpu_name")
+        mode = "full" if "full" in result["config"]["modes"] else result["config"]["modes"][0]
+        for r in result["records"]:
+            median = ((r.get("time_s") or {}).get(mode) or {}).get("median")
+            if r["provider"] not in FUSED_ON_CUDA or r["status"] != "ok" or median is None:
+                continue
+            key, shape = (r["op"], r["dtype"]), (r["n"], r["d"])
+            current = best.setdefault(key, {}).get(shape)
+            if current is None or median < current[0]:
+                best[key][shape] = (median, r["provider"])
+    table = {key: sorted((n, d, backend) for (n, d), (_, backend) in shapes.items()) for key, shapes in best.items()}
+    return device, dict(sorted(table.items()))
+
+
+def write_measured(paths: list[Path], target: Path = MEASURED) -> Path:
+    """Rewrites ``mlcontrast/_measured.py`` (its docstring kept) from the CUDA results among ``paths``."""
+    device, table = fastest_backends(paths)
+    text = target.read_text()
+    docstring = text[: text.index('"""', 3) + 3]
+    lines = [docstring, "", "# The GPU the figures were measured on (None: no GPU results yet).",
+             f"DEVICE = {device!r}", "", "# (op, dtype) -> ((rows, feature dim, fastest backend), ...)",
+             "FASTEST: dict[tuple[str, str], tuple[tuple[int, int, str], ...]] = {" + ("" if table else "}")]
+    for key, points in table.items():
+        lines.append(f"    {key!r}: (")
+        lines += [f"        {point!r}," for point in points]
+        lines.append("    ),")
+    if table:
+        lines.append("}")
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-readme", action="store_true", help="rewrite README's benchmark section")
+    parser.add_argument("--write-measured", action="store_true",
+                        help="rewrite mlcontrast/_measured.py (the fastest CUDA backend per shape) from the results")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the results files are")
     parser.add_argument("--include-quick", action="store_true", help="also the quick runs' files (*_quick_*)")
     args = parser.parse_args(argv)
     paths = result_files(args.results_dir, args.include_quick)
-    if args.write_readme and (args.include_quick or args.results_dir.resolve() != RESULTS):
-        parser.error("--write-readme takes the committed results only (no --results-dir, no --include-quick)")
+    if (args.write_readme or args.write_measured) and (args.include_quick or args.results_dir.resolve() != RESULTS):
+        parser.error("--write-readme and --write-measured take the committed results only "
+                     "(no --results-dir, no --include-quick)")
+    if args.write_measured:
+        print(f"updated {write_measured(paths)}")
     text = section(paths)
     if args.write_readme:
         write_readme(text)
         print(f"updated {README}")
-    else:
+    elif not args.write_measured:
         print(text)
     return 0
 

@@ -1,15 +1,19 @@
 """Which backends exist for a device, and which one a call uses.
 
-``"auto"`` tries the backends of :func:`available_backends` in order; ``MLCONTRAST_BACKEND`` replaces
-``"auto"`` by a fixed choice. An explicitly requested backend that is unavailable raises
-``RuntimeError`` saying why and how to get it.
+``"auto"`` takes, on CUDA tensors, the available backend that the committed GPU benchmarks found
+fastest at the nearest measured shape (:mod:`mlcontrast._measured`), and otherwise the first backend
+of :func:`available_backends`; ``MLCONTRAST_BACKEND`` replaces ``"auto"`` by a fixed choice. An
+explicitly requested backend that is unavailable raises ``RuntimeError`` saying why and how to get it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+
+from mlcontrast import _measured
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
@@ -91,8 +95,38 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in _auto_order(device) if why_unavailable(name, device) is None]
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend that runs a call with ``backend=`` on tensors on ``device``."""
+def measured_fastest(
+    op: str, dtype: torch.dtype, rows: int, dim: int, available: list[str], table: dict | None = None
+) -> str | None:
+    """The backend of ``available`` that ran fastest at the measured shape nearest to ``(rows, dim)``.
+
+    Shapes are compared on a log scale (twice the rows counts as much as twice the dimension); None
+    when nothing was measured for ``(op, dtype)`` among ``available``.
+
+    Example:
+        >>> table = {("label_supcon", "bfloat16"): ((4096, 256, "cuda"), (65536, 256, "triton"))}
+        >>> measured_fastest("label_supcon", torch.bfloat16, 50000, 256, ["cuda", "triton", "torch"], table)
+        'triton'
+    """
+    table = _measured.FASTEST if table is None else table
+    name = str(dtype).removeprefix("torch.")
+    points = [p for p in table.get((op, name), ()) if p[2] in available]
+    if not points:
+        return None
+
+    def distance(point: tuple[int, int, str]) -> float:
+        return math.log2(max(point[0], 1) / max(rows, 1)) ** 2 + math.log2(max(point[1], 1) / max(dim, 1)) ** 2
+
+    return min(points, key=distance)[2]
+
+
+def resolve(backend: str, device: torch.device, op: str | None = None, features: torch.Tensor | None = None,
+            rows: int | None = None) -> str:
+    """The backend that runs a call with ``backend=`` on tensors on ``device``.
+
+    ``op`` (the fused op's name), ``features`` and ``rows`` (the rows the op sees, features.shape[0]
+    when None) let ``"auto"`` on CUDA follow the measured table.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -102,9 +136,19 @@ def resolve(backend: str, device: torch.device) -> str:
                 raise ValueError(f"MLCONTRAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
             backend = forced
         else:
-            # The first available in available_backends' order, without probing the ones after it.
-            return next(name for name in _auto_order(device) if why_unavailable(name, device) is None)
+            return _auto(device, op, features, rows)
     reason = why_unavailable(backend, device)
     if reason is not None:
         raise RuntimeError(f'mlcontrast backend "{backend}" is unavailable: {reason}')
     return backend
+
+
+def _auto(device: torch.device, op: str | None, features: torch.Tensor | None, rows: int | None) -> str:
+    if device.type == "cuda" and op is not None and features is not None and _measured.FASTEST:
+        available = available_backends(device)
+        rows = features.shape[0] if rows is None else rows
+        choice = measured_fastest(op, features.dtype, rows, features.shape[-1], available)
+        if choice is not None:
+            return choice
+    # The first available in available_backends' order, without probing the ones after it.
+    return next(name for name in _auto_order(device) if why_unavailable(name, device) is None)

@@ -268,7 +268,7 @@ def label_supcon_loss(
     _check_label_values(labels)
     if process_group is not None:
         world_size = distributed.check_process_group(process_group)[1]
-    backend = _backends.resolve(backend, device)
+    backend = _backends.resolve(backend, device, "label_supcon", features)
     if process_group is not None:
         everything, sizes, start = distributed.gather_with_sizes(features, process_group)
         all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
@@ -337,7 +337,7 @@ def supcon_loss(
         device = features.device
     if process_group is not None:
         world_size = distributed.check_process_group(process_group)[1]
-    backend = _backends.resolve(backend, device)
+    backend = _backends.resolve(backend, device, "label_supcon", features, b * v)
     if process_group is not None:
         everything, sizes, start = distributed.gather_with_sizes(features, process_group)  # [B_total, V, D]
         total = everything.shape[0]
@@ -419,7 +419,7 @@ def multilabel_supcon_loss(
     _check_target_values(targets)
     if process_group is not None:
         world_size = distributed.check_process_group(process_group)[1]
-    backend = _backends.resolve(backend, device)
+    backend = _backends.resolve(backend, device, "label_supcon", features, v * b * c)
     if process_group is not None:
         everything, sizes, start = distributed.gather_with_sizes(features, process_group)  # [B_total, V, C, D]
         all_targets = distributed.all_gather_no_grad(targets, sizes, process_group)
@@ -497,7 +497,7 @@ def prototype_nce_loss(
     _check_positive(temperature, "temperature")
     device = _check_same_device(features=features, prototypes=prototypes, targets=targets)
     _check_target_values(targets)
-    backend = _backends.resolve(backend, device)
+    backend = _backends.resolve(backend, device, "prototype_nce", features, b * c)
     if backend == "torch":
         return reference.prototype_nce_loss(features, prototypes, targets, temperature)
     if backend == "triton":
@@ -546,7 +546,7 @@ def prototype_ce_loss(
     _check_positive(temperature, "temperature")
     device = _check_same_device(features=features, labels=labels, prototypes=prototypes)
     _check_label_values(labels, num_classes=prototypes.shape[0])
-    backend = _backends.resolve(backend, device)
+    backend = _backends.resolve(backend, device, "prototype_ce", features)
     if backend == "torch":
         return reference.prototype_ce_loss(features, labels, prototypes, temperature)
     if backend == "triton":
@@ -613,7 +613,7 @@ def update_prototypes_(
         labels = _check_labels(labels, features.shape[0])
         device = _check_same_device(prototypes=prototypes, features=features, labels=labels)
         _check_label_values(labels, num_classes=c)
-    backend = _backends.resolve(backend, device)
+    backend = _backends.resolve(backend, device, "update_prototypes", features)
     with torch.no_grad():
         if backend == "torch":
             reference.update_prototypes_(prototypes, features, labels, momentum, normalize)
