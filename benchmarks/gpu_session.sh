@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh bench-supcon   # label_supcon: bf16 D=256 (the targets' shape) + largest-N probe
 #   bash benchmarks/gpu_session.sh bench-protos   # prototype_nce, prototype_ce, update_prototypes: fp32 and bf16
 #   bash benchmarks/gpu_session.sh bench-sweep    # label_supcon fp32 / bf16 at D = 128 and 512
+#   bash benchmarks/gpu_session.sh tune           # Triton label_supcon launch configurations, bf16 D=256 N=32768
 #
 # Written for the device tool's machines (python3 with torch and triton already installed, nothing to
 # download, each call a fresh machine unless it is still warm, at most 10 minutes a call). Every phase
@@ -75,7 +76,8 @@ build() {
 }
 
 pack() {
-  tar czf "$OUT/results-$phase.tgz" benchmarks/results/*_cuda.* 2>/dev/null && echo "packed $OUT/results-$phase.tgz"
+  tar czf "$OUT/results-$phase.tgz" $(ls benchmarks/results/*_cuda.* benchmarks/results/tuning/*_cuda.json 2>/dev/null) \
+    && echo "packed $OUT/results-$phase.tgz"
 }
 
 case "$phase" in
@@ -111,7 +113,12 @@ case "$phase" in
       done
     done
     pack ;;
+  tune)
+    machine; build
+    step "Triton label_supcon configurations, bf16, D = 256, N = 32768 (about 100 candidates, ~4 s each)"
+    "$PY" -m benchmarks.tune_triton --n 32768 --d 256 --dtype bfloat16
+    pack ;;
   *)
-    echo "unknown phase $phase (build, test, bench-supcon, bench-protos, bench-sweep)"; exit 2 ;;
+    echo "unknown phase $phase (build, test, bench-supcon, bench-protos, bench-sweep, tune)"; exit 2 ;;
 esac
 step "done"

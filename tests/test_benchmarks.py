@@ -211,3 +211,15 @@ def test_distributed_table_quick(tmp_path):
     from benchmarks.distributed_table import table
 
     assert "| 512 | 2 |" in table(result["records"], result["metadata"])
+
+
+def test_tune_triton_quick(tmp_path):
+    """The Triton tuner under the interpreter: every candidate checked against the default, then timed."""
+    out = tmp_path / "tune.json"
+    cmd = [sys.executable, "-m", "benchmarks.tune_triton", "--quick", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {r["phase"] for r in result["records"]} == {"fwd", "bwd", "bwd-atomic"}
+    assert all(r["status"] == "ok" and r["rel_error"] <= 1e-4 and r["ms"] > 0 for r in result["records"])
+    assert set(result["best"]) == {"fwd", "bwd", "bwd-atomic"} and result["shape"]["n"] == 40

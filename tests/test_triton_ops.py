@@ -132,6 +132,35 @@ def test_label_supcon_anchor_rows(n, anchors, dtype, backward_mode):
     assert not out[:start].any() and not out[stop:].any()
 
 
+def test_label_supcon_config_overrides_reach_the_kernels(monkeypatch, backward_mode):
+    # benchmarks.tune_triton installs candidate configurations through CONFIG_OVERRIDES.
+    from mlcontrast.ops import utils as ops_utils
+
+    launched = []
+    real_launch = triton_label_supcon.launch
+
+    def recording_launch(kernel, grid):
+        run = real_launch(kernel, grid)
+        return lambda *args, **kwargs: (launched.append((kernel.__name__, kwargs)), run(*args, **kwargs))
+
+    monkeypatch.setattr(triton_label_supcon, "launch", recording_launch)
+    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.fwd", {"BLOCK_M": 32, "BLOCK_N": 16})
+    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.bwd", {"BLOCK_M": 32, "BLOCK_D": 32})
+    z = _rand(45, 40, scale=40**-0.5)
+    (y,) = _to_device(make_labels(45, 4, ignore_fraction=0.1, singleton=True))
+    assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.1),
+        [z],
+    )
+    fwd, bwd = dict(launched)["_label_supcon_fwd_kernel"], launched[-1][1]
+    assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_D"]) == (32, 16, 16)
+    if backward_mode == "atomic":
+        assert (bwd["BLOCK"], bwd["BLOCK_D"]) == (32, 32)
+    else:
+        assert (bwd["BLOCK_M"], bwd["BLOCK_N"], bwd["BLOCK_D"]) == (32, 16, 32)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_label_supcon_reductions_and_normalize(reduction, normalize):

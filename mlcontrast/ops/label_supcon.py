@@ -58,6 +58,7 @@ from mlcontrast.ops.utils import (
     pow2_block,
     scalar,
     triton_library_op,
+    with_overrides,
 )
 
 __all__ = ["ATOMIC_BACKWARD", "label_supcon", "label_supcon_backward", "label_supcon_rows"]
@@ -353,7 +354,13 @@ def _label_supcon_bwd_atomic_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _config(d: int, dtype: torch.dtype) -> dict:
+def _config(d: int, dtype: torch.dtype, phase: str) -> dict:
+    """Tile sizes and launch options of the ``phase`` ("fwd" or "bwd") kernels, with
+    ``CONFIG_OVERRIDES["label_supcon.<phase>"]`` applied (the atomic backward uses ``BLOCK_M`` square tiles)."""
+    return with_overrides(f"label_supcon.{phase}", _default_config(d, dtype))
+
+
+def _default_config(d: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options. Small tiles under the interpreter keep the tests fast."""
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "options": {}}
@@ -424,7 +431,7 @@ def label_supcon(
     pos = torch.zeros(n, dtype=dtype, device=z.device)
     n_pos = torch.zeros(n, dtype=dtype, device=z.device)
     if stop > start:
-        cfg = _config(d, z.dtype)
+        cfg = _config(d, z.dtype, "fwd")
         launch(_label_supcon_fwd_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
             lse,
             pos,
@@ -498,7 +505,7 @@ def label_supcon_backward(
     grad = torch.zeros((n, d), dtype=dtype, device=z.device)
     inv_t_arg = scalar(inv_t, dtype, z.device)
     if stop > start:
-        cfg = _config(d, z.dtype)
+        cfg = _config(d, z.dtype, "bwd")
         kernel, blocks = (
             (_label_supcon_bwd_atomic_kernel, {"BLOCK": cfg["BLOCK_M"]})
             if atomic

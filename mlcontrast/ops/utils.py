@@ -28,10 +28,39 @@ __all__ = [
     "scalar",
     "split_count",
     "triton_library_op",
+    "CONFIG_OVERRIDES",
+    "with_overrides",
 ]
 
 NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, as in mlcontrast.reference
 LIBRARY = "mlcontrast_triton"
+
+#: Launch configurations that replace an op's defaults, by key ("label_supcon.fwd", "label_supcon.bwd"):
+#: block sizes by their kernel parameter names, and "num_warps" / "num_stages". ``benchmarks.tune_triton``
+#: sets them to time candidates; set one by hand to try a configuration. Read when a launcher runs (under
+#: torch.compile, when it is traced).
+CONFIG_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+def with_overrides(key: str, config: dict) -> dict:
+    """``config`` (block sizes, and launch ``options``) with the entries of ``CONFIG_OVERRIDES[key]`` put in.
+
+    Example:
+        >>> CONFIG_OVERRIDES["demo.fwd"] = {"BLOCK_M": 128, "num_warps": 8}
+        >>> with_overrides("demo.fwd", {"BLOCK_M": 64, "options": {"num_warps": 4, "num_stages": 2}})
+        {'BLOCK_M': 128, 'options': {'num_warps': 8, 'num_stages': 2}}
+        >>> del CONFIG_OVERRIDES["demo.fwd"]
+    """
+    override = CONFIG_OVERRIDES.get(key)
+    if not override:
+        return config
+    result = {**config, "options": dict(config.get("options", {}))}
+    for name, value in override.items():
+        if name in ("num_warps", "num_stages"):
+            result["options"][name] = value
+        else:
+            result[name] = value
+    return result
 
 
 def interpreting() -> bool:

@@ -1,0 +1,171 @@
+"""Launch configurations of the Triton label_supcon kernels, timed one against another on a GPU.
+
+    python -m benchmarks.tune_triton --n 32768 --d 256 --dtype bfloat16      # the issue's target shape
+    python -m benchmarks.tune_triton --n 16384 --d 128 --dtype float16 --phases bwd
+    python -m benchmarks.tune_triton --quick --out /tmp/tune.json           # interpreter smoke run (CPU)
+
+For each phase (``fwd``: the row-LSE kernel; ``bwd``: the deterministic backward; ``bwd-atomic``: the atomic
+one) every candidate configuration (block sizes, ``num_warps``, ``num_stages``) is installed in
+``mlcontrast.ops.utils.CONFIG_OVERRIDES``, run once and checked against the default configuration's result
+(relative error by norm within the dtype's tolerance: a configuration that computes something else is
+rejected, not timed), then timed with ``triton.testing.do_bench`` (median). Configurations that do not
+compile or do not fit (shared memory, registers) are recorded with their error. Throughput counts the
+model FLOPs of ``benchmarks.bench_label_supcon``: 2·N²·D for the forward, 6·N²·D for a backward (with the
+recomputation of S).
+
+The table is printed and written to ``benchmarks/results/tuning/label_supcon_<dtype>_d<D>_n<N>_<device>.json``
+(beside, not among, the op benchmarks' files); the best configuration of each phase is printed as the
+``CONFIG_OVERRIDES`` entry that selects it, to be made the default in ``mlcontrast/ops/label_supcon.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.utils import RESULTS_DIR, metadata, write_results
+
+PHASES = ("fwd", "bwd", "bwd-atomic")
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+def candidates(d: int, quick: bool) -> list[dict[str, int]]:
+    """Tile shapes x D chunk x warps x pipeline stages; duplicates (D chunks above D) removed."""
+    if quick:
+        return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_D": 32}]
+    chunks = sorted({min(c, max(16, 1 << (d - 1).bit_length())) for c in (64, 128, 256)})
+    configs = []
+    for (bm, bn), bd, warps, stages in itertools.product(
+        [(64, 64), (128, 64), (64, 128), (128, 128)], chunks, (4, 8), (2, 3)
+    ):
+        configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages})
+    return configs
+
+
+def _inputs(n: int, d: int, dtype: str, device: str):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=getattr(torch, dtype))
+    y = torch.randint(0, 80, (n,), generator=g).to(device)
+    return z, y
+
+
+def _phase_call(phase: str, z, y):
+    """A callable running the phase's kernel(s) once, and returning what they computed."""
+    import torch
+
+    from mlcontrast.ops import label_supcon as ls
+
+    loss, lse, n_pos = ls.label_supcon(z, y, 0.1, 0.1)
+    upstream = torch.full_like(loss, 1.0 / max(1, z.shape[0]))
+    if phase == "fwd":
+        return lambda: ls.label_supcon(z, y, 0.1, 0.1)[1]
+    atomic = phase == "bwd-atomic"
+    return lambda: ls.label_supcon_backward(upstream, z, y, lse, n_pos, 0.1, 0.1, atomic)
+
+
+def _time_ms(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _rel_error(actual, expected) -> float:
+    a, e = actual.double(), expected.double()
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def tune(n: int, d: int, dtype: str, device: str, phases: list[str], quick: bool) -> list[dict]:
+    from mlcontrast.ops.utils import CONFIG_OVERRIDES
+
+    z, y = _inputs(n, d, dtype, device)
+    flops = {"fwd": 2.0 * n * n * d, "bwd": 6.0 * n * n * d, "bwd-atomic": 6.0 * n * n * d}
+    records = []
+    for phase in phases:
+        key = "label_supcon." + phase.split("-")[0]
+        CONFIG_OVERRIDES.pop(key, None)
+        expected = _phase_call(phase, z, y)()
+        for config in [None, *candidates(d, quick)]:
+            record = {"phase": phase, "config": config or "default", "status": "ok"}
+            if config is not None:
+                CONFIG_OVERRIDES[key] = config
+            try:
+                fn = _phase_call(phase, z, y)
+                error = _rel_error(fn(), expected)
+                record["rel_error"] = error
+                if not error <= TOLERANCE[dtype]:
+                    record["status"] = "wrong"
+                else:
+                    record["ms"] = _time_ms(fn, device)
+                    record["tflops"] = flops[phase] / (record["ms"] * 1e-3) / 1e12
+            except Exception as failure:  # does not compile, does not fit: recorded, the sweep goes on
+                record["status"] = "error"
+                record["message"] = f"{type(failure).__name__}: {str(failure)[:300]}"
+            finally:
+                CONFIG_OVERRIDES.pop(key, None)
+            records.append(record)
+            shown = record.get("ms")
+            print(f"  {phase:>10} {json.dumps(record['config']):<90} {record['status']:>6} "
+                  + (f"{shown:9.3f} ms {record['tflops']:7.1f} TFLOP/s" if shown is not None else ""), flush=True)
+    return records
+
+
+def best(records: list[dict]) -> dict[str, dict]:
+    """The fastest correct configuration of each phase."""
+    out = {}
+    for r in records:
+        if r["status"] == "ok" and (r["phase"] not in out or r["ms"] < out[r["phase"]]["ms"]):
+            out[r["phase"]] = r
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_triton", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=32768)
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCE))
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (interpreter)")
+    parser.add_argument("--quick", action="store_true", help="N = 40, D = 24, fp32, two configurations")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the op modules are imported
+    if args.quick:
+        args.n, args.d, args.dtype = 40, 24, "float32"
+    name = f"label_supcon_{args.dtype}_d{args.d}_n{args.n}_{device.split(':')[0]}.json"
+    path = args.out or RESULTS_DIR / "tuning" / name
+    print(f"[tune] label_supcon N={args.n} D={args.d} {args.dtype} on {device}", flush=True)
+    records = tune(args.n, args.d, args.dtype, device, args.phases, args.quick)
+    meta = metadata(device)
+    winners = best(records)
+    write_results(path, meta, records, {"shape": {"n": args.n, "d": args.d, "dtype": args.dtype},
+                                        "best": {phase: r["config"] for phase, r in winners.items()}})
+    for phase, r in winners.items():
+        default = next(x for x in records if x["phase"] == phase and x["config"] == "default")
+        speedup = default["ms"] / r["ms"] if default.get("ms") else float("nan")
+        print(f"[tune] {phase}: {r['ms']:.3f} ms, {r['tflops']:.1f} TFLOP/s, {speedup:.2f}x the default; "
+              f'CONFIG_OVERRIDES["label_supcon.{phase.split("-")[0]}"] = {r["config"]}')
+    print(f"[tune] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
