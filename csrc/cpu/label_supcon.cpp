@@ -48,6 +48,11 @@ void fill_diagonal(at::Tensor& tile, int64_t i0, int64_t j0, double value) {
   tile.diagonal(i0 - j0).fill_(value);
 }
 
+// s = zi zj^T / t, the temperature applied by the GEMM (no scaled copy of the features).
+void similarity_tile(at::Tensor& s, const at::Tensor& zi, const at::Tensor& zj, double inv_t) {
+  at::addmm_out(s, s, zi, zj.t(), /*beta=*/0, /*alpha=*/inv_t);
+}
+
 // Number of workers for the triangle of tiles, each with O(N D) (backward) or O(N) (forward) state.
 int64_t triangle_workers(int64_t blocks, int64_t bytes_per_worker) {
   return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), blocks,
@@ -83,7 +88,7 @@ void for_each_tile(int64_t i0, int64_t rows, const Anchors& a, int64_t n, Visit 
 // its own state for all rows; the states are merged at the end, exactly (no fixed shift, so no
 // underflow for any temperature).
 template <typename T>
-void row_lse(const at::Tensor& z, const at::Tensor& zs, const Anchors& a, at::Tensor& lse) {
+void row_lse(const at::Tensor& z, double inv_t, const Anchors& a, at::Tensor& lse) {
   const int64_t n = z.size(0);
   const int64_t blocks = (a.end - a.begin + kRowBlock - 1) / kRowBlock;
   const int64_t workers = triangle_workers(blocks, 2 * n * int64_t(sizeof(T)));
@@ -100,10 +105,10 @@ void row_lse(const at::Tensor& z, const at::Tensor& zs, const Anchors& a, at::Te
       for (int64_t b = 0; b < blocks; ++b) {
         if (!owns(worker, workers, b)) continue;
         const int64_t i0 = a.begin + b * kRowBlock, rows = std::min(kRowBlock, a.end - i0);
-        const auto zi = zs.narrow(0, i0, rows);
+        const auto zi = z.narrow(0, i0, rows);
         for_each_tile(i0, rows, a, n, [&](int64_t j0, int64_t cols, Tile tile) {
           auto s = scratch.narrow(0, 0, rows).narrow(1, 0, cols);
-          at::mm_out(s, zi, z.narrow(0, j0, cols).t());
+          similarity_tile(s, zi, z.narrow(0, j0, cols), inv_t);
           const T* sp = s.data_ptr<T>();
           if (tile == Tile::kDiagonal) fill_diagonal(s, i0, j0, neg_inf);
           online_lse_update(sp, rows, cols, scratch.stride(0), run_max + i0, run_sum + i0);
@@ -130,9 +135,8 @@ void row_lse(const at::Tensor& z, const at::Tensor& zs, const Anchors& a, at::Te
 }
 
 at::Tensor row_lse(const at::Tensor& z, double inv_t, const Anchors& a) {
-  const auto zs = z * inv_t;
   auto lse = at::zeros({z.size(0)}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_lse", [&] { row_lse<scalar_t>(z, zs, a, lse); });
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_lse", [&] { row_lse<scalar_t>(z, inv_t, a, lse); });
   return lse;
 }
 
@@ -146,9 +150,10 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
   const int64_t blocks = (a.end - a.begin + kRowBlock - 1) / kRowBlock;
   const int64_t workers = triangle_workers(blocks, n * d * z.element_size());
   // Each worker owns whole tile rows and accumulates into its own [N, D] buffer, so no two threads
-  // write the same memory and the result does not depend on scheduling.
-  auto acc = at::zeros({workers, n, d}, z.options());
-  const auto zs = z * inv_t;
+  // write the same memory and the result does not depend on scheduling. Worker 0's buffer becomes
+  // the result; the others are added to it in order and freed.
+  std::vector<at::Tensor> acc(workers);
+  for (auto& buffer : acc) buffer = at::zeros({n, d}, z.options());
   const T* lse_p = lse.data_ptr<T>();
   const T* w_p = w.data_ptr<T>();
 
@@ -156,15 +161,15 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
     MLC_KERNEL_GUARD();
     auto h_buf = at::empty({kRowBlock, kColBlock}, z.options());
     for (int64_t worker = w0; worker < w1; ++worker) {
-      auto dz = acc[worker];
+      auto& dz = acc[worker];
       for (int64_t b = 0; b < blocks; ++b) {
         if (!owns(worker, workers, b)) continue;
         const int64_t i0 = a.begin + b * kRowBlock, rows = std::min(kRowBlock, a.end - i0);
-        const auto zi = z.narrow(0, i0, rows), zsi = zs.narrow(0, i0, rows);
+        const auto zi = z.narrow(0, i0, rows);
         for_each_tile(i0, rows, a, n, [&](int64_t j0, int64_t cols, Tile tile) {
           const auto zj = z.narrow(0, j0, cols);
           auto h = h_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-          at::mm_out(h, zsi, zj.t());
+          similarity_tile(h, zi, zj, inv_t);
           // Only symmetric tiles have column weights; rows outside the anchors have w = 0.
           const bool both_sides = tile == Tile::kSymmetric;
           softmax_weights(h.data_ptr<T>(), rows, cols, h_buf.stride(0), lse_p + i0, w_p + i0,
@@ -176,7 +181,11 @@ at::Tensor symmetric_lse_grad(const at::Tensor& z, const at::Tensor& lse, const 
       }
     }
   });
-  return workers == 1 ? acc[0] : acc.sum(0);
+  for (int64_t worker = 1; worker < workers; ++worker) {
+    acc[0].add_(acc[worker]);
+    acc[worker] = at::Tensor();
+  }
+  return acc[0];
 }
 
 struct ValidSet {
@@ -230,8 +239,10 @@ at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(dtype, "label_supcon_backward", [&] {
     dz = symmetric_lse_grad<scalar_t>(v.z, weights.lse, weights.w, 1.0 / temperature, a);
   });
-  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse, v.z * weights.a.unsqueeze(1));
-  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted);
+  // The class sums A_c of a_i z_i, through one [Nv, D] scratch that the positive term reuses.
+  auto scratch = at::mul(v.z, weights.a.unsqueeze(1));
+  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse, scratch);
+  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted, scratch);
   return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }
 

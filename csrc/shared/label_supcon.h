@@ -78,8 +78,9 @@ inline std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& lse, const a
   const int64_t count = a.end - a.begin;
   const auto n_pos = positives(s, z.scalar_type()).narrow(0, a.begin, count);
   const auto z_a = z.narrow(0, a.begin, count);
-  const auto sums_a = s.sums.index_select(0, s.inverse.narrow(0, a.begin, count));
-  const auto pos_logit_sum = (z_a * (sums_a - z_a)).sum(1).mul_(1.0 / temperature);
+  // sum_{p in P(i)} s_ip = z_i . (M_{y_i} - z_i) / t, through one [count, D] temporary.
+  auto others = s.sums.index_select(0, s.inverse.narrow(0, a.begin, count));
+  const auto pos_logit_sum = others.sub_(z_a).mul_(z_a).sum(1).mul_(1.0 / temperature);
   const auto lse_a = lse.narrow(0, a.begin, count);
   const double scale = temperature / base_temperature;
   const auto loss_a =
@@ -127,10 +128,17 @@ inline BackwardWeights backward_weights(const at::Tensor& g, const at::Tensor& l
 // Subtracts the gradient of the positive term from dz (the softmax part's gradient). d/dz_k of
 // -sum_i a_i z_i.(M_{y_i} - z_i) is a_k (M_{y_k} - z_k) from row k, plus
 // sum_{i in class y_k, i != k} a_i z_i = A_{y_k} - a_k z_k from the rows that have k as a positive;
-// `weighted` holds the class sums A_c of a_i z_i, summed by the backend like s.sums.
+// `weighted` holds the class sums A_c of a_i z_i, summed by the backend like s.sums. In place, with one
+// [Nv, D] scratch (`scratch`, reused when given).
 inline void subtract_positive_term_(at::Tensor& dz, const at::Tensor& z, const at::Tensor& a, const ClassSums& s,
-                                    const at::Tensor& weighted) {
-  dz.sub_(a.unsqueeze(1) * (s.sums.index_select(0, s.inverse) - 2 * z) + weighted.index_select(0, s.inverse));
+                                    const at::Tensor& weighted, at::Tensor scratch = at::Tensor()) {
+  const auto a_column = a.unsqueeze(1);
+  if (!scratch.defined()) scratch = at::empty_like(dz);
+  at::index_select_out(scratch, s.sums, 0, s.inverse);
+  dz.addcmul_(scratch, a_column, -1);  // - a_k M_{y_k}
+  dz.addcmul_(z, a_column, 2);         // + 2 a_k z_k
+  at::index_select_out(scratch, weighted, 0, s.inverse);
+  dz.sub_(scratch);  // - A_{y_k}
 }
 
 }  // namespace label_supcon
