@@ -52,6 +52,8 @@ except ImportError:
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
+else:
+    print("no CUDA GPU")
 EOF
 }
 
@@ -59,7 +61,9 @@ EOF
 build() {
   local torch_version arch
   torch_version=$("$PY" -c "import torch; print(torch.__version__)")
-  arch=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
+  # This GPU's architecture (9.0 where there is none: a dry run of the script on a CPU machine).
+  arch=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')" 2>/dev/null \
+    || echo 9.0)
   if [ -f .device_build/_C.abi3.so ] && [ "$(cat .device_build/torch_version 2>/dev/null)" = "$torch_version" ]; then
     step "using the carried build of .device_build (torch $torch_version)"
     cp .device_build/_C.abi3.so mlcontrast/_C.abi3.so
