@@ -365,9 +365,10 @@ def supcon_loss(
     elif b > 0:
         labels = labels - labels.min()  # any integer is a class here; -1 must not mean "ignored"
     rows = features.transpose(0, 1).reshape(b * v, -1)  # view-major, as SupContrast
-    losses = _label_supcon_rows(backend, rows, labels.repeat(v), float(temperature), base_temperature)
-    anchors = losses[:b] if contrast_mode == "one" else losses
-    return anchors.mean()
+    # "one": the anchors are view 0, the first b rows; only their losses are computed.
+    stop = b if contrast_mode == "one" else None
+    losses = _label_supcon_rows(backend, rows, labels.repeat(v), float(temperature), base_temperature, 0, stop)
+    return losses[:stop].mean()
 
 
 def multilabel_supcon_loss(
