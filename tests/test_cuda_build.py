@@ -371,8 +371,9 @@ def test_emulated_prototype_nce_kernels(emulators, tmp_path, dtype):
 
 
 def _check_segment_sum(emu: _Emulation, dtype, rows, d, segments, weighted):
-    x = torch.randn(rows, d, dtype=dtype)
-    weight = torch.randn(rows, dtype=dtype)
+    # x in any dtype, read as it is (16-bit features get no fp32 copy); weights and sums in Acc.
+    x = torch.randn(rows, d, dtype=torch.float64).to(dtype)
+    weight = torch.randn(rows, dtype=_acc(dtype))
     labels = torch.randint(0, segments, (rows,))
     labels[labels == segments - 1] = 0  # an empty segment
     order = torch.sort(labels, stable=True).indices
@@ -381,7 +382,7 @@ def _check_segment_sum(emu: _Emulation, dtype, rows, d, segments, weighted):
         "segment_sum", DTYPE_NAMES[dtype], rows, d, segments, int(weighted), emu.file("x", x),
         emu.file("w", weight) if weighted else "-", emu.file("o", order), emu.file("off", offsets), emu.file("s"),
     )  # fmt: skip
-    out = emu.read("s", dtype, segments, d)
+    out = emu.read("s", _acc(dtype), segments, d)
     values = x.double() * (weight.double()[:, None] if weighted else 1)
     expected = torch.zeros(segments, d, dtype=torch.float64).index_add_(0, labels, values)
     assert _rel(out, expected) <= (1e-12 if dtype == torch.float64 else 1e-5)
@@ -393,7 +394,7 @@ def _check_segment_sum(emu: _Emulation, dtype, rows, d, segments, weighted):
 def test_emulated_segment_sum_and_prototype_kernels(emulators, tmp_path, sanitizer):
     emu = _Emulation(emulators[sanitizer], tmp_path)
     rows, d, segments = (300, 70, 7) if sanitizer == "plain" else (40, 33, 3)
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         _check_segment_sum(emu, dtype, rows, d, segments, weighted=True)
         _check_segment_sum(emu, dtype, 5, 1, 3, weighted=False)
     if sanitizer != "plain":

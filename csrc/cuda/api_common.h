@@ -63,14 +63,16 @@ inline ClassStats class_stats(const at::Tensor& labels) {
 }
 
 // out[k] = sum over the rows t of class k (in order) of weight[t] * x[t]; weight may be undefined
-// (all ones). x: [rows, D] fp32 or fp64, contiguous; returns [K, D] in x's dtype.
+// (all ones). x: [rows, D] in any float dtype, contiguous, read as it is; returns [K, D] in its
+// compute dtype (fp64 for fp64, else fp32).
 inline at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order,
                               const at::Tensor& offsets) {
-  TORCH_INTERNAL_ASSERT(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble));
+  TORCH_INTERNAL_ASSERT(x.is_contiguous());
   const int64_t segments = offsets.size(0) - 1, d = x.size(1);
-  auto out = at::zeros({segments, d}, x.options());
+  const auto acc = compute_dtype(x);
+  auto out = at::zeros({segments, d}, x.options().dtype(acc));
   if (segments == 0 || d == 0) return out;
-  at::Tensor w = weight.defined() ? weight.to(x.scalar_type()).contiguous() : weight;
+  at::Tensor w = weight.defined() ? weight.to(acc).contiguous() : weight;
   const auto order_c = order.contiguous(), offsets_c = offsets.contiguous();
   SegmentSumParams p;
   p.x = x.data_ptr();
@@ -81,7 +83,8 @@ inline at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& weight, con
   p.segments = segments;
   p.d = d;
   p.ld_x = d;
-  p.dtype = dtype_of(x.scalar_type());
+  p.x_dtype = dtype_of(x.scalar_type());
+  p.dtype = dtype_of(acc);
   run_segment_sum(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -26,18 +26,18 @@ void check_arguments(const at::Tensor& features, const at::Tensor& labels, const
   dtype_of(features.scalar_type());
 }
 
+// The valid rows in the features' own dtype: the kernels, the class sums and the O(N D) ATen steps
+// (mixed-dtype ops, fp32 results) all read them as they are, so 16-bit features get no fp32 copy.
 struct ValidSet {
   at::Tensor index;   // undefined when every row is valid
-  at::Tensor native;  // [Nv, D] in the features' dtype, contiguous: what the kernels read
-  at::Tensor z;       // [Nv, D] in the compute dtype (fp32, or fp64 for fp64)
+  at::Tensor z;       // [Nv, D] in the features' dtype, contiguous
   at::Tensor labels;  // [Nv]
 };
 
 ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
   ValidSet v;
   v.index = valid_rows(labels);
-  v.native = gather_rows(features.detach(), v.index);
-  v.z = v.native.to(compute_dtype(features)).contiguous();
+  v.z = gather_rows(features.detach(), v.index);
   v.labels = gather_rows(labels, v.index);
   return v;
 }
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> label_supcon_cuda(const at::Tensor& features,
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return label_supcon::outputs_without_valid_rows(features);
   const auto a = label_supcon::valid_anchors(labels, v.index, v.z.size(0), args);
-  const auto lse = row_lse(v.native, compute_dtype(features), 1.0 / temperature, a);
+  const auto lse = row_lse(v.z, compute_dtype(features), 1.0 / temperature, a);
   return label_supcon::outputs(lse, v.z, class_sums_of(v, class_stats(v.labels)), a, v.index, features.size(0),
                                temperature, base_temperature);
 }
@@ -144,7 +144,7 @@ at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Ten
   const auto sums = class_sums_of(v, stats);
   const auto weights = label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype), sums,
                                                       temperature, base_temperature);
-  auto dz = lse_grad(v.native, weights.w, weights.lse, 1.0 / temperature, a);
+  auto dz = lse_grad(v.z, weights.w, weights.lse, 1.0 / temperature, a);
   label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, class_sums(v.z, stats, weights.a));
   return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }

@@ -93,7 +93,7 @@ struct PrototypeNceBwdParams {
 // Deterministic segmented sum: out_s = sum_{t in [offsets[s], offsets[s+1])} weight_{order[t]} x_{order[t]},
 // rows taken in the order given by `order` (a stable sort by segment), no atomics.
 struct SegmentSumParams {
-  const void* x = nullptr;        // [rows, d], Acc
+  const void* x = nullptr;        // [rows, d], x_dtype (16-bit rows are summed without an fp32 copy)
   const void* weight = nullptr;   // [rows], Acc, or nullptr for 1
   const int64_t* order = nullptr;    // [count of rows in segments]
   const int64_t* offsets = nullptr;  // [segments + 1]
@@ -101,7 +101,8 @@ struct SegmentSumParams {
   int64_t segments = 0;
   int64_t d = 0;
   int64_t ld_x = 0;
-  DType dtype = DType::kFloat32;  // kFloat32 or kFloat64 (the Acc types)
+  DType x_dtype = DType::kFloat32;  // any
+  DType dtype = DType::kFloat32;    // Acc: kFloat64 for fp64 x, else kFloat32
 };
 
 }  // namespace cuda

@@ -17,20 +17,20 @@ constexpr int kGroups = 8;
 constexpr int kCols = kWarp;
 constexpr int kBlock = kGroups * kCols;
 
-template <typename Acc>
+template <typename T, typename Acc>
 __global__ void __launch_bounds__(kBlock) segment_sum_kernel(const SegmentSumParams p) {
   __shared__ Acc partial[kGroups][kCols];
   const int64_t seg = blockIdx.x;
   const int lane = threadIdx.x % kCols, group = threadIdx.x / kCols;
   const int64_t k = int64_t(blockIdx.y) * kCols + lane;
-  const Acc* x = static_cast<const Acc*>(p.x);
+  const T* x = static_cast<const T*>(p.x);
   const Acc* weight = static_cast<const Acc*>(p.weight);
   const int64_t begin = p.offsets[seg], end = p.offsets[seg + 1];
   Acc acc = Acc(0);
   if (k < p.d) {
     for (int64_t t = begin + group; t < end; t += kGroups) {
       const int64_t row = p.order[t];
-      const Acc v = x[row * p.ld_x + k];
+      const Acc v = to_acc<Acc>(x[row * p.ld_x + k]);
       acc += weight != nullptr ? weight[row] * v : v;
     }
   }

@@ -70,13 +70,14 @@ inline at::Tensor positives(const ClassSums& s, at::ScalarType dtype) {
 }
 
 // The forward's outputs for all n rows (0 on the rows that `index` leaves out and on the valid rows
-// outside the anchors) from the LSE of the anchors, lse[a.begin : a.end], the valid rows' features z
-// (compute dtype) and class sums; rows without positives have no loss.
+// outside the anchors) from the LSE of the anchors, lse[a.begin : a.end] (compute dtype), the valid
+// rows' features z (compute dtype, or 16-bit: the ops promote) and class sums; rows without
+// positives have no loss.
 inline std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& lse, const at::Tensor& z, const ClassSums& s,
                                                   const Anchors& a, const at::Tensor& index, int64_t n,
                                                   double temperature, double base_temperature) {
   const int64_t count = a.end - a.begin;
-  const auto n_pos = positives(s, z.scalar_type()).narrow(0, a.begin, count);
+  const auto n_pos = positives(s, lse.scalar_type()).narrow(0, a.begin, count);
   const auto z_a = z.narrow(0, a.begin, count);
   // sum_{p in P(i)} s_ip = z_i . (M_{y_i} - z_i) / t, through one [count, D] temporary.
   auto others = s.sums.index_select(0, s.inverse.narrow(0, a.begin, count));
@@ -129,7 +130,7 @@ inline BackwardWeights backward_weights(const at::Tensor& g, const at::Tensor& l
 // -sum_i a_i z_i.(M_{y_i} - z_i) is a_k (M_{y_k} - z_k) from row k, plus
 // sum_{i in class y_k, i != k} a_i z_i = A_{y_k} - a_k z_k from the rows that have k as a positive;
 // `weighted` holds the class sums A_c of a_i z_i, summed by the backend like s.sums. In place, with one
-// [Nv, D] scratch (`scratch`, reused when given).
+// [Nv, D] scratch in dz's dtype (`scratch`, reused when given); z may be 16-bit (the ops promote).
 inline void subtract_positive_term_(at::Tensor& dz, const at::Tensor& z, const at::Tensor& a, const ClassSums& s,
                                     const at::Tensor& weighted, at::Tensor scratch = at::Tensor()) {
   const auto a_column = a.unsqueeze(1);

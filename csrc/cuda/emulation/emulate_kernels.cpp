@@ -206,9 +206,9 @@ int run(int argc, char** argv) {
     const int64_t rows = std::stoll(argv[3]), d = std::stoll(argv[4]), segments = std::stoll(argv[5]);
     const bool weighted = std::stoi(argv[6]) != 0;
     Buffer x = Buffer::from_file(argv[7], rows * d * es);
-    Buffer weight = weighted ? Buffer::from_file(argv[8], rows * es) : Buffer(0);
+    Buffer weight = weighted ? Buffer::from_file(argv[8], rows * as) : Buffer(0);
     Buffer order = Buffer::from_file(argv[9], rows * 8), offsets = Buffer::from_file(argv[10], (segments + 1) * 8);
-    Buffer out(segments * d * es);
+    Buffer out(segments * d * as);
     SegmentSumParams p;
     p.x = x.get();
     p.weight = weighted ? weight.get() : nullptr;
@@ -218,13 +218,12 @@ int run(int argc, char** argv) {
     p.segments = segments;
     p.d = d;
     p.ld_x = d;
-    p.dtype = dtype;
+    p.x_dtype = dtype;
+    p.dtype = dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
     const dim3 grid(static_cast<unsigned>(segments), ceil_div(d, segsum::kCols));
-    if (dtype == DType::kFloat64) {
-      emu::launch(grid, segsum::kBlock, segsum::segment_sum_kernel<double>, p);
-    } else {
-      emu::launch(grid, segsum::kBlock, segsum::segment_sum_kernel<float>, p);
-    }
+    dispatch(dtype, false, [&]<typename T, bool>() {
+      emu::launch(grid, segsum::kBlock, segsum::segment_sum_kernel<T, acc_t<T>>, p);
+    });
     out.save(argv[11]);
     return 0;
   }
