@@ -6,7 +6,8 @@ parameter gradients reproduces single-process training on the concatenation of a
 This module holds the collective pieces they use:
 
 - :func:`all_gather_with_grad`: concatenation of every rank's tensor along dim 0 (uneven sizes, empty
-  shards allowed) whose backward sends each row's gradient, summed over ranks, back to its owner;
+  shards allowed) whose backward sends each row's gradient, summed over ranks, back to its owner
+  (:func:`reduce_scatter_rows`: one reduce-scatter);
 - :func:`gather_sizes` (every rank's row count, checking dtypes and trailing shapes agree),
   :func:`gather_with_sizes`, :func:`all_gather_no_grad` (labels and targets, with known sizes),
   :func:`rank_offset`, :func:`all_reduce_sum` (global counts and sums, no host sync),
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 __all__ = [
     "all_gather_with_grad",
+    "reduce_scatter_rows",
     "gather_sizes",
     "gather_with_sizes",
     "all_gather_no_grad",
@@ -138,25 +140,49 @@ def all_gather_no_grad(tensor: torch.Tensor, sizes: list[int], group=None) -> to
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def reduce_scatter_rows(grad: torch.Tensor, sizes: list[int], rank: int, group=None) -> torch.Tensor:
+    """Rank ``rank``'s rows of the sum over the group of ``grad`` (``[sum(sizes), ...]`` on every rank).
+
+    One reduce-scatter of the rows padded to the largest shard: each rank receives only its own rows,
+    half the traffic of an all-reduce of the whole tensor. Where the process group's backend has no
+    reduce-scatter, an all-reduce of the whole tensor gives the same rows.
+    """
+    most, world = max(sizes), len(sizes)
+    if all(size == most for size in sizes):
+        padded = grad.contiguous()
+    else:
+        padded = grad.new_zeros((world * most, *grad.shape[1:]))
+        for r, (start, size) in enumerate(zip(_offsets(sizes), sizes)):
+            padded[r * most : r * most + size] = grad[start : start + size]
+    out = grad.new_empty((most, *grad.shape[1:]))
+    try:
+        dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=group)
+    except (RuntimeError, NotImplementedError):  # the same on every rank: the backend lacks the collective
+        total = grad.contiguous().clone()  # autograd may share the incoming buffer with other nodes
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        start = rank_offset(sizes, rank)
+        return total[start : start + sizes[rank]]
+    return out[: sizes[rank]]
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [rank_offset(sizes, r) for r in range(len(sizes))]
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group, sizes: list[int], rank: int) -> torch.Tensor:
-        ctx.group = group
-        ctx.start = rank_offset(sizes, rank)
-        ctx.stop = ctx.start + sizes[rank]
-        ctx.total = sum(sizes)
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
         return all_gather_no_grad(tensor.detach().contiguous(), sizes, group)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         # Every rank used the whole gathered tensor: the gradient of a row is the sum over ranks of
-        # what each rank's graph sent to it. Clone before the in-place all_reduce: autograd may share
-        # the incoming buffer with other nodes.
-        grad = grad.contiguous().clone()
-        if ctx.total > 0:  # every rank knows the sizes, so all skip together
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.start : ctx.stop], None, None, None
+        # what each rank's graph sent to it, and each rank needs only its own rows.
+        if sum(ctx.sizes) == 0:  # every rank knows the sizes, so all skip together
+            return grad[:0], None, None, None
+        return reduce_scatter_rows(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
 
 
 def gather_with_sizes(tensor: torch.Tensor, group=None) -> tuple[torch.Tensor, list[int], int]:
@@ -172,7 +198,7 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     With :math:`x_r` the ``[n_r, ...]`` tensor of rank r (sizes may differ between ranks, 0 included),
     every rank gets :math:`X = [x_0; x_1; \dots; x_{W-1}]`. In backward, rank r holds
     :math:`G_r = \partial L_r / \partial X` for its own objective :math:`L_r`; the gradients are summed
-    over the group (all_reduce SUM) and rank r keeps its rows:
+    over the group and rank r receives its rows (one reduce-scatter, :func:`reduce_scatter_rows`):
 
     .. math::
         \frac{\partial}{\partial x_r} \sum_{r'} L_{r'} = \Big(\sum_{r'} G_{r'}\Big)[o_r : o_r + n_r],

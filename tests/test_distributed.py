@@ -199,14 +199,16 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             _ddp_step(rank, world, out)
 
         # all_gather_with_grad alone: forward is the concatenation; backward of sum((r+1) * w * X) on
-        # rank r gives rank r the sum over ranks, (1 + ... + world) * w, on its rows.
-        sizes = DEFAULT_SIZES[world]
-        full = torch.arange(sum(sizes) * 3, dtype=torch.float64).reshape(-1, 3)
-        weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
-        x = _shard(full, sizes, rank).clone().requires_grad_()
-        gathered = mlcontrast.all_gather_with_grad(x)
-        ((rank + 1) * weights * gathered).sum().backward()
-        out["gather"] = {"value": gathered.detach(), "grad": x.grad}
+        # rank r gives rank r the sum over ranks, (1 + ... + world) * w, on its rows. Uneven shards
+        # (padded for the reduce-scatter), even ones (not padded), and a backend without reduce-scatter.
+        for key, sizes in (("gather", DEFAULT_SIZES[world]), ("gather-even", [2] * world)):
+            out[key] = _gather_and_backward(rank, sizes)
+        real = dist.reduce_scatter_tensor
+        dist.reduce_scatter_tensor = _no_reduce_scatter
+        try:
+            out["gather-fallback"] = _gather_and_backward(rank, DEFAULT_SIZES[world])
+        finally:
+            dist.reduce_scatter_tensor = real
         try:
             all_gather_with_grad(torch.zeros(2, 3 + rank))
         except ValueError as error:
@@ -214,6 +216,23 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _gather_weights(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    full = torch.arange(sum(sizes) * 3, dtype=torch.float64).reshape(-1, 3)
+    return full, torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
+
+
+def _gather_and_backward(rank: int, sizes: list[int]) -> dict:
+    full, weights = _gather_weights(sizes)
+    x = _shard(full, sizes, rank).clone().requires_grad_()
+    gathered = mlcontrast.all_gather_with_grad(x)
+    ((rank + 1) * weights * gathered).sum().backward()
+    return {"value": gathered.detach(), "grad": x.grad, "sizes": sizes}
+
+
+def _no_reduce_scatter(*args, **kwargs):
+    raise RuntimeError("this backend has no reduce_scatter")
 
 
 @pytest.fixture(scope="module")
@@ -269,15 +288,15 @@ def test_matches_single_process(spawned, world, name):
 @pytest.mark.parametrize("world", WORLDS)
 def test_all_gather_with_grad(spawned, world):
     _, results = spawned(world)
-    sizes = DEFAULT_SIZES[world]
-    full = torch.arange(sum(sizes) * 3, dtype=torch.float64).reshape(-1, 3)
-    weights = torch.linspace(-1, 1, full.numel(), dtype=torch.float64).reshape(full.shape)
     for rank in range(world):
-        out = results[rank]["gather"]
-        assert torch.equal(out["value"], full)
-        expected = sum(r + 1 for r in range(world)) * _shard(weights, sizes, rank)
-        assert out["grad"].shape == (sizes[rank], 3)
-        torch.testing.assert_close(out["grad"], expected, rtol=1e-15, atol=1e-15)
+        for key in ("gather", "gather-even", "gather-fallback"):
+            out = results[rank][key]
+            sizes = out["sizes"]
+            full, weights = _gather_weights(sizes)
+            assert torch.equal(out["value"], full)
+            expected = sum(r + 1 for r in range(world)) * _shard(weights, sizes, rank)
+            assert out["grad"].shape == (sizes[rank], 3)
+            torch.testing.assert_close(out["grad"], expected, rtol=1e-15, atol=1e-15, msg=key)
         message = results[rank]["gather-mismatch"]
         assert "same dtype and trailing shape" in message and "rank 1: (2, 4)" in message
 
