@@ -8,8 +8,10 @@ namespace mlcontrast {
 namespace cpu {
 namespace {
 
+// index_add_ sums in the dtype of its operands: 16-bit rows are converted to fp32 first.
 std::tuple<at::Tensor, at::Tensor> class_totals(const at::Tensor& y, const at::Tensor& z, int64_t c) {
-  return {at::bincount(y, {}, c), at::zeros({c, z.size(1)}, z.options()).index_add_(0, y, z)};
+  const auto zc = to_compute(z);
+  return {at::bincount(y, {}, c), at::zeros({c, zc.size(1)}, zc.options()).index_add_(0, y, zc)};
 }
 
 void update_prototypes_cpu(at::Tensor& prototypes, const at::Tensor& features, const at::Tensor& labels,

@@ -28,8 +28,9 @@ inline void check_inputs(const at::Tensor& prototypes, const at::Tensor& feature
   TORCH_CHECK(momentum >= 0 && momentum <= 1, "momentum must lie in [0, 1], got ", momentum);
 }
 
-// The update, given class_totals(y, z, C) -> (counts [C] int64, sums [C, D] in z's dtype) of the
-// valid rows' labels y and features z (compute dtype, contiguous).
+// The update, given class_totals(y, z, C) -> (counts [C] int64, sums [C, D] in the compute dtype) of
+// the valid rows' labels y and features z (in their own dtype, contiguous: the CUDA sums read 16-bit
+// rows without an fp32 copy).
 template <class ClassTotals>
 void ema_(at::Tensor& prototypes, const at::Tensor& features, const at::Tensor& labels, double momentum, bool normalize,
           ClassTotals class_totals) {
@@ -39,13 +40,14 @@ void ema_(at::Tensor& prototypes, const at::Tensor& features, const at::Tensor& 
   const auto y = gather_rows(labels, index);
   if (y.numel() == 0) return;
   check_labels_below(y, c);
-  const auto z = gather_rows(to_compute(features), index);
+  const auto z = gather_rows(features.detach(), index);
 
   at::Tensor counts, sums;
   std::tie(counts, sums) = class_totals(y, z, c);
+  const auto dtype = sums.scalar_type();
   const auto present = counts.nonzero().squeeze(1);
-  const auto mean = sums.index_select(0, present) / counts.index_select(0, present).to(z.scalar_type()).unsqueeze(1);
-  auto updated = prototypes.index_select(0, present).to(z.scalar_type()).mul_(momentum).add_(mean, 1.0 - momentum);
+  const auto mean = sums.index_select(0, present) / counts.index_select(0, present).to(dtype).unsqueeze(1);
+  auto updated = prototypes.index_select(0, present).to(dtype).mul_(momentum).add_(mean, 1.0 - momentum);
   if (normalize) updated = unit_rows(updated).unit;
   prototypes.index_copy_(0, present, updated.to(prototypes.scalar_type()));
 }
