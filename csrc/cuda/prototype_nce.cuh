@@ -84,6 +84,13 @@ __global__ void __launch_bounds__(kThreads) grad_prototypes_kernel(const Prototy
   static_cast<Acc*>(p.grad_unit_p)[cls * p.d + k] = acc;
 }
 
+// The grids of the kernels (one warp per row; one thread per (class, column)), for the launchers
+// and the CPU emulation alike.
+inline dim3 rows_grid(int64_t rows) { return dim3(blocks_for(rows, kRowsPerBlock)); }
+inline dim3 prototypes_grid(int64_t c, int64_t d) {
+  return dim3(static_cast<unsigned int>(c), blocks_for(d, kThreads));
+}
+
 }  // namespace nce
 }  // namespace cuda
 }  // namespace mlcontrast

@@ -9,18 +9,16 @@ namespace {
 
 template <typename T>
 void launch_forward(const PrototypeNceFwdParams& p, cudaStream_t stream) {
-  nce::logits_kernel<T, acc_t<T>><<<dim3(blocks_for(p.rows, nce::kRowsPerBlock)), dim3(kThreads), 0, stream>>>(p);
+  nce::logits_kernel<T, acc_t<T>><<<nce::rows_grid(p.rows), dim3(kThreads), 0, stream>>>(p);
 }
 
 template <typename T>
 void launch_backward(const PrototypeNceBwdParams& p, cudaStream_t stream) {
   // The prototype pass reads the norms written by the row pass (same stream, in order).
   if (p.rows > 0) {
-    nce::grad_rows_kernel<T, acc_t<T>>
-        <<<dim3(blocks_for(p.rows, nce::kRowsPerBlock)), dim3(kThreads), 0, stream>>>(p);
+    nce::grad_rows_kernel<T, acc_t<T>><<<nce::rows_grid(p.rows), dim3(kThreads), 0, stream>>>(p);
   }
-  const dim3 grid(static_cast<unsigned int>(p.c), blocks_for(p.d, kThreads));
-  nce::grad_prototypes_kernel<T, acc_t<T>><<<grid, dim3(kThreads), 0, stream>>>(p);
+  nce::grad_prototypes_kernel<T, acc_t<T>><<<nce::prototypes_grid(p.c, p.d), dim3(kThreads), 0, stream>>>(p);
 }
 
 }  // namespace

@@ -44,6 +44,11 @@ __global__ void __launch_bounds__(kBlock) segment_sum_kernel(const SegmentSumPar
   }
 }
 
+// The grid of the kernel, for the launcher and the CPU emulation alike.
+inline dim3 grid(const SegmentSumParams& p) {
+  return dim3(static_cast<unsigned int>(p.segments), blocks_for(p.d, kCols));
+}
+
 }  // namespace segsum
 }  // namespace cuda
 }  // namespace mlcontrast

@@ -8,7 +8,7 @@ namespace cuda {
 
 void run_segment_sum(const SegmentSumParams& p, cudaStream_t stream) {
   if (p.segments == 0 || p.d == 0) return;
-  const dim3 grid(static_cast<unsigned int>(p.segments), blocks_for(p.d, segsum::kCols));
+  const dim3 grid = segsum::grid(p);
   const dim3 block(segsum::kBlock);
   switch (p.x_dtype) {
     case DType::kFloat64:

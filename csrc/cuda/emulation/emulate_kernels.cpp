@@ -98,8 +98,6 @@ void dispatch(DType t, bool tc, F f) {
   }
 }
 
-unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
-
 int run(int argc, char** argv) {
   if (argc < 3) throw std::runtime_error("usage: see the header of emulate_kernels.cpp");
   const std::string op = argv[1];
@@ -160,7 +158,7 @@ int run(int argc, char** argv) {
     const int64_t rows = std::stoll(argv[3]), c = std::stoll(argv[4]), d = std::stoll(argv[5]);
     const double inv_t = std::stod(argv[6]);
     Buffer z = Buffer::from_file(argv[7], rows * d * es), unit_p = Buffer::from_file(argv[8], c * d * as);
-    const dim3 grid_rows(ceil_div(rows, nce::kRowsPerBlock));
+    const dim3 grid_rows = nce::rows_grid(rows);
     if (op == "nce_fwd") {
       Buffer logits(rows * as);
       PrototypeNceFwdParams p;
@@ -193,8 +191,7 @@ int run(int argc, char** argv) {
       p.dtype = dtype;
       dispatch(dtype, false, [&]<typename T, bool>() {
         emu::launch(grid_rows, kThreads, nce::grad_rows_kernel<T, acc_t<T>>, p);
-        emu::launch(dim3(static_cast<unsigned>(c), ceil_div(d, kThreads)), kThreads,
-                    nce::grad_prototypes_kernel<T, acc_t<T>>, p);
+        emu::launch(nce::prototypes_grid(c, d), kThreads, nce::grad_prototypes_kernel<T, acc_t<T>>, p);
       });
       grad_z.save(argv[10]);
       grad_p.save(argv[11]);
@@ -220,9 +217,8 @@ int run(int argc, char** argv) {
     p.ld_x = d;
     p.x_dtype = dtype;
     p.dtype = dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
-    const dim3 grid(static_cast<unsigned>(segments), ceil_div(d, segsum::kCols));
     dispatch(dtype, false, [&]<typename T, bool>() {
-      emu::launch(grid, segsum::kBlock, segsum::segment_sum_kernel<T, acc_t<T>>, p);
+      emu::launch(segsum::grid(p), segsum::kBlock, segsum::segment_sum_kernel<T, acc_t<T>>, p);
     });
     out.save(argv[11]);
     return 0;
