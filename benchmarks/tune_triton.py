@@ -57,16 +57,18 @@ def _inputs(n: int, d: int, dtype: str, device: str):
     return z, y
 
 
-def _phase_call(phase: str, z, y):
-    """A callable running the phase's kernel(s) once, and returning what they computed."""
+def _phase_call(phase: str, z, y, saved):
+    """A callable running the phase's kernel(s) once, and returning what they computed. ``saved``: the
+    forward's (loss, lse, n_pos) that the backward phases start from (taken once, with the default
+    forward configuration)."""
     import torch
 
     from mlcontrast.ops import label_supcon as ls
 
-    loss, lse, n_pos = ls.label_supcon(z, y, 0.1, 0.1)
-    upstream = torch.full_like(loss, 1.0 / max(1, z.shape[0]))
     if phase == "fwd":
         return lambda: ls.label_supcon(z, y, 0.1, 0.1)[1]
+    loss, lse, n_pos = saved
+    upstream = torch.full_like(loss, 1.0 / max(1, z.shape[0]))
     atomic = phase == "bwd-atomic"
     return lambda: ls.label_supcon_backward(upstream, z, y, lse, n_pos, 0.1, 0.1, atomic)
 
@@ -90,21 +92,23 @@ def _rel_error(actual, expected) -> float:
 
 
 def tune(n: int, d: int, dtype: str, device: str, phases: list[str], quick: bool) -> list[dict]:
+    from mlcontrast.ops import label_supcon as ls
     from mlcontrast.ops.utils import CONFIG_OVERRIDES
 
     z, y = _inputs(n, d, dtype, device)
+    saved = ls.label_supcon(z, y, 0.1, 0.1)
     flops = {"fwd": 2.0 * n * n * d, "bwd": 6.0 * n * n * d, "bwd-atomic": 6.0 * n * n * d}
     records = []
     for phase in phases:
         key = "label_supcon." + phase.split("-")[0]
         CONFIG_OVERRIDES.pop(key, None)
-        expected = _phase_call(phase, z, y)()
+        expected = _phase_call(phase, z, y, saved)()
         for config in [None, *candidates(d, quick)]:
             record = {"phase": phase, "config": config or "default", "status": "ok"}
             if config is not None:
                 CONFIG_OVERRIDES[key] = config
             try:
-                fn = _phase_call(phase, z, y)
+                fn = _phase_call(phase, z, y, saved)
                 error = _rel_error(fn(), expected)
                 record["rel_error"] = error
                 if not error <= TOLERANCE[dtype]:

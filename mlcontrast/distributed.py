@@ -152,8 +152,10 @@ def reduce_scatter_rows(grad: torch.Tensor, sizes: list[int], rank: int, group=N
         padded = grad.contiguous()
     else:
         padded = grad.new_zeros((world * most, *grad.shape[1:]))
-        for r, (start, size) in enumerate(zip(_offsets(sizes), sizes)):
+        start = 0
+        for r, size in enumerate(sizes):
             padded[r * most : r * most + size] = grad[start : start + size]
+            start += size
     out = grad.new_empty((most, *grad.shape[1:]))
     try:
         dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM, group=group)
@@ -163,10 +165,6 @@ def reduce_scatter_rows(grad: torch.Tensor, sizes: list[int], rank: int, group=N
         start = rank_offset(sizes, rank)
         return total[start : start + sizes[rank]]
     return out[: sizes[rank]]
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    return [rank_offset(sizes, r) for r in range(len(sizes))]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

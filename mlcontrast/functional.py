@@ -157,7 +157,7 @@ def _label_supcon_rows(
 # ----------------------------------------------------------------------------------------------
 # Every rank gathers all ranks' rows (with gradient) and computes the losses of its own rows, the
 # anchors, against the whole set: O(N_rank N D) work per rank. The gradients that this rank's
-# anchors send to other ranks' rows travel back through the gather's backward (an all_reduce).
+# anchors send to other ranks' rows travel back through the gather's backward (a reduce-scatter).
 
 
 def _anchor_losses(
