@@ -6,7 +6,9 @@ Providers:
 * ``torch_compile``: ``torch.compile(mlcontrast.reference.label_supcon_loss, dynamic=False)``, compile
   time excluded (it happens during warm-up and is reported as ``warmup.first_s``);
 * every fused backend of ``mlcontrast.available_backends(device)`` except ``torch`` (``cpu`` on CPU;
-  ``cuda`` and ``triton`` on CUDA), called through ``mlcontrast.label_supcon_loss(..., backend=name)``.
+  ``cuda`` and ``triton`` on CUDA), called through ``mlcontrast.label_supcon_loss(..., backend=name)``;
+* ``triton_atomic`` (on CUDA, beside ``triton``): the Triton backend with its symmetric-tile kernels
+  (``MLCONTRAST_TRITON_ATOMIC=1``: half the flops, atomics, not bitwise reproducible).
 
 Inputs: features ``[N, D]`` = L2-normalised ``randn`` rows (``requires_grad``), labels ``randint(0, 80)``
 (COCO-like class ids), temperature 0.1, reduction ``"mean"``; the same seed gives every provider the
@@ -106,6 +108,7 @@ SPEC = utils.BenchSpec(
     nn_bytes_lower_bound=NN_BYTES_LOWER_BOUND,
     flops=flops,
     flop_convention=FLOP_CONVENTION,
+    variants=("triton_atomic",),
 )
 
 

@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh bench-supcon   # label_supcon: bf16 D=256 (the targets' shape) + largest-N probe
 #   bash benchmarks/gpu_session.sh bench-protos   # prototype_nce, prototype_ce, update_prototypes: fp32 and bf16
 #   bash benchmarks/gpu_session.sh bench-sweep    # label_supcon fp32 / bf16 at D = 128 and 512
-#   bash benchmarks/gpu_session.sh tune           # Triton label_supcon launch configurations, bf16 D=256 N=32768
+#   bash benchmarks/gpu_session.sh tune           # Triton label_supcon forward configurations, bf16 D=256 N=32768
+#   bash benchmarks/gpu_session.sh tune-bwd       # the same for the backward kernels
 #
 # Written for the device tool's machines (python3 with torch and triton already installed, nothing to
 # download, each call a fresh machine unless it is still warm, at most 10 minutes a call). Every phase
@@ -117,12 +118,14 @@ case "$phase" in
       done
     done
     pack ;;
-  tune)
+  tune|tune-bwd)
     machine; build
-    step "Triton label_supcon configurations, bf16, D = 256, N = 32768 (about 100 candidates, ~4 s each)"
-    "$PY" -m benchmarks.tune_triton --n 32768 --d 256 --dtype bfloat16
+    phases="fwd fwd-atomic"; [ "$phase" = tune-bwd ] && phases="bwd bwd-atomic"
+    step "Triton label_supcon configurations ($phases), bf16, D = 256, N = 32768 (72 candidates, ~4 s each)"
+    "$PY" -m benchmarks.tune_triton --n 32768 --d 256 --dtype bfloat16 --phases $phases \
+      --out "benchmarks/results/tuning/label_supcon_bfloat16_d256_n32768_${phase}_cuda.json"
     pack ;;
   *)
-    echo "unknown phase $phase (build, test, bench-supcon, bench-protos, bench-sweep, tune)"; exit 2 ;;
+    echo "unknown phase $phase (build, test, bench-supcon, bench-protos, bench-sweep, tune, tune-bwd)"; exit 2 ;;
 esac
 step "done"

@@ -23,7 +23,11 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-PROVIDER_NAMES = {"torch": "eager reference", "torch_compile": "compiled reference"}
+PROVIDER_NAMES = {
+    "torch": "eager reference",
+    "torch_compile": "compiled reference",
+    "triton_atomic": "mlcontrast `triton` (atomic)",
+}
 MEMORY_METHODS = {
     "vmhwm_clear_refs": "the resident-set high-water mark above the inputs",
     "rss_sampler_1ms": "the resident set (sampled every ms) above the inputs",

@@ -4,14 +4,14 @@
     python -m benchmarks.tune_triton --n 16384 --d 128 --dtype float16 --phases bwd
     python -m benchmarks.tune_triton --quick --out /tmp/tune.json           # interpreter smoke run (CPU)
 
-For each phase (``fwd``: the row-LSE kernel; ``bwd``: the deterministic backward; ``bwd-atomic``: the atomic
-one) every candidate configuration (block sizes, ``num_warps``, ``num_stages``) is installed in
+For each phase (``fwd`` / ``bwd``: the deterministic forward and backward kernels; ``fwd-atomic`` /
+``bwd-atomic``: the symmetric-tile ones, whose tiles are square) every candidate configuration (block sizes, ``num_warps``, ``num_stages``) is installed in
 ``mlcontrast.ops.utils.CONFIG_OVERRIDES``, run once and checked against the default configuration's result
 (relative error by norm within the dtype's tolerance: a configuration that computes something else is
 rejected, not timed), then timed with ``triton.testing.do_bench`` (median). Configurations that do not
 compile or do not fit (shared memory, registers) are recorded with their error. Throughput counts the
-model FLOPs of ``benchmarks.bench_label_supcon``: 2·N²·D for the forward, 6·N²·D for a backward (with the
-recomputation of S).
+model FLOPs of ``benchmarks.bench_label_supcon``: 2·N²·D for a forward, 6·N²·D for a backward (with the
+recomputation of S), whatever the kernel executes (the symmetric ones do about half).
 
 The table is printed and written to ``benchmarks/results/tuning/label_supcon_<dtype>_d<D>_n<N>_<device>.json``
 (beside, not among, the op benchmarks' files); the best configuration of each phase is printed as the
@@ -30,20 +30,26 @@ from pathlib import Path
 
 from benchmarks.utils import RESULTS_DIR, metadata, write_results
 
-PHASES = ("fwd", "bwd", "bwd-atomic")
+PHASES = ("fwd", "fwd-atomic", "bwd", "bwd-atomic")
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
 
-def candidates(d: int, quick: bool) -> list[dict[str, int]]:
-    """Tile shapes x D chunk x warps x pipeline stages; duplicates (D chunks above D) removed."""
+def candidates(d: int, quick: bool, phase: str = "fwd") -> list[dict[str, int]]:
+    """Tile shapes x D chunk x warps x pipeline stages; duplicates (D chunks above D) removed. The atomic
+    kernels' tiles are square (``BLOCK_M`` only)."""
+    square = phase.endswith("-atomic")
     if quick:
-        return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_D": 32}]
-    chunks = sorted({min(c, max(16, 1 << (d - 1).bit_length())) for c in (64, 128, 256)})
-    configs = []
-    for (bm, bn), bd, warps, stages in itertools.product(
-        [(64, 64), (128, 64), (64, 128), (128, 128)], chunks, (4, 8), (2, 3)
-    ):
-        configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages})
+        configs = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_D": 32}]
+    else:
+        chunks = sorted({min(c, max(16, 1 << (d - 1).bit_length())) for c in (64, 128, 256)})
+        configs = [
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
+            for (bm, bn), bd, warps, stages in itertools.product(
+                [(64, 64), (128, 64), (64, 128), (128, 128)], chunks, (4, 8), (2, 3)
+            )
+        ]
+    if square:
+        configs = [{k: v for k, v in c.items() if k != "BLOCK_N"} for c in configs if c["BLOCK_M"] == c["BLOCK_N"]]
     return configs
 
 
@@ -65,11 +71,11 @@ def _phase_call(phase: str, z, y, saved):
 
     from mlcontrast.ops import label_supcon as ls
 
-    if phase == "fwd":
-        return lambda: ls.label_supcon(z, y, 0.1, 0.1)[1]
+    atomic = phase.endswith("-atomic")
+    if phase.startswith("fwd"):
+        return lambda: ls.label_supcon(z, y, 0.1, 0.1, 0, None, atomic)[1]
     loss, lse, n_pos = saved
     upstream = torch.full_like(loss, 1.0 / max(1, z.shape[0]))
-    atomic = phase == "bwd-atomic"
     return lambda: ls.label_supcon_backward(upstream, z, y, lse, n_pos, 0.1, 0.1, atomic)
 
 
@@ -97,13 +103,13 @@ def tune(n: int, d: int, dtype: str, device: str, phases: list[str], quick: bool
 
     z, y = _inputs(n, d, dtype, device)
     saved = ls.label_supcon(z, y, 0.1, 0.1)
-    flops = {"fwd": 2.0 * n * n * d, "bwd": 6.0 * n * n * d, "bwd-atomic": 6.0 * n * n * d}
+    flops = {phase: (2.0 if phase.startswith("fwd") else 6.0) * n * n * d for phase in PHASES}
     records = []
     for phase in phases:
-        key = "label_supcon." + phase.split("-")[0]
+        key = "label_supcon." + phase
         CONFIG_OVERRIDES.pop(key, None)
         expected = _phase_call(phase, z, y, saved)()
-        for config in [None, *candidates(d, quick)]:
+        for config in [None, *candidates(d, quick, phase)]:
             record = {"phase": phase, "config": config or "default", "status": "ok"}
             if config is not None:
                 CONFIG_OVERRIDES[key] = config
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         default = next(x for x in records if x["phase"] == phase and x["config"] == "default")
         speedup = default["ms"] / r["ms"] if default.get("ms") else float("nan")
         print(f"[tune] {phase}: {r['ms']:.3f} ms, {r['tflops']:.1f} TFLOP/s, {speedup:.2f}x the default; "
-              f'CONFIG_OVERRIDES["label_supcon.{phase.split("-")[0]}"] = {r["config"]}')
+              f'CONFIG_OVERRIDES["label_supcon.{phase}"] = {r["config"]}')
     print(f"[tune] wrote {path}")
     return 0
 

@@ -805,6 +805,16 @@ def measure_device_rates(device: str, dtype: str, matmul_size: int | None, copy_
 
 REFERENCE_PROVIDERS = ("torch", "torch_compile")
 
+#: Providers that run a fused backend in another mode: provider -> (backend, environment of the case's process).
+BACKEND_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "triton_atomic": ("triton", {"MLCONTRAST_TRITON_ATOMIC": "1"}),
+}
+
+
+def backend_of(provider: str) -> str:
+    """The mlcontrast backend a fused provider calls (itself, or the backend of a variant)."""
+    return BACKEND_VARIANTS.get(provider, (provider, {}))[0]
+
 # Outputs kept for the correctness check between providers (bytes, as fp32); larger ones are not kept.
 MAX_SAVED_OUTPUT_BYTES = 256 * MIB
 
@@ -868,10 +878,11 @@ def run_case(spec: "BenchSpec", case: dict[str, Any]) -> dict[str, Any]:
 
     if case.get("threads"):
         torch.set_num_threads(int(case["threads"]))
-    mlcontrast = import_mlcontrast()
     device, provider = case["device"], case["provider"]
+    os.environ.update(BACKEND_VARIANTS.get(provider, ("", {}))[1])  # this process runs this one case
+    mlcontrast = import_mlcontrast()
     if provider not in REFERENCE_PROVIDERS:
-        reason = unavailable_reason(provider, device, mlcontrast)
+        reason = unavailable_reason(backend_of(provider), device, mlcontrast)
         if reason is not None:
             return {"status": "unavailable", "message": f"backend {provider!r} unavailable on {device}: {reason}"}
     if device.startswith("cuda"):
@@ -912,6 +923,8 @@ def run_case(spec: "BenchSpec", case: dict[str, Any]) -> dict[str, Any]:
     record.update(finite=finite, threads=torch.get_num_threads(), address_space_limit_bytes=limit)
     if device.startswith("cuda"):
         record["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    if provider in BACKEND_VARIANTS:
+        record["backend"], record["environment"] = BACKEND_VARIANTS[provider]
 
     out_dir = case.get("artifacts_dir")
     if out_dir and sum(v.numel() for v in outputs.values()) * 4 <= MAX_SAVED_OUTPUT_BYTES:
@@ -941,7 +954,8 @@ class BenchSpec:
     an op may round it, e.g. ``n = B·C``). ``flops(record)``: model FLOPs per mode (``throughput``);
     ``feature_bytes(record)``: bytes of one read of the features (``bandwidth``).
     ``nn_bytes_lower_bound``: per provider, bytes per N² element a dense reference needs at least; a case
-    above the memory cap is skipped without running (CPU).
+    above the memory cap is skipped without running (CPU). ``variants``: providers of
+    :data:`BACKEND_VARIANTS` run by default beside their backend.
     """
 
     op: str
@@ -963,6 +977,7 @@ class BenchSpec:
     flop_convention: dict[str, str] | None = None
     feature_bytes: Callable[[dict[str, Any]], int] | None = None
     max_n_start: int = 65536
+    variants: tuple[str, ...] = ()
 
 
 
@@ -978,7 +993,7 @@ def provider_function(provider: str, mlcontrast, name: str, **kwargs: Any):
         return functools.partial(getattr(mlcontrast.reference, name), **kwargs)
     if provider == "torch_compile":
         return functools.partial(torch.compile(getattr(mlcontrast.reference, name), dynamic=False), **kwargs)
-    return functools.partial(getattr(mlcontrast, name), backend=provider, **kwargs)
+    return functools.partial(getattr(mlcontrast, name), backend=backend_of(provider), **kwargs)
 
 
 def probe_backends(device: str, retries: int = 4, wait_s: float = 30.0) -> list[str]:
@@ -1283,6 +1298,7 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
     # Triton on CPU tensors is its interpreter (a test tool, orders of magnitude slower): not a provider
     # unless asked for by name.
     fused = [b for b in probe_backends(device) if b != "torch" and not (b == "triton" and not cuda)]
+    fused += [v for v in spec.variants if backend_of(v) in fused]
     providers = args.providers or ["torch", "torch_compile", *fused]
     fused = [p for p in providers if p not in REFERENCE_PROVIDERS]
     policy = default_policy(args)

@@ -195,6 +195,21 @@ def test_results_name_marks_non_default_d_and_dtype():
     assert name(dtype="float16", quick=True) == "label_supcon_fp16_quick"
 
 
+def test_backend_variant_runs_in_its_mode(tmp_path):
+    """``triton_atomic`` (the Triton backend's atomic kernels) is a provider of its own; the interpreter runs it here."""
+    env = {**_env(), "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.bench_label_supcon", "--device", "cpu", "--n", "40", "--d", "16",
+           "--providers", "torch", "triton_atomic", "--repeats", "1", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = tmp_path.glob("label_supcon*.json")
+    records = {r["provider"]: r for r in json.loads(path.read_text())["records"]}
+    variant = records["triton_atomic"]
+    assert variant["status"] == "ok" and variant["backend"] == "triton"
+    assert variant["environment"] == {"MLCONTRAST_TRITON_ATOMIC": "1"}
+    assert variant["grad_norm"] == pytest.approx(records["torch"]["grad_norm"], rel=1e-4)
+
+
 def test_distributed_table_quick(tmp_path):
     """The process_group benchmark: 2 gloo processes, both distributed variants agree, the markdown table."""
     out = tmp_path / "distributed.json"
@@ -220,6 +235,6 @@ def test_tune_triton_quick(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert {r["phase"] for r in result["records"]} == {"fwd", "bwd", "bwd-atomic"}
+    assert {r["phase"] for r in result["records"]} == {"fwd", "fwd-atomic", "bwd", "bwd-atomic"}
     assert all(r["status"] == "ok" and r["rel_error"] <= 1e-4 and r["ms"] > 0 for r in result["records"])
-    assert set(result["best"]) == {"fwd", "bwd", "bwd-atomic"} and result["shape"]["n"] == 40
+    assert set(result["best"]) == {"fwd", "fwd-atomic", "bwd", "bwd-atomic"} and result["shape"]["n"] == 40

@@ -15,6 +15,7 @@ rounded to fp16), bf16 (GPU) 2e-2.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -60,9 +61,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(params=["deterministic", "atomic"])
-def backward_mode(request, monkeypatch):
-    """Runs a test with each backward kernel of label_supcon."""
-    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", request.param == "atomic")
+def mode(request, monkeypatch):
+    """Runs a test with each pair (forward, backward) of label_supcon kernels."""
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC", request.param == "atomic")
     return request.param
 
 
@@ -84,7 +85,7 @@ def test_backend_is_available():
     assert "triton" in mlcontrast.available_backends(DEVICE)
     modules = (triton_label_supcon, triton_prototype_ce, triton_prototype_nce, triton_update_prototypes)
     kernels = [k for m in modules for name, k in vars(m).items() if name.startswith("_") and name.endswith("_kernel")]
-    assert len(kernels) == 10
+    assert len(kernels) == 12
     assert all(is_interpreted(k) == INTERPRETED for k in kernels)
 
 
@@ -95,7 +96,7 @@ def test_backend_is_available():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,d", [(1, 7), (5, 1), (33, 40), (70, 7)])
-def test_label_supcon_matches_reference(n, d, dtype, backward_mode):
+def test_label_supcon_matches_reference(n, d, dtype, mode):
     z = _rand(n, d, dtype=dtype, scale=d**-0.5)
     (y,) = _to_device(make_labels(n, max(1, n // 6), ignore_fraction=0.2, singleton=True))
     upstream = torch.randn(n, dtype=torch.float64, device=DEVICE)  # per-row weights: "not the last layer"
@@ -112,10 +113,13 @@ def test_label_supcon_matches_reference(n, d, dtype, backward_mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,anchors", [(70, (20, 45)), (70, (0, 16)), (40, (33, 40)), (33, (9, 9))])
-def test_label_supcon_anchor_rows(n, anchors, dtype, backward_mode):
+@pytest.mark.parametrize(
+    "n,anchors", [(70, (20, 45)), (70, (0, 16)), (40, (33, 40)), (33, (9, 9)), (70, (3, 67)), (70, (5, 60))]
+)
+def test_label_supcon_anchor_rows(n, anchors, dtype, mode):
     # A process group's rows: only the anchors get a loss, against all rows. Row blocks of 16 that
-    # overlap the anchors visit every column tile, the others only the anchors' tiles.
+    # overlap the anchors visit every column tile, the others only the anchors' tiles. The atomic
+    # forward pairs the anchor blocks: 1, 2, 4 (even: the half-way pairs) and 4 blocks with a partial one.
     start, stop = anchors
     z = _rand(n, 12, dtype=dtype, scale=12**-0.5)
     (y,) = _to_device(make_labels(n, 5, ignore_fraction=0.2, singleton=True))
@@ -132,7 +136,7 @@ def test_label_supcon_anchor_rows(n, anchors, dtype, backward_mode):
     assert not out[:start].any() and not out[stop:].any()
 
 
-def test_label_supcon_config_overrides_reach_the_kernels(monkeypatch, backward_mode):
+def test_label_supcon_config_overrides_reach_the_kernels(monkeypatch, mode):
     # benchmarks.tune_triton installs candidate configurations through CONFIG_OVERRIDES.
     from mlcontrast.ops import utils as ops_utils
 
@@ -144,8 +148,9 @@ def test_label_supcon_config_overrides_reach_the_kernels(monkeypatch, backward_m
         return lambda *args, **kwargs: (launched.append((kernel.__name__, kwargs)), run(*args, **kwargs))
 
     monkeypatch.setattr(triton_label_supcon, "launch", recording_launch)
-    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.fwd", {"BLOCK_M": 32, "BLOCK_N": 16})
-    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.bwd", {"BLOCK_M": 32, "BLOCK_D": 32})
+    suffix = "-atomic" if mode == "atomic" else ""
+    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.fwd" + suffix, {"BLOCK_M": 32, "BLOCK_N": 16})
+    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.bwd" + suffix, {"BLOCK_M": 32, "BLOCK_D": 32})
     z = _rand(45, 40, scale=40**-0.5)
     (y,) = _to_device(make_labels(45, 4, ignore_fraction=0.1, singleton=True))
     assert_matches(
@@ -153,12 +158,16 @@ def test_label_supcon_config_overrides_reach_the_kernels(monkeypatch, backward_m
         lambda x: reference.label_supcon_loss(x, y, 0.1),
         [z],
     )
-    fwd, bwd = dict(launched)["_label_supcon_fwd_kernel"], launched[-1][1]
-    assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_D"]) == (32, 16, 16)
-    if backward_mode == "atomic":
+    kernels = dict(launched)
+    fwd, bwd = kernels["_label_supcon_fwd" + suffix.replace("-", "_") + "_kernel"], launched[-1][1]
+    if mode == "atomic":
+        assert (fwd["BLOCK"], fwd["BLOCK_D"]) == (32, 16)
         assert (bwd["BLOCK"], bwd["BLOCK_D"]) == (32, 32)
     else:
+        assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_D"]) == (32, 16, 16)
         assert (bwd["BLOCK_M"], bwd["BLOCK_N"], bwd["BLOCK_D"]) == (32, 16, 32)
+    # The rows that need the online max use the deterministic forward's configuration (defaults here).
+    assert kernels["_label_supcon_lse_kernel"]["BLOCK_M"] == (16 if suffix else 32)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -194,7 +203,7 @@ def test_label_supcon_non_contiguous_features():
     ],
     ids=["all-ignored", "no-positives", "single-row", "one-pair"],
 )
-def test_label_supcon_edge_cases(labels, backward_mode):
+def test_label_supcon_edge_cases(labels, mode):
     z = _rand(5, 6)
     y = torch.tensor(labels, device=DEVICE)
     out, (grad,) = assert_matches(
@@ -217,39 +226,77 @@ def test_label_supcon_mean_of_nothing_is_zero():
     assert loss.item() == 0.0 and torch.all(z.grad == 0)
 
 
-def test_label_supcon_deterministic_backward_is_bitwise_reproducible(monkeypatch):
-    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", False)
+def test_label_supcon_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC", False)
     z = _rand(40, 20)
     (y,) = _to_device(make_labels(40, 5, ignore_fraction=0.1))
     runs = []
     for _ in range(2):
         x = z.clone().requires_grad_()
-        mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend="triton").backward()
-        runs.append(x.grad)
-    assert torch.equal(runs[0], runs[1])
+        loss = mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend="triton")
+        loss.backward()
+        runs.append((loss.detach(), x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_label_supcon_atomic_flag_from_environment(monkeypatch):
-    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", None)
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC", None)
     monkeypatch.setenv("MLCONTRAST_TRITON_ATOMIC", "1")
-    assert triton_label_supcon._use_atomic_backward()
+    assert triton_label_supcon._use_atomics()
     monkeypatch.setenv("MLCONTRAST_TRITON_ATOMIC", "0")
-    assert not triton_label_supcon._use_atomic_backward()
-    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", True)
-    assert triton_label_supcon._use_atomic_backward()
+    assert not triton_label_supcon._use_atomics()
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC", True)
+    assert triton_label_supcon._use_atomics()
 
 
 def test_label_supcon_atomic_and_deterministic_agree(monkeypatch):
     z = _rand(37, 18)
     (y,) = _to_device(make_labels(37, 4, ignore_fraction=0.2, singleton=True))
     upstream = torch.rand(37, device=DEVICE)
-    grads = {}
+    results = {}
     for atomic in (False, True):
-        monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", atomic)
+        monkeypatch.setattr(triton_label_supcon, "ATOMIC", atomic)
         x = z.clone().requires_grad_()
-        (triton_label_supcon.label_supcon_rows(x, y, 0.1, 0.1) * upstream).sum().backward()
-        grads[atomic] = x.grad
-    assert_close_by_norm(grads[True], grads[False], torch.float32, "atomic vs deterministic")
+        rows = triton_label_supcon.label_supcon_rows(x, y, 0.1, 0.1)
+        (rows * upstream).sum().backward()
+        results[atomic] = (rows.detach(), x.grad)
+    assert_close_by_norm(results[True][0], results[False][0], torch.float32, "atomic vs deterministic loss")
+    assert_close_by_norm(results[True][1], results[False][1], torch.float32, "atomic vs deterministic grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_label_supcon_rows_far_below_the_fixed_shift(dtype, mode):
+    # One row 30x longer than the others sets the shift c = R^2 / t: every other row's logits sit far
+    # below it, their fixed-shift sums underflow, and the online-max kernel recomputes them.
+    z = _rand(45, 16, dtype=dtype, scale=16**-0.5)
+    z[7] *= 30
+    (y,) = _to_device(make_labels(45, 4, ignore_fraction=0.2, singleton=True))
+    y[7] = y[8]
+    upstream = torch.randn(45, dtype=torch.float64, device=DEVICE)
+    assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, reduction="none", backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.1, reduction="none"),
+        [z],
+        upstream,
+    )
+    _, lse, _ = triton_label_supcon.label_supcon(z, y, 0.1, 0.1)
+    scale_shift = triton_label_supcon._scale_and_shift(z, y, 0.1, torch.float32)
+    assert (triton_label_supcon.SHIFTED_SUM_FLOOR > torch.exp2(lse / math.log(2) - scale_shift[1]))[y >= 0].sum() > 30
+
+
+def test_label_supcon_every_row_through_the_online_max(monkeypatch, mode):
+    # A floor of +inf sends every valid anchor row to the online-max kernel: it alone gives the LSE.
+    monkeypatch.setattr(triton_label_supcon, "SHIFTED_SUM_FLOOR", float("inf"))
+    z = _rand(50, 20, scale=20**-0.5)
+    (y,) = _to_device(make_labels(50, 5, ignore_fraction=0.2, singleton=True))
+    assert_matches(
+        lambda x: triton_label_supcon.label_supcon_rows(x, y, 0.05, 0.07, 10, 44),
+        lambda x: torch.nn.functional.pad(
+            reference.label_supcon_anchor_rows(x, y, 0.05, 0.07, False, 10, 44), (10, 50 - 44)
+        ),
+        [z],
+        torch.randn(50, dtype=torch.float64, device=DEVICE),
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -291,6 +338,7 @@ def test_label_supcon_statistics():
     s = z[valid] @ z[valid].T / 0.5
     s.fill_diagonal_(float("-inf"))
     torch.testing.assert_close(lse[valid], torch.logsumexp(s, 1))
+    assert lse[6] == float("-inf")  # an ignored row has nothing to contrast with
 
 
 def test_supcon_and_multilabel_supcon_through_triton():
@@ -314,7 +362,7 @@ def test_supcon_and_multilabel_supcon_through_triton():
     )
 
 
-def test_label_supcon_gradcheck_fp64(backward_mode):
+def test_label_supcon_gradcheck_fp64(mode):
     z = torch.randn(7, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     y = torch.tensor([0, 0, 1, 1, 1, -1, 2], device=DEVICE)
     assert torch.autograd.gradcheck(lambda x: triton_label_supcon.label_supcon_rows(x, y, 0.3, 0.2), (z,))
@@ -527,6 +575,7 @@ _TRACE_TRITON_OPS = textwrap.dedent(
 
     def everything(z, y, p, t):
         loss, lse, npos = ls.label_supcon(z, y, 0.1, 0.1)
+        loss_atomic = ls.label_supcon(z, y, 0.1, 0.1, 0, None, True)[0]
         g1 = ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, False)
         g2 = ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, True)
         l2, lse2, norm2 = pc.prototype_ce(z, y, p, 0.1)
@@ -536,7 +585,7 @@ _TRACE_TRITON_OPS = textwrap.dedent(
         g4 = pn.prototype_nce_backward(l3, z3, p3, t, st, lg, nm, 0.1)
         q = p.clone()
         up.update_prototypes_(q, z, y, 0.9, True)
-        return loss, g1, g2, g3, g4, q
+        return loss, loss_atomic, g1, g2, g3, g4, q
 
     graphs = []
     traced = aot_function(everything, fw_compiler=lambda gm, _: graphs.append(gm.code) or gm)
@@ -554,12 +603,12 @@ _TRACE_TRITON_OPS = textwrap.dedent(
 
 def test_triton_ops_trace_into_their_kernels_without_a_gpu():
     # Without the interpreter the ops are torch.library.triton_op: AOTAutograd (what torch.compile
-    # uses) must see through them to the 10 kernel launches, with no data-dependent shapes or host
+    # uses) must see through them to the 13 kernel launches, with no data-dependent shapes or host
     # syncs in their bodies. Run on fake CUDA tensors in a fresh process (no TRITON_INTERPRET).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _TRACE_TRITON_OPS], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "launches 10" in result.stdout and "opaque 0" in result.stdout, result.stdout
+    assert "launches 13" in result.stdout and "opaque 0" in result.stdout, result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,6 +632,7 @@ _COMPILE_CHECK = textwrap.dedent(
     z, p = torch.randn(200, 200).to(dtype), torch.randn(40, 200).to(dtype)
     y, t = torch.randint(-1, 40, (200,)), torch.randint(-1, 2, (4, 40))
     loss, lse, npos = ls.label_supcon(z, y, 0.1, 0.1)
+    ls.label_supcon(z, y, 0.1, 0.1, 0, None, True)
     ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, False)
     ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, True)
     l2, lse2, norm2 = pc.prototype_ce(z, y, p, 0.1)
@@ -627,7 +677,7 @@ def test_kernels_compile_for_gpu_without_a_gpu(dtype, arch):
         [sys.executable, "-c", _COMPILE_CHECK, dtype, str(arch)], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("shared") == 10, result.stdout
+    assert result.stdout.count("shared") == 13, result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,7 +689,7 @@ def test_kernels_compile_for_gpu_without_a_gpu(dtype, arch):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,d", [(1031, 128), (4099, 257)])
-def test_gpu_label_supcon_large(n, d, dtype, backward_mode):
+def test_gpu_label_supcon_large(n, d, dtype, mode):
     z = torch.randn(n, d, device="cuda").to(dtype)
     y = make_labels(n, max(1, n // 16), ignore_fraction=0.1, singleton=True).cuda()
     assert_matches(
@@ -652,7 +702,7 @@ def test_gpu_label_supcon_large(n, d, dtype, backward_mode):
 @gpu
 @needs_cuda
 def test_gpu_label_supcon_deterministic_at_scale(monkeypatch):
-    monkeypatch.setattr(triton_label_supcon, "ATOMIC_BACKWARD", False)
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC", False)
     z = torch.randn(8192, 256, device="cuda", dtype=torch.bfloat16)
     y = torch.randint(0, 80, (8192,), device="cuda")
     runs = []

@@ -8,15 +8,27 @@ For valid rows :math:`V = \{i : y_i \ge 0\}`, :math:`A(i) = V \setminus \{i\}`,
     \quad (n_i > 0), \qquad \ell_i = 0 \text{ otherwise}, \qquad
     \mathrm{LSE}_i = \log \sum_{j \in A(i)} e^{s_{ij}}.
 
-Forward (``_label_supcon_fwd_kernel``): one program per block of ``BLOCK_M`` rows streams the column
-tiles of ``BLOCK_N`` rows, computes :math:`S_{IJ} = Z_I Z_J^\top / \tau` with ``tl.dot`` (fp32
-accumulation, D in ``BLOCK_D`` chunks) and keeps, per row, an online max and sum for the LSE plus the
-sum and count of its positive logits. The positive term is therefore read from the same tiles: one
-label compare per pair, no class sums, no atomics, exact and deterministic. (The class-sum split,
-sum_p z_p = M_{y_i} - z_i, needs ``index_add_``, whose float atomics are not reproducible on CUDA,
-and ``torch.unique``, whose data-dependent output shape breaks ``torch.compile(fullgraph=True)``;
-the compare costs a few ALU operations per pair against the exp the pair needs anyway.) Only O(N)
-statistics (LSE and positive count) are saved for backward.
+Forward, with a fixed shift. :math:`|s_{ij}| \le c = R^2 / \tau` for :math:`R = \max_{i \in V} \lVert z_i
+\rVert` (Cauchy-Schwarz), so every row sums :math:`e^{s_{ij} - c}` over its tiles with no online max:
+the partial sums of different tiles add up as they are, :math:`\mathrm{LSE}_i = c + \log \sum_j
+e^{s_{ij} - c}`. The positive term is read from the same tiles: one label compare per pair, no class
+sums, no atomics. (The class-sum split, sum_p z_p = M_{y_i} - z_i, needs ``index_add_``, whose float
+atomics are not reproducible on CUDA, and ``torch.unique``, whose data-dependent output shape breaks
+``torch.compile(fullgraph=True)``; the compare costs a few ALU operations per pair against the exp the
+pair needs anyway.) Exponentials are ``exp2`` with :math:`\log_2 e / \tau` folded into the one scale of
+the tile. Only O(N) statistics (LSE and positive count) are saved for backward.
+
+* deterministic (default), ``_label_supcon_fwd_kernel``: one program per block of ``BLOCK_M`` anchor
+  rows streams every column tile of ``BLOCK_N`` rows: 2 N^2 D flops, summed in a fixed order.
+* atomic, ``_label_supcon_fwd_atomic_kernel``: S is symmetric, so each unordered pair of anchor row
+  blocks is one tile, whose exponentials serve its rows and its columns (N^2 D flops, half the exps).
+  Program I takes the diagonal tile and the blocks I + 1 .. I + B/2 (mod B, the B anchor blocks),
+  which gives every program the same work; column sums go to the other rows with ``tl.atomic_add``.
+
+A row whose shifted sum falls below ``SHIFTED_SUM_FLOOR`` (its largest logit is far below c: rows of
+very different norms, or tiny temperatures) would lose precision to underflow; such rows are recomputed
+by ``_label_supcon_lse_kernel``, the flash-style online max over every column tile, in the same stream
+(the programs of blocks without such a row skip the sweep): never a host sync.
 
 Backward: with upstream :math:`g_i`, :math:`w_i = g_i (\tau/\tau_{base}) / \tau \, [n_i > 0]`,
 :math:`a_i = w_i / n_i` and :math:`E_{ij} = e^{s_{ij} - \mathrm{LSE}_i}`,
@@ -32,18 +44,21 @@ over valid pairs. ``G`` is symmetric. Two kernels compute it from recomputed til
   atomics: bitwise reproducible. 4 N^2 D flops (6 N^2 D with the forward).
 * atomic, ``_label_supcon_bwd_atomic_kernel``: only the tiles J >= I; each adds
   :math:`G_{IJ} Z_J` to its rows and :math:`G_{IJ}^\top Z_I` to the rows of J with ``tl.atomic_add``
-  into an fp32 (fp64) buffer. 3 N^2 D flops and half the exps, but the summation order, hence the
-  last bits, varies between runs on a GPU. Select it with ``MLCONTRAST_TRITON_ATOMIC=1`` or by setting
-  :data:`ATOMIC_BACKWARD` to True (read when the backward runs; under ``torch.compile`` when it is
-  traced).
+  into an fp32 (fp64) buffer. 3 N^2 D flops (4 N^2 D with the symmetric forward) and half the exps,
+  but the summation order, hence the last bits of the loss and the gradient, varies between runs on a
+  GPU.
 
-For 16-bit features the gradient products ``G Z`` run in the feature dtype; each row of ``G`` is
-scaled to a maximum magnitude of 1 first, because its entries (about :math:`1/(N^2 \tau)`) would
-underflow fp16.
+Select the atomic pair with ``MLCONTRAST_TRITON_ATOMIC=1`` or by setting :data:`ATOMIC` to True (read
+when the forward and the backward run; under ``torch.compile``, when they are traced).
+
+For fp16 features the gradient products ``G Z`` run in fp16 with each row of ``G`` scaled to a maximum
+magnitude of 1 first, because its entries (about :math:`1/(N^2 \tau)`) would underflow fp16; bf16 has
+fp32's exponent range and needs no scaling.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -61,16 +76,25 @@ from mlcontrast.ops.utils import (
     with_overrides,
 )
 
-__all__ = ["ATOMIC_BACKWARD", "label_supcon", "label_supcon_backward", "label_supcon_rows"]
+__all__ = ["ATOMIC", "SHIFTED_SUM_FLOOR", "label_supcon", "label_supcon_backward", "label_supcon_rows"]
 
-#: True: the atomic (symmetric-tile) backward; False: the deterministic one; None: decided by the
-#: environment variable ``MLCONTRAST_TRITON_ATOMIC`` ("1" selects the atomic kernel).
-ATOMIC_BACKWARD: bool | None = None
+#: True: the symmetric-tile forward and backward with atomic accumulation; False: the deterministic
+#: pair; None: decided by the environment variable ``MLCONTRAST_TRITON_ATOMIC`` ("1" selects atomics).
+ATOMIC: bool | None = None
+
+#: A row's fixed-shift sum :math:`\sum_j e^{s_{ij} - c}` below this is recomputed with an online max.
+#: exp2 flushes results below 2^-126 to zero, so each of up to N terms may lose 2^-126; above 2^-60 that
+#: is below fp32's rounding for any N < 2^40. With unit rows, rows fall below it only for
+#: :math:`\tau < 2 / (60 \ln 2) \approx 0.048`.
+SHIFTED_SUM_FLOOR = 2.0**-60
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 
-def _use_atomic_backward() -> bool:
-    if ATOMIC_BACKWARD is not None:
-        return bool(ATOMIC_BACKWARD)
+def _use_atomics() -> bool:
+    if ATOMIC is not None:
+        return bool(ATOMIC)
     return os.environ.get("MLCONTRAST_TRITON_ATOMIC", "0").strip() == "1"
 
 
@@ -109,31 +133,254 @@ def _similarity_tile(
 
 
 @triton.jit
-def _row_stats(Y, LSE, W, A, idx, idx_in):
-    # Label, saved LSE, row weight w and a of rows idx; rows past N read as ignored rows with weight 0.
-    y = tl.load(Y + idx, mask=idx_in, other=-1)
-    lse = tl.load(LSE + idx, mask=idx_in, other=float("inf"))
-    w = tl.load(W + idx, mask=idx_in, other=0.0)
-    a = tl.load(A + idx, mask=idx_in, other=0.0)
-    return y, lse, w, a
+def _labels(Y, idx, idx_in):
+    # int32 labels (-1 past N): the per-pair compares then run on 32-bit registers.
+    return tl.load(Y + idx, mask=idx_in, other=-1).to(tl.int32)
 
 
 @triton.jit
-def _pair_weights(s, rows, cols, y_i, y_j, lse_i, lse_j, w_i, w_j, a_i, a_j):
+def _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The pairs of the tile rows i0 + [0, BLOCK_M) x columns j0 + [0, BLOCK_N) that are contrasted (both
+    # rows valid, i != j), and among them the positives (same class). The diagonal test compares tile
+    # offsets, whose difference fits 32 bits.
+    offset = (j0 - i0).to(tl.int32)
+    not_self = tl.arange(0, BLOCK_M)[:, None] != tl.arange(0, BLOCK_N)[None, :] + offset
+    keep = (y_i[:, None] >= 0) & (y_j[None, :] >= 0) & not_self
+    return keep, keep & (y_i[:, None] == y_j[None, :])
+
+
+@triton.jit
+def _shifted_row_sums(
+    Z,
+    stride_z,
+    Y,
+    rows,
+    row_in,
+    y_i,
+    z_i0,
+    i0,
+    j_begin,
+    j_end,
+    D,
+    scale,
+    shift,
+    sums,
+    pos,
+    npos,
+    offs_d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Adds, for the rows, sum_j exp2(scale z_i.z_j - shift), the sum of the positives' z_i.z_j and their
+    # count over the columns j_begin .. j_end (scale = log2(e) / t: the exponent is one fused multiply-add).
+    for j0 in range(j_begin, j_end, BLOCK_N):
+        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_in = cols < j_end
+        y_j = _labels(Y, cols, col_in)
+        dots = tl.zeros([BLOCK_M, BLOCK_N], sums.dtype)
+        dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
+        keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
+        sums += tl.sum(tl.where(keep, tl.exp2(dots * scale - shift), 0.0), 1)
+        pos += tl.sum(tl.where(positive, dots, 0.0), 1)
+        npos += tl.sum(positive.to(sums.dtype), 1)
+    return sums, pos, npos
+
+
+@triton.jit
+def _label_supcon_fwd_kernel(
+    SUMS,
+    POS,
+    NPOS,  # outputs [N]: shifted exp sums, sums of the positives' dot products z_i.z_p, positive counts
+    Z,
+    stride_z,  # [N, D] features, unit column stride
+    Y,  # [N] int64 labels, -1 = ignored row
+    N,
+    D,
+    ANCHOR_START,
+    ANCHOR_STOP,  # the anchor rows, whose statistics are written
+    SCALE_SHIFT,  # [2] in the compute dtype: log2(e) / temperature, and the shift c log2(e)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Deterministic: one program per BLOCK_M anchor rows sweeps all column tiles in order.
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: N * D may exceed 2^31
+    acc_dtype = SUMS.dtype.element_ty
+    scale = tl.load(SCALE_SHIFT)
+    shift = tl.load(SCALE_SHIFT + 1)
+    i0 = ANCHOR_START + pid * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
+    row_in = rows < ANCHOR_STOP
+    y_i = _labels(Y, rows, row_in)
+    offs_d = tl.arange(0, BLOCK_D)
+    z_i0 = tl.load(
+        Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
+    )
+    zero = tl.zeros([BLOCK_M], acc_dtype)
+    sums, pos, npos = _shifted_row_sums(
+        Z, stride_z, Y, rows, row_in, y_i, z_i0, i0, 0, N, D, scale, shift, zero, zero, zero, offs_d,
+        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    tl.store(SUMS + rows, sums, mask=row_in)
+    tl.store(POS + rows, pos, mask=row_in)
+    tl.store(NPOS + rows, npos, mask=row_in)
+
+
+@triton.jit
+def _label_supcon_fwd_atomic_kernel(
+    SUMS,
+    POS,
+    NPOS,  # outputs [N], zero-initialised, accumulated atomically
+    Z,
+    stride_z,
+    Y,
+    N,
+    D,
+    ANCHOR_START,
+    ANCHOR_STOP,
+    SCALE_SHIFT,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Symmetric tiles among the B anchor blocks: program I takes the diagonal tile (its rows cover both
+    # orders of its pairs) and the tiles (I, I + k mod B) for k = 1 .. (B - 1) // 2, plus k = B / 2 when
+    # B is even and I < B / 2: every unordered pair of blocks exactly once, and the same number of
+    # tiles for every program. Columns outside the anchors have no statistics: their tiles serve the rows.
+    pid = tl.program_id(0).to(tl.int64)
+    acc_dtype = SUMS.dtype.element_ty
+    scale = tl.load(SCALE_SHIFT)
+    shift = tl.load(SCALE_SHIFT + 1)
+    blocks = tl.cdiv(ANCHOR_STOP - ANCHOR_START, BLOCK)
+    i0 = ANCHOR_START + pid * BLOCK
+    rows = i0 + tl.arange(0, BLOCK)
+    row_in = rows < ANCHOR_STOP
+    y_i = _labels(Y, rows, row_in)
+    offs_d = tl.arange(0, BLOCK_D)
+    z_i0 = tl.load(
+        Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
+    )
+
+    sums = tl.zeros([BLOCK], acc_dtype)
+    pos = tl.zeros([BLOCK], acc_dtype)
+    npos = tl.zeros([BLOCK], acc_dtype)
+    partners = (blocks - 1) // 2 + ((blocks % 2 == 0) & (pid < blocks // 2)).to(blocks.dtype)
+    for k in range(0, partners + 1):
+        j0 = ANCHOR_START + ((pid + k) % blocks) * BLOCK
+        cols = j0 + tl.arange(0, BLOCK)
+        col_in = cols < ANCHOR_STOP
+        y_j = _labels(Y, cols, col_in)
+        dots = tl.zeros([BLOCK, BLOCK], acc_dtype)
+        dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
+        keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK, BLOCK)
+        e = tl.where(keep, tl.exp2(dots * scale - shift), 0.0)
+        s_pos = tl.where(positive, dots, 0.0)
+        n_pos = positive.to(acc_dtype)
+        sums += tl.sum(e, 1)
+        pos += tl.sum(s_pos, 1)
+        npos += tl.sum(n_pos, 1)
+        if k > 0:
+            tl.atomic_add(SUMS + cols, tl.sum(e, 0), mask=col_in, sem="relaxed")
+            tl.atomic_add(POS + cols, tl.sum(s_pos, 0), mask=col_in, sem="relaxed")
+            tl.atomic_add(NPOS + cols, tl.sum(n_pos, 0), mask=col_in, sem="relaxed")
+    sums, pos, npos = _shifted_row_sums(
+        Z, stride_z, Y, rows, row_in, y_i, z_i0, i0, 0, ANCHOR_START, D, scale, shift, sums, pos, npos, offs_d,
+        BLOCK, BLOCK, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    sums, pos, npos = _shifted_row_sums(
+        Z, stride_z, Y, rows, row_in, y_i, z_i0, i0, ANCHOR_STOP, N, D, scale, shift, sums, pos, npos, offs_d,
+        BLOCK, BLOCK, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    tl.atomic_add(SUMS + rows, sums, mask=row_in, sem="relaxed")
+    tl.atomic_add(POS + rows, pos, mask=row_in, sem="relaxed")
+    tl.atomic_add(NPOS + rows, npos, mask=row_in, sem="relaxed")
+
+
+@triton.jit
+def _label_supcon_lse_kernel(
+    LSE2,  # [N] row LSE in base 2 (LSE log2(e)), written for the rows recomputed here
+    SUMS,  # [N] shifted sums of the fixed-shift forward: the valid anchors below FLOOR are recomputed
+    FLOOR,
+    Z,
+    stride_z,
+    Y,
+    N,
+    D,
+    ANCHOR_START,
+    ANCHOR_STOP,
+    SCALE_SHIFT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # The flash-style row LSE with an online max, for the rows whose fixed-shift sum underflowed. A block
+    # without such a row sweeps nothing.
+    pid = tl.program_id(0).to(tl.int64)
+    acc_dtype = LSE2.dtype.element_ty
+    scale = tl.load(SCALE_SHIFT)
+    i0 = ANCHOR_START + pid * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
+    row_in = rows < ANCHOR_STOP
+    y_i = _labels(Y, rows, row_in)
+    redo = row_in & (y_i >= 0) & (tl.load(SUMS + rows, mask=row_in, other=1.0) < FLOOR)
+    j_end = tl.where(tl.max(redo.to(tl.int32), 0) > 0, N, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    z_i0 = tl.load(
+        Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), acc_dtype)
+    l_i = tl.zeros([BLOCK_M], acc_dtype)
+    for j0 in range(0, j_end, BLOCK_N):
+        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_in = cols < N
+        y_j = _labels(Y, cols, col_in)
+        s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
+        s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION) * scale
+        keep, _ = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no valid column so far keeps max -inf; shift by 0 then, so that no -inf - -inf
+        # (NaN) appears: its sum stays 0 and its LSE ends at -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    # l_i >= 1 once a row has a valid column (its max term is 2^0); l_i = 0 means none: LSE = -inf.
+    tl.store(LSE2 + rows, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf")), mask=redo)
+
+
+@triton.jit
+def _row_stats(Y, LSE2, W, A, idx, idx_in):
+    # Label, saved base-2 LSE, row weight w and a of rows idx; rows past N read as ignored rows with weight 0.
+    y = _labels(Y, idx, idx_in)
+    lse2 = tl.load(LSE2 + idx, mask=idx_in, other=float("inf"))
+    w = tl.load(W + idx, mask=idx_in, other=0.0)
+    a = tl.load(A + idx, mask=idx_in, other=0.0)
+    return y, lse2, w, a
+
+
+@triton.jit
+def _pair_weights(
+    s2, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     # G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) - (a_i + a_j) [y_i = y_j] over valid pairs
-    # i != j. Excluded pairs get s = -inf before the exp (the diagonal s_ii exceeds lse_i and would
-    # overflow); rows with w = 0 carry lse = +inf, so their exp terms are exactly 0, never NaN.
-    keep = (y_i[:, None] >= 0) & (y_j[None, :] >= 0) & (rows[:, None] != cols[None, :])
-    s = tl.where(keep, s, float("-inf"))
-    g = w_i[:, None] * tl.exp(s - lse_i[:, None]) + w_j[None, :] * tl.exp(s - lse_j[None, :])
-    positive = keep & (y_i[:, None] == y_j[None, :])
+    # i != j, from base-2 logits and LSEs. Excluded pairs get s = -inf before the exp (the diagonal s_ii
+    # exceeds lse_i and would overflow); rows with w = 0 carry lse = +inf, so their exp terms are
+    # exactly 0, never NaN.
+    keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
+    s2 = tl.where(keep, s2, float("-inf"))
+    g = w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]) + w_j[None, :] * tl.exp2(s2 - lse2_j[None, :])
     return g - tl.where(positive, a_i[:, None] + a_j[None, :], 0.0)
 
 
 @triton.jit
 def _weighted_rows(g, z, PRECISION: tl.constexpr, SCALE_G: tl.constexpr):
-    # g @ z with the operands of tl.dot in z's dtype and the result in g's (fp32/fp64) dtype. For
-    # 16-bit z, every row of g is scaled to max |g| = 1 before the cast so that no weight underflows.
+    # g @ z with the operands of tl.dot in z's dtype and the result in g's (fp32/fp64) dtype. For fp16
+    # z, every row of g is scaled to max |g| = 1 before the cast so that no weight underflows.
     if SCALE_G:
         c = tl.max(tl.abs(g), 1)
         c = tl.where(c > 0, c, 1.0)
@@ -144,79 +391,20 @@ def _weighted_rows(g, z, PRECISION: tl.constexpr, SCALE_G: tl.constexpr):
 
 
 @triton.jit
-def _label_supcon_fwd_kernel(
-    LSE,
-    POS,
-    NPOS,  # outputs [N]: row LSE, sum of positive logits, number of positives
-    Z,
-    stride_z,  # [N, D] features, unit column stride
-    Y,  # [N] int64 labels, -1 = ignored row
-    N,
-    D,
-    ANCHOR_START,
-    ANCHOR_STOP,  # the anchor rows, whose statistics are written
-    INV_T,  # INV_T: [1] tensor holding 1 / temperature in the compute dtype
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # One program per BLOCK_M anchor rows; streams all column tiles with an online log-sum-exp.
-    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: N * D may exceed 2^31
-    acc_dtype = LSE.dtype.element_ty
-    inv_t = tl.load(INV_T)
-    rows = ANCHOR_START + pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < ANCHOR_STOP
-    y_i = tl.load(Y + rows, mask=row_in, other=-1)
-    offs_d = tl.arange(0, BLOCK_D)
-    z_i0 = tl.load(
-        Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
-    )
-
-    m_i = tl.full([BLOCK_M], float("-inf"), acc_dtype)
-    l_i = tl.zeros([BLOCK_M], acc_dtype)
-    pos_i = tl.zeros([BLOCK_M], acc_dtype)
-    npos_i = tl.zeros([BLOCK_M], acc_dtype)
-    for j0 in range(0, N, BLOCK_N):
-        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_in = cols < N
-        y_j = tl.load(Y + cols, mask=col_in, other=-1)  # out-of-range columns read as ignored rows
-        s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
-        s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
-        s = s * inv_t
-        keep = (y_j[None, :] >= 0) & (rows[:, None] != cols[None, :])
-        positive = keep & (y_j[None, :] == y_i[:, None])
-        pos_i += tl.sum(tl.where(positive, s, 0.0), 1)
-        npos_i += tl.sum(positive.to(acc_dtype), 1)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no valid column so far keeps max -inf; shift by 0 then, so that no -inf - -inf
-        # (NaN) appears: its sum stays 0 and its LSE ends at -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-        m_i = m_new
-    # l_i >= 1 once a row has a valid column (its max term is exp(0)); l_i = 0 means none: LSE = -inf.
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1.0)), float("-inf"))
-    tl.store(LSE + rows, lse, mask=row_in)
-    tl.store(POS + rows, pos_i, mask=row_in)
-    tl.store(NPOS + rows, npos_i, mask=row_in)
-
-
-@triton.jit
 def _label_supcon_bwd_kernel(
     DZ,
     stride_dz,  # [N, D] output gradient (fp32/fp64), zero-initialised
     Z,
     stride_z,
     Y,
-    LSE,
+    LSE2,
     W,
-    A,  # features, labels, saved LSE (+inf where W = 0), row weights w and a (0 outside the anchors)
+    A,  # features, labels, saved base-2 LSE (+inf where W = 0), row weights w and a (0 outside the anchors)
     N,
     D,
     ANCHOR_START,
     ANCHOR_STOP,
-    INV_T,
+    SCALE,  # [1]: log2(e) / temperature
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -229,25 +417,26 @@ def _label_supcon_bwd_kernel(
     # w = a = 0, so its G is 0 but for the anchors' columns: it visits only those.
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = DZ.dtype.element_ty
-    inv_t = tl.load(INV_T)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    scale = tl.load(SCALE)
+    i0 = pid * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
     row_in = rows < N
-    y_i, lse_i, w_i, a_i = _row_stats(Y, LSE, W, A, rows, row_in)
+    y_i, lse2_i, w_i, a_i = _row_stats(Y, LSE2, W, A, rows, row_in)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
 
-    anchor_block = (pid * BLOCK_M < ANCHOR_STOP) & (pid * BLOCK_M + BLOCK_M > ANCHOR_START)
+    anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK_M > ANCHOR_START)
     j_start = tl.where(anchor_block, 0, ANCHOR_START)
     j_stop = tl.where(anchor_block, N, ANCHOR_STOP)
     dz0 = tl.zeros([BLOCK_M, BLOCK_D], acc_dtype)
     for j0 in range(j_start, j_stop, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < N
-        y_j, lse_j, w_j, a_j = _row_stats(Y, LSE, W, A, cols, col_in)
+        y_j, lse2_j, w_j, a_j = _row_stats(Y, LSE2, W, A, cols, col_in)
         s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
-        g = _pair_weights(s * inv_t, rows, cols, y_i, y_j, lse_i, lse_j, w_i, w_j, a_i, a_j)
+        g = _pair_weights(s * scale, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, BLOCK_M, BLOCK_N)
 
         z_j = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :], mask=col_in[:, None] & d0_in[None, :], other=0.0)
         dz0 += _weighted_rows(g, z_j, PRECISION, SCALE_G)
@@ -272,14 +461,14 @@ def _label_supcon_bwd_atomic_kernel(
     Z,
     stride_z,
     Y,
-    LSE,
+    LSE2,
     W,
     A,
     N,
     D,
     ANCHOR_START,
     ANCHOR_STOP,
-    INV_T,
+    SCALE,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -293,11 +482,11 @@ def _label_supcon_bwd_atomic_kernel(
     # the anchors visits only the tiles J >= I that overlap them.
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = DZ.dtype.element_ty
-    inv_t = tl.load(INV_T)
+    scale = tl.load(SCALE)
     i0 = pid * BLOCK
     rows = i0 + tl.arange(0, BLOCK)
     row_in = rows < N
-    y_i, lse_i, w_i, a_i = _row_stats(Y, LSE, W, A, rows, row_in)
+    y_i, lse2_i, w_i, a_i = _row_stats(Y, LSE2, W, A, rows, row_in)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
@@ -309,10 +498,10 @@ def _label_supcon_bwd_atomic_kernel(
     for j0 in range(j_start, j_stop, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         col_in = cols < N
-        y_j, lse_j, w_j, a_j = _row_stats(Y, LSE, W, A, cols, col_in)
+        y_j, lse2_j, w_j, a_j = _row_stats(Y, LSE2, W, A, cols, col_in)
         s = tl.zeros([BLOCK, BLOCK], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
-        g = _pair_weights(s * inv_t, rows, cols, y_i, y_j, lse_i, lse_j, w_i, w_j, a_i, a_j)
+        g = _pair_weights(s * scale, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, BLOCK, BLOCK)
         off_diagonal = j0 != i0
 
         z_j = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :], mask=col_in[:, None] & d0_in[None, :], other=0.0)
@@ -353,10 +542,14 @@ def _label_supcon_bwd_atomic_kernel(
 # Launchers and torch.library glue
 # ----------------------------------------------------------------------------------------------
 
+#: The launch configurations, by phase: the forward and backward kernels of each mode.
+PHASES = ("fwd", "fwd-atomic", "bwd", "bwd-atomic")
+
 
 def _config(d: int, dtype: torch.dtype, phase: str) -> dict:
-    """Tile sizes and launch options of the ``phase`` ("fwd" or "bwd") kernels, with
-    ``CONFIG_OVERRIDES["label_supcon.<phase>"]`` applied (the atomic backward uses ``BLOCK_M`` square tiles)."""
+    """Tile sizes and launch options of the ``phase`` kernel (one of :data:`PHASES`), with
+    ``CONFIG_OVERRIDES["label_supcon.<phase>"]`` applied. The atomic kernels take square ``BLOCK_M`` tiles;
+    the online-max LSE of the rows that need it uses the ``fwd`` configuration."""
     return with_overrides(f"label_supcon.{phase}", _default_config(d, dtype))
 
 
@@ -392,7 +585,18 @@ def _anchor_range(n: int, anchor_start: int, anchor_stop: int | None) -> tuple[i
     return anchor_start, stop
 
 
-def _fake_label_supcon(features, labels, temperature, base_temperature, anchor_start=0, anchor_stop=None):
+def _scale_and_shift(z: torch.Tensor, labels: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[log2(e) / t, c log2(e)]`` in ``dtype``, where c = R^2 / t bounds every logit of the valid rows
+    (R: their largest norm). On the device: no host sync."""
+    norms = torch.linalg.vector_norm(z, dim=1, dtype=dtype)
+    largest = torch.where(labels >= 0, norms, torch.zeros((), dtype=dtype, device=z.device)).amax()
+    scale = _LOG2E / temperature
+    return torch.stack([torch.full((), scale, dtype=dtype, device=z.device), largest * largest * scale])
+
+
+def _fake_label_supcon(
+    features, labels, temperature, base_temperature, anchor_start=0, anchor_stop=None, atomic=False
+):
     n, dtype = features.shape[0], compute_dtype(features.dtype)
     return features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype)
 
@@ -405,6 +609,7 @@ def label_supcon(
     base_temperature: float,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
+    atomic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Per-row loss, row LSE and positive count of label-level SupCon (forward launcher).
 
@@ -415,45 +620,54 @@ def label_supcon(
         base_temperature: :math:`\tau_{base} > 0`.
         anchor_start, anchor_stop: the anchor rows (``anchor_stop=None``: N). Only they get a loss;
             every valid row stays in their contrast sets (a process group's rows against all rows).
+        atomic: the symmetric-tile kernel (half the flops; atomics, so the last bits vary between runs)
+            instead of the deterministic one.
 
     Returns:
         ``(loss, lse, n_pos)``, each ``[N]`` in fp32 (fp64 for fp64 features): :math:`\ell_i` (0 on
         ignored rows, rows without positives and rows outside the anchors), :math:`\mathrm{LSE}_i`
-        (-inf for a row with nothing to contrast with) and :math:`n_i` (both 0 outside the anchors).
-        Only ``loss`` is differentiable.
+        (-inf for a row with nothing to contrast with, ignored rows included) and :math:`n_i` (both 0
+        outside the anchors). Only ``loss`` is differentiable.
     """
     z = features.contiguous()
     y = labels.contiguous()
     n, d = z.shape
     start, stop = _anchor_range(n, anchor_start, anchor_stop)
     dtype = compute_dtype(z.dtype)
-    lse = torch.zeros(n, dtype=dtype, device=z.device)
-    pos = torch.zeros(n, dtype=dtype, device=z.device)
+    sums = torch.zeros(n, dtype=dtype, device=z.device)
+    pos_dots = torch.zeros(n, dtype=dtype, device=z.device)
     n_pos = torch.zeros(n, dtype=dtype, device=z.device)
+    lse2 = torch.zeros(n, dtype=dtype, device=z.device)
     if stop > start:
+        scale_shift = _scale_and_shift(z, y, temperature, dtype)
+        precision = dot_precision(z.dtype)
+        common = (z, z.stride(0), y, n, d, start, stop, scale_shift)
+        if atomic:
+            cfg = _config(d, z.dtype, "fwd-atomic")
+            launch(_label_supcon_fwd_atomic_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
+                sums, pos_dots, n_pos, *common,
+                BLOCK=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision, **cfg["options"],
+            )  # fmt: skip
+        else:
+            cfg = _config(d, z.dtype, "fwd")
+            launch(_label_supcon_fwd_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
+                sums, pos_dots, n_pos, *common,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision,
+                **cfg["options"],
+            )  # fmt: skip
+        rows = torch.arange(n, device=z.device)
+        anchors = (rows >= start) & (rows < stop)
+        lse2 = torch.where(anchors, scale_shift[1] + torch.log2(sums), torch.zeros((), dtype=dtype, device=z.device))
         cfg = _config(d, z.dtype, "fwd")
-        launch(_label_supcon_fwd_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
-            lse,
-            pos,
-            n_pos,
-            z,
-            z.stride(0),
-            y,
-            n,
-            d,
-            start,
-            stop,
-            scalar(1.0 / temperature, dtype, z.device),
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=cfg["BLOCK_D"],
-            PRECISION=dot_precision(z.dtype),
+        launch(_label_supcon_lse_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
+            lse2, sums, SHIFTED_SUM_FLOOR, *common,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision,
             **cfg["options"],
-        )
+        )  # fmt: skip
+    lse = lse2 * _LN2
     scale = temperature / base_temperature
-    loss = torch.where(
-        n_pos > 0, (lse - pos / n_pos.clamp(min=1)) * scale, torch.zeros((), dtype=dtype, device=z.device)
-    )
+    mean_positive = pos_dots / (temperature * n_pos.clamp(min=1))
+    loss = torch.where(n_pos > 0, (lse - mean_positive) * scale, torch.zeros((), dtype=dtype, device=z.device))
     return loss, lse, n_pos
 
 
@@ -501,11 +715,10 @@ def label_supcon_backward(
     w = torch.where(has_loss, grad_rows.to(dtype) * (temperature / base_temperature * inv_t), zero)
     a = w / n_pos.clamp(min=1)
     # Rows that contribute nothing get LSE = +inf, which makes their exp terms exactly 0 in the kernel.
-    lse_eff = torch.where(w != 0, lse.to(dtype), torch.full((), float("inf"), dtype=dtype, device=z.device))
+    lse2 = torch.where(w != 0, lse.to(dtype) * _LOG2E, torch.full((), float("inf"), dtype=dtype, device=z.device))
     grad = torch.zeros((n, d), dtype=dtype, device=z.device)
-    inv_t_arg = scalar(inv_t, dtype, z.device)
     if stop > start:
-        cfg = _config(d, z.dtype, "bwd")
+        cfg = _config(d, z.dtype, "bwd-atomic" if atomic else "bwd")
         kernel, blocks = (
             (_label_supcon_bwd_atomic_kernel, {"BLOCK": cfg["BLOCK_M"]})
             if atomic
@@ -517,17 +730,17 @@ def label_supcon_backward(
             z,
             z.stride(0),
             y,
-            lse_eff,
+            lse2,
             w,
             a,
             n,
             d,
             start,
             stop,
-            inv_t_arg,
+            scalar(_LOG2E * inv_t, dtype, z.device),
             BLOCK_D=cfg["BLOCK_D"],
             PRECISION=dot_precision(z.dtype),
-            SCALE_G=z.dtype in (torch.float16, torch.bfloat16),
+            SCALE_G=z.dtype == torch.float16,
             **blocks,
             **cfg["options"],
         )
@@ -535,7 +748,7 @@ def label_supcon_backward(
 
 
 def _setup_context(ctx, inputs, output):
-    features, labels, ctx.temperature, ctx.base_temperature, ctx.anchor_start, ctx.anchor_stop = inputs
+    features, labels, ctx.temperature, ctx.base_temperature, ctx.anchor_start, ctx.anchor_stop, ctx.atomic = inputs
     _, lse, n_pos = output
     ctx.save_for_backward(features, labels, lse, n_pos)
 
@@ -550,11 +763,11 @@ def _backward(ctx, grad_loss, grad_lse, grad_n_pos):
         n_pos,
         ctx.temperature,
         ctx.base_temperature,
-        _use_atomic_backward(),
+        ctx.atomic,
         ctx.anchor_start,
         ctx.anchor_stop,
     )
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 label_supcon.register_autograd(_backward, setup_context=_setup_context)
@@ -570,6 +783,9 @@ def label_supcon_rows(
 ) -> torch.Tensor:
     r"""Per-row label-level SupCon loss :math:`\ell` on the Triton backend, differentiable w.r.t. ``features``.
 
+    The forward and backward kernels are the deterministic pair, or the atomic one when :data:`ATOMIC`
+    (or ``MLCONTRAST_TRITON_ATOMIC=1``) says so.
+
     Args:
         features: ``[N, D]`` rows (used as given; normalise them first if the loss asks for it).
         labels: ``[N]`` int64 class ids, -1 for a row that takes no part.
@@ -580,5 +796,12 @@ def label_supcon_rows(
     Shape:
         features ``[N, D]``, labels ``[N]`` → ``[N]`` in fp32 (fp64 for fp64 features), 0 on ignored rows,
         on rows without positives and outside the anchors.
+
+    Example:
+        >>> z = torch.nn.functional.normalize(torch.randn(256, 128, device="cuda"), dim=1).requires_grad_()
+        >>> rows = label_supcon_rows(z, torch.randint(0, 8, (256,), device="cuda"), 0.1, 0.1)
+        >>> rows.mean().backward()
     """
-    return label_supcon(features, labels, float(temperature), float(base_temperature), anchor_start, anchor_stop)[0]
+    return label_supcon(
+        features, labels, float(temperature), float(base_temperature), anchor_start, anchor_stop, _use_atomics()
+    )[0]

@@ -35,7 +35,7 @@ __all__ = [
 NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, as in mlcontrast.reference
 LIBRARY = "mlcontrast_triton"
 
-#: Launch configurations that replace an op's defaults, by key ("label_supcon.fwd", "label_supcon.bwd"):
+#: Launch configurations that replace an op's defaults, by key ("label_supcon.fwd", "label_supcon.bwd-atomic"):
 #: block sizes by their kernel parameter names, and "num_warps" / "num_stages". ``benchmarks.tune_triton``
 #: sets them to time candidates; set one by hand to try a configuration. Read when a launcher runs (under
 #: torch.compile, when it is traced).
