@@ -5,13 +5,14 @@
     python -m benchmarks.tune_triton --quick --out /tmp/tune.json           # interpreter smoke run (CPU)
 
 For each phase (``fwd`` / ``bwd``: the deterministic forward and backward kernels; ``fwd-atomic`` /
-``bwd-atomic``: the symmetric-tile ones, whose tiles are square) every candidate configuration (block sizes, ``num_warps``, ``num_stages``) is installed in
-``mlcontrast.ops.utils.CONFIG_OVERRIDES``, run once and checked against the default configuration's result
-(relative error by norm within the dtype's tolerance: a configuration that computes something else is
-rejected, not timed), then timed with ``triton.testing.do_bench`` (median). Configurations that do not
-compile or do not fit (shared memory, registers) are recorded with their error. Throughput counts the
-model FLOPs of ``benchmarks.bench_label_supcon``: 2·N²·D for a forward, 6·N²·D for a backward (with the
-recomputation of S), whatever the kernel executes (the symmetric ones do about half).
+``bwd-atomic``: the symmetric-tile ones, whose tiles are square) every candidate configuration (block
+sizes, ``num_warps``, ``num_stages``) is installed in ``mlcontrast.ops.utils.CONFIG_OVERRIDES``, run once
+and checked against the default configuration's result (relative error by norm within the dtype's
+tolerance: a configuration that computes something else is rejected, not timed), then timed with
+``triton.testing.do_bench`` (median). Configurations that do not compile or do not fit (shared memory,
+registers) are recorded with their error. Throughput counts the model FLOPs of
+``benchmarks.bench_label_supcon``: 2·N²·D for a forward, 6·N²·D for a backward (with the recomputation of
+S), whatever the kernel executes (the symmetric ones do about half).
 
 The table is printed and written to ``benchmarks/results/tuning/label_supcon_<dtype>_d<D>_n<N>_<device>.json``
 (beside, not among, the op benchmarks' files); the best configuration of each phase is printed as the

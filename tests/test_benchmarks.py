@@ -196,7 +196,7 @@ def test_results_name_marks_non_default_d_and_dtype():
 
 
 def test_backend_variant_runs_in_its_mode(tmp_path):
-    """``triton_atomic`` (the Triton backend's atomic kernels) is a provider of its own; the interpreter runs it here."""
+    """``triton_atomic`` (the Triton backend's atomic kernels) is a provider of its own (interpreted here)."""
     env = {**_env(), "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "benchmarks.bench_label_supcon", "--device", "cpu", "--n", "40", "--d", "16",
            "--providers", "torch", "triton_atomic", "--repeats", "1", "--out-dir", str(tmp_path)]

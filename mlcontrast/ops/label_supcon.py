@@ -37,7 +37,10 @@ Backward: with upstream :math:`g_i`, :math:`w_i = g_i (\tau/\tau_{base}) / \tau 
     \frac{\partial L}{\partial z_k} = \sum_{j \ne k} G_{kj} z_j, \qquad
     G_{kj} = w_k E_{kj} + w_j E_{jk} - (a_k + a_j)\,[y_j = y_k],
 
-over valid pairs. ``G`` is symmetric. Two kernels compute it from recomputed tiles:
+over valid pairs. ``G`` is symmetric. With the forward's shift c, one exponential serves both terms:
+:math:`w_k E_{kj} + w_j E_{jk} = e^{s_{kj} - c} (\alpha_k + \alpha_j)` with :math:`\alpha_k = w_k
+e^{c - \mathrm{LSE}_k} \le w_k 2^{60}` (the rows the forward had to redo, if any, switch the kernels to two
+exponentials). Two kernels compute it from recomputed tiles:
 
 * deterministic (default), ``_label_supcon_bwd_kernel``: one program per row block visits every
   column tile, recomputes :math:`S_{IJ}` and accumulates :math:`dZ_I \mathrel{+}= G_{IJ} Z_J`. No
@@ -71,7 +74,6 @@ from mlcontrast.ops.utils import (
     interpreting,
     launch,
     pow2_block,
-    scalar,
     triton_library_op,
     with_overrides,
 )
@@ -182,7 +184,7 @@ def _shifted_row_sums(
         dots = tl.zeros([BLOCK_M, BLOCK_N], sums.dtype)
         dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
         keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-        sums += tl.sum(tl.where(keep, tl.exp2(dots * scale - shift), 0.0), 1)
+        sums += tl.sum(tl.exp2(tl.where(keep, dots * scale - shift, float("-inf"))), 1)
         pos += tl.sum(tl.where(positive, dots, 0.0), 1)
         npos += tl.sum(positive.to(sums.dtype), 1)
     return sums, pos, npos
@@ -276,7 +278,7 @@ def _label_supcon_fwd_atomic_kernel(
         dots = tl.zeros([BLOCK, BLOCK], acc_dtype)
         dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
         keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK, BLOCK)
-        e = tl.where(keep, tl.exp2(dots * scale - shift), 0.0)
+        e = tl.exp2(tl.where(keep, dots * scale - shift, float("-inf")))
         s_pos = tl.where(positive, dots, 0.0)
         n_pos = positive.to(acc_dtype)
         sums += tl.sum(e, 1)
@@ -354,26 +356,34 @@ def _label_supcon_lse_kernel(
 
 
 @triton.jit
-def _row_stats(Y, LSE2, W, A, idx, idx_in):
-    # Label, saved base-2 LSE, row weight w and a of rows idx; rows past N read as ignored rows with weight 0.
+def _row_stats(Y, LSE2, W, A, ALPHA, idx, idx_in):
+    # Label, saved base-2 LSE, row weights w, a and alpha = w 2^(shift - lse2) of rows idx; rows past N
+    # read as ignored rows with weight 0.
     y = _labels(Y, idx, idx_in)
     lse2 = tl.load(LSE2 + idx, mask=idx_in, other=float("inf"))
     w = tl.load(W + idx, mask=idx_in, other=0.0)
     a = tl.load(A + idx, mask=idx_in, other=0.0)
-    return y, lse2, w, a
+    alpha = tl.load(ALPHA + idx, mask=idx_in, other=0.0)
+    return y, lse2, w, a, alpha
 
 
 @triton.jit
 def _pair_weights(
-    s2, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
-):
+    dots, scale, shift, two_exp, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i, alpha_j,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) - (a_i + a_j) [y_i = y_j] over valid pairs
-    # i != j, from base-2 logits and LSEs. Excluded pairs get s = -inf before the exp (the diagonal s_ii
-    # exceeds lse_i and would overflow); rows with w = 0 carry lse = +inf, so their exp terms are
-    # exactly 0, never NaN.
+    # i != j. With the fixed shift, one exp serves both terms: G = 2^(scale dots - shift) (alpha_i +
+    # alpha_j). That needs alpha <= w 2^60, i.e. no row far below the shift (two_exp = 0: the forward
+    # redid none); otherwise each term gets its own exp, from base-2 logits and LSEs. Excluded pairs get
+    # s = -inf before the exp (the diagonal s_ii exceeds lse_i and would overflow); rows with w = 0
+    # carry alpha = 0 and lse = +inf, so their terms are exactly 0, never NaN.
     keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-    s2 = tl.where(keep, s2, float("-inf"))
-    g = w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]) + w_j[None, :] * tl.exp2(s2 - lse2_j[None, :])
+    s2 = tl.where(keep, dots * scale, float("-inf"))
+    if two_exp:
+        g = w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]) + w_j[None, :] * tl.exp2(s2 - lse2_j[None, :])
+    else:
+        g = tl.exp2(s2 - shift) * (alpha_i[:, None] + alpha_j[None, :])
     return g - tl.where(positive, a_i[:, None] + a_j[None, :], 0.0)
 
 
@@ -399,12 +409,14 @@ def _label_supcon_bwd_kernel(
     Y,
     LSE2,
     W,
-    A,  # features, labels, saved base-2 LSE (+inf where W = 0), row weights w and a (0 outside the anchors)
+    A,
+    ALPHA,  # labels, saved base-2 LSE (+inf where W = 0), row weights w, a and alpha (0 outside the anchors)
     N,
     D,
     ANCHOR_START,
     ANCHOR_STOP,
-    SCALE,  # [1]: log2(e) / temperature
+    SCALE_SHIFT,  # [2]: log2(e) / temperature and the shift, as in the forward
+    TWO_EXP,  # [1] int32: 1 when a row with a loss is far below the shift (see _pair_weights)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -417,11 +429,13 @@ def _label_supcon_bwd_kernel(
     # w = a = 0, so its G is 0 but for the anchors' columns: it visits only those.
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = DZ.dtype.element_ty
-    scale = tl.load(SCALE)
+    scale = tl.load(SCALE_SHIFT)
+    shift = tl.load(SCALE_SHIFT + 1)
+    two_exp = tl.load(TWO_EXP) != 0
     i0 = pid * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
     row_in = rows < N
-    y_i, lse2_i, w_i, a_i = _row_stats(Y, LSE2, W, A, rows, row_in)
+    y_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
@@ -433,10 +447,13 @@ def _label_supcon_bwd_kernel(
     for j0 in range(j_start, j_stop, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < N
-        y_j, lse2_j, w_j, a_j = _row_stats(Y, LSE2, W, A, cols, col_in)
+        y_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in)
         s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
-        g = _pair_weights(s * scale, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, BLOCK_M, BLOCK_N)
+        g = _pair_weights(
+            s, scale, shift, two_exp, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i, alpha_j,
+            BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
         z_j = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :], mask=col_in[:, None] & d0_in[None, :], other=0.0)
         dz0 += _weighted_rows(g, z_j, PRECISION, SCALE_G)
@@ -464,11 +481,13 @@ def _label_supcon_bwd_atomic_kernel(
     LSE2,
     W,
     A,
+    ALPHA,
     N,
     D,
     ANCHOR_START,
     ANCHOR_STOP,
-    SCALE,
+    SCALE_SHIFT,
+    TWO_EXP,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -482,11 +501,13 @@ def _label_supcon_bwd_atomic_kernel(
     # the anchors visits only the tiles J >= I that overlap them.
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = DZ.dtype.element_ty
-    scale = tl.load(SCALE)
+    scale = tl.load(SCALE_SHIFT)
+    shift = tl.load(SCALE_SHIFT + 1)
+    two_exp = tl.load(TWO_EXP) != 0
     i0 = pid * BLOCK
     rows = i0 + tl.arange(0, BLOCK)
     row_in = rows < N
-    y_i, lse2_i, w_i, a_i = _row_stats(Y, LSE2, W, A, rows, row_in)
+    y_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
@@ -498,10 +519,13 @@ def _label_supcon_bwd_atomic_kernel(
     for j0 in range(j_start, j_stop, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         col_in = cols < N
-        y_j, lse2_j, w_j, a_j = _row_stats(Y, LSE2, W, A, cols, col_in)
+        y_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in)
         s = tl.zeros([BLOCK, BLOCK], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
-        g = _pair_weights(s * scale, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, BLOCK, BLOCK)
+        g = _pair_weights(
+            s, scale, shift, two_exp, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i, alpha_j,
+            BLOCK, BLOCK,
+        )  # fmt: skip
         off_diagonal = j0 != i0
 
         z_j = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :], mask=col_in[:, None] & d0_in[None, :], other=0.0)
@@ -714,10 +738,15 @@ def label_supcon_backward(
     has_loss = (n_pos > 0) & (anchors >= start) & (anchors < stop)
     w = torch.where(has_loss, grad_rows.to(dtype) * (temperature / base_temperature * inv_t), zero)
     a = w / n_pos.clamp(min=1)
-    # Rows that contribute nothing get LSE = +inf, which makes their exp terms exactly 0 in the kernel.
+    # Rows that contribute nothing get LSE = +inf and alpha = 0, which makes their terms exactly 0.
     lse2 = torch.where(w != 0, lse.to(dtype) * _LOG2E, torch.full((), float("inf"), dtype=dtype, device=z.device))
     grad = torch.zeros((n, d), dtype=dtype, device=z.device)
     if stop > start:
+        scale_shift = _scale_and_shift(z, y, temperature, dtype)
+        # -log2 of each row's shifted sum: at most `limit` (60) unless the forward redid the row.
+        below_shift, limit = scale_shift[1] - lse2, -math.log2(SHIFTED_SUM_FLOOR)
+        alpha = torch.where(w != 0, w * torch.exp2(below_shift.clamp(max=limit)), zero)
+        two_exp = ((w != 0) & (below_shift > limit)).any().to(torch.int32).reshape(1)
         cfg = _config(d, z.dtype, "bwd-atomic" if atomic else "bwd")
         kernel, blocks = (
             (_label_supcon_bwd_atomic_kernel, {"BLOCK": cfg["BLOCK_M"]})
@@ -733,11 +762,13 @@ def label_supcon_backward(
             lse2,
             w,
             a,
+            alpha,
             n,
             d,
             start,
             stop,
-            scalar(_LOG2E * inv_t, dtype, z.device),
+            scale_shift,
+            two_exp,
             BLOCK_D=cfg["BLOCK_D"],
             PRECISION=dot_precision(z.dtype),
             SCALE_G=z.dtype == torch.float16,
