@@ -643,7 +643,7 @@ _COMPILE_CHECK = textwrap.dedent(
     up.update_prototypes_(p, z, y, 0.9, True)
 
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-             torch.int64: "i64"}
+             torch.int64: "i64", torch.int32: "i32"}
     for kernel, args, kwargs in launches:
         values = dict(zip(kernel.arg_names, args), **kwargs)
         options = {k: values.pop(k) for k in ("num_warps", "num_stages") if k in values}

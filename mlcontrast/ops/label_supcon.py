@@ -403,7 +403,7 @@ def _weighted_rows(g, z, PRECISION: tl.constexpr, SCALE_G: tl.constexpr):
 @triton.jit
 def _label_supcon_bwd_kernel(
     DZ,
-    stride_dz,  # [N, D] output gradient (fp32/fp64), zero-initialised
+    stride_dz,  # [N, D] output gradient: fp32/fp64 and zero-initialised, or the features' dtype when D <= BLOCK_D
     Z,
     stride_z,
     Y,
@@ -426,9 +426,10 @@ def _label_supcon_bwd_kernel(
     # Deterministic: one program owns BLOCK_M rows of dZ and visits every column tile;
     # dZ_I = sum_J G_IJ Z_J. The first D chunk is accumulated in registers, further chunks by a
     # read-modify-write of rows no other program touches. A row block outside the anchors has
-    # w = a = 0, so its G is 0 but for the anchors' columns: it visits only those.
+    # w = a = 0, so its G is 0 but for the anchors' columns: it visits only those. Every row of dZ is
+    # written, in DZ's dtype (the features' when one chunk holds D: no fp32 buffer, no cast pass).
     pid = tl.program_id(0).to(tl.int64)
-    acc_dtype = DZ.dtype.element_ty
+    acc_dtype = W.dtype.element_ty
     scale = tl.load(SCALE_SHIFT)
     shift = tl.load(SCALE_SHIFT + 1)
     two_exp = tl.load(TWO_EXP) != 0
@@ -468,7 +469,11 @@ def _label_supcon_bwd_kernel(
                 tl.load(ptrs, mask=out_mask, other=0.0) + _weighted_rows(g, z_j, PRECISION, SCALE_G),
                 mask=out_mask,
             )
-    tl.store(DZ + rows[:, None] * stride_dz + offs_d[None, :], dz0, mask=row_in[:, None] & d0_in[None, :])
+    tl.store(
+        DZ + rows[:, None] * stride_dz + offs_d[None, :],
+        dz0.to(DZ.dtype.element_ty),
+        mask=row_in[:, None] & d0_in[None, :],
+    )
 
 
 @triton.jit
@@ -740,14 +745,18 @@ def label_supcon_backward(
     a = w / n_pos.clamp(min=1)
     # Rows that contribute nothing get LSE = +inf and alpha = 0, which makes their terms exactly 0.
     lse2 = torch.where(w != 0, lse.to(dtype) * _LOG2E, torch.full((), float("inf"), dtype=dtype, device=z.device))
-    grad = torch.zeros((n, d), dtype=dtype, device=z.device)
+    cfg = _config(d, z.dtype, "bwd-atomic" if atomic else "bwd")
+    if not atomic and d <= cfg["BLOCK_D"] and stop > start:
+        # The deterministic kernel then writes every row once, in the features' dtype.
+        grad = torch.empty((n, d), dtype=features.dtype, device=z.device)
+    else:
+        grad = torch.zeros((n, d), dtype=dtype, device=z.device)
     if stop > start:
         scale_shift = _scale_and_shift(z, y, temperature, dtype)
         # -log2 of each row's shifted sum: at most `limit` (60) unless the forward redid the row.
         below_shift, limit = scale_shift[1] - lse2, -math.log2(SHIFTED_SUM_FLOOR)
         alpha = torch.where(w != 0, w * torch.exp2(below_shift.clamp(max=limit)), zero)
         two_exp = ((w != 0) & (below_shift > limit)).any().to(torch.int32).reshape(1)
-        cfg = _config(d, z.dtype, "bwd-atomic" if atomic else "bwd")
         kernel, blocks = (
             (_label_supcon_bwd_atomic_kernel, {"BLOCK": cfg["BLOCK_M"]})
             if atomic
