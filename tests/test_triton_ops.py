@@ -324,7 +324,9 @@ def test_dot_precision_follows_allow_tf32():
         # The interpreter ignores the precision (fp32 tolerance); TF32 has fp16's 10-bit mantissa.
         assert_close_by_norm(loss, expected, torch.float32 if INTERPRETED else torch.float16, "loss with TF32")
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert dot_precision(torch.float32) == "ieee"
+        assert dot_precision(torch.float32) == "tf32x3" and dot_precision(torch.float64) == "ieee"
+        loss = mlcontrast.label_supcon_loss(z, y, 0.5, normalize=True, backend="triton")
+        assert_close_by_norm(loss, expected, torch.float32, "loss with 3xTF32")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
@@ -409,8 +411,9 @@ def test_prototype_ce_all_rows_ignored():
     assert loss.item() == 0.0 and torch.all(z.grad == 0) and torch.all(p.grad == 0)
 
 
-def test_prototype_ce_zero_rows_and_deterministic():
-    z, p = _rand(40, 11), _rand(6, 11)
+@pytest.mark.parametrize("d", [11, 40])  # one D chunk, or three (the scratch path of the dz kernel)
+def test_prototype_ce_zero_rows_and_deterministic(d):
+    z, p = _rand(40, d), _rand(6, d)
     z[3] = 0  # a zero row: its norm is clamped to eps
     (y,) = _to_device(torch.randint(0, 6, (40,)))
     grads = []

@@ -597,6 +597,8 @@ def _default_config(d: int, dtype: torch.dtype) -> dict:
             "options": {"num_warps": 4, "num_stages": 1},
         }
     high = 128 if dtype in (torch.float16, torch.bfloat16) else 64
+    if dot_precision(dtype) == "tf32x3":
+        high = 32  # 3xTF32 keeps split copies of the operands in shared memory
     return {
         "BLOCK_M": 64,
         "BLOCK_N": 64,

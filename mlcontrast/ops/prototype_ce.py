@@ -23,8 +23,10 @@ LSE (never stored: no ``[N, C]`` tensor in memory):
   bitwise reproducible. The number of splits trades parallelism for scratch memory
   (:func:`mlcontrast.ops.utils.split_count`).
 
-The gradients of the normalisations, :math:`(d\hat x - \hat x (\hat x \cdot d\hat x)) / \max(\lVert x
-\rVert, \epsilon)` (radial part only where the norm exceeds :math:`\epsilon`), are applied in torch.
+The gradient of the features' normalisation, :math:`(d\hat z - \hat z (\hat z \cdot d\hat z)) / \max(\lVert z
+\rVert, \epsilon)` (radial part only where the norm exceeds :math:`\epsilon`), is applied by the dz kernel
+to its own rows, which it then writes once in the features' dtype (an fp32 scratch holds the D chunks past
+the first while classes are summed, when D exceeds one chunk); that of the prototypes (``[C, D]``) in torch.
 """
 
 from __future__ import annotations
@@ -167,8 +169,10 @@ def _prototype_ce_fwd_kernel(
 
 @triton.jit
 def _prototype_ce_bwd_dz_kernel(
+    DZ,
+    stride_dz,  # [N, D] output: d loss / d features, in the features' dtype, every row written
     DZU,
-    stride_dzu,  # [N, D] output: d loss / d unit rows (fp32/fp64), zero-initialised
+    stride_dzu,  # [N, D] fp32/fp64 scratch for d loss / d unit rows past the first D chunk (D > BLOCK_D)
     Z,
     stride_z,
     Y,
@@ -185,16 +189,19 @@ def _prototype_ce_bwd_dz_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # One program owns BLOCK_M rows: dZU_I = sum over class chunks of delta_IC P_C. The first D chunk
-    # accumulates in registers; further chunks read-modify-write rows owned by this program.
+    # One program owns BLOCK_M rows: dZU_I = sum over class chunks of delta_IC P_C, the gradient with
+    # respect to the unit rows. The first D chunk accumulates in registers; further chunks
+    # read-modify-write rows of DZU owned by this program. Then the normalisation's chain rule,
+    # dz = (dzu - zhat (zhat . dzu)) / norm (radial part only where norm > eps), over the whole row.
     pid = tl.program_id(0).to(tl.int64)
-    acc_dtype = DZU.dtype.element_ty
+    acc_dtype = LSE.dtype.element_ty
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < N
     y_i = tl.load(Y + rows, mask=row_in, other=-1)
     lse_i = tl.load(LSE + rows, mask=row_in, other=0.0)
     g_i = tl.load(G + rows, mask=row_in, other=0.0)
-    inv_norm = 1.0 / tl.load(NORM + rows, mask=row_in, other=1.0)
+    norm = tl.load(NORM + rows, mask=row_in, other=1.0)
+    inv_norm = 1.0 / norm
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
     d0_in = offs_d < D
@@ -207,23 +214,9 @@ def _prototype_ce_bwd_dz_kernel(
         cls = c0 + offs_c
         c_in = cls < C
         u = _logits_tile(
-            Z,
-            stride_z,
-            rows,
-            row_in,
-            z_i0,
-            P,
-            stride_p,
-            cls,
-            c_in,
-            D,
-            inv_norm,
-            offs_d,
-            BLOCK_M,
-            BLOCK_C,
-            BLOCK_D,
-            PRECISION,
-        )
+            Z, stride_z, rows, row_in, z_i0, P, stride_p, cls, c_in, D, inv_norm, offs_d,
+            BLOCK_M, BLOCK_C, BLOCK_D, PRECISION,
+        )  # fmt: skip
         onehot = (cls[None, :] == y_i[:, None]).to(acc_dtype)
         delta = g_i[:, None] * (tl.exp(u - lse_i[:, None]) - onehot)  # exp(-inf) = 0 past C
         p = tl.load(P + cls[:, None] * stride_p + offs_d[None, :], mask=c_in[:, None] & d0_in[None, :], other=0.0)
@@ -236,7 +229,26 @@ def _prototype_ce_bwd_dz_kernel(
             out_mask = row_in[:, None] & d_in[None, :]
             part = tl.dot(delta, p, input_precision=PRECISION, out_dtype=acc_dtype)
             tl.store(ptrs, tl.load(ptrs, mask=out_mask, other=0.0) + part, mask=out_mask)
-    tl.store(DZU + rows[:, None] * stride_dzu + offs_d[None, :], dz0, mask=row_in[:, None] & d0_in[None, :])
+
+    # The chain rule of the normalisation; the chunks past the first are read back from DZU.
+    radial = tl.sum(z_i0 * dz0, 1)
+    for d0 in range(BLOCK_D, D, BLOCK_D):
+        d = d0 + offs_d
+        mask = row_in[:, None] & (d < D)[None, :]
+        z = tl.load(Z + rows[:, None] * stride_z + d[None, :], mask=mask, other=0.0).to(acc_dtype)
+        radial += tl.sum(z * tl.load(DZU + rows[:, None] * stride_dzu + d[None, :], mask=mask, other=0.0), 1)
+    # zhat . dzu / norm, where the norm exceeds eps (below it the norm is the constant eps).
+    radial = tl.where(norm > 1e-8, radial * inv_norm * inv_norm, 0.0)
+    out_dtype = DZ.dtype.element_ty
+    dz = (dz0 - z_i0 * radial[:, None]) * inv_norm[:, None]
+    tl.store(DZ + rows[:, None] * stride_dz + offs_d[None, :], dz.to(out_dtype), mask=row_in[:, None] & d0_in[None, :])
+    for d0 in range(BLOCK_D, D, BLOCK_D):
+        d = d0 + offs_d
+        mask = row_in[:, None] & (d < D)[None, :]
+        z = tl.load(Z + rows[:, None] * stride_z + d[None, :], mask=mask, other=0.0).to(acc_dtype)
+        dzu = tl.load(DZU + rows[:, None] * stride_dzu + d[None, :], mask=mask, other=0.0)
+        dz = (dzu - z * radial[:, None]) * inv_norm[:, None]
+        tl.store(DZ + rows[:, None] * stride_dz + d[None, :], dz.to(out_dtype), mask=mask)
 
 
 @triton.jit
@@ -337,10 +349,12 @@ def _config(c: int, d: int, dtype: torch.dtype) -> dict:
             "BLOCK_D": pow2_block(d, 16, 32),
             "options": {"num_warps": 4, "num_stages": 1},
         }
+    # 3xTF32 (fp32 products when TF32 is not allowed) keeps split copies of the operands in shared memory.
+    high = 32 if dot_precision(dtype) == "tf32x3" else 64
     return {
         "BLOCK_M": 64,
         "BLOCK_C": pow2_block(c, 16, 64),
-        "BLOCK_D": pow2_block(d, 16, 64),
+        "BLOCK_D": pow2_block(d, 16, high),
         "options": {"num_warps": 4, "num_stages": 2},
     }
 
@@ -450,9 +464,11 @@ def prototype_ce_backward(
     g = torch.where(y >= 0, grad_rows.to(dtype), torch.zeros((), dtype=dtype, device=z.device)).contiguous()
     lse = lse.to(dtype).contiguous()
     norm = norm.to(dtype).contiguous()
-    grad_unit_z = torch.zeros((n, d), dtype=dtype, device=z.device)
+    grad_z = torch.empty((n, d), dtype=features.dtype, device=z.device)
     if n > 0:
         cfg = _config(c, d, dtype)
+        # fp32 (fp64) scratch for the D chunks past the first, when there are any.
+        scratch = torch.zeros((n, d), dtype=dtype, device=z.device) if d > cfg["BLOCK_D"] else grad_z
         blocks = triton.cdiv(n, cfg["BLOCK_M"])
         splits = split_count(blocks, c * d * torch.finfo(dtype).bits // 8)
         per_split = triton.cdiv(blocks, splits)
@@ -466,8 +482,9 @@ def prototype_ce_backward(
             **cfg["options"],
         )
         launch(_prototype_ce_bwd_dz_kernel, (blocks,))(
-            grad_unit_z, grad_unit_z.stride(0), z, z.stride(0), y, p, p.stride(0), lse, norm, g, n, c, d, **meta
-        )
+            grad_z, grad_z.stride(0), scratch, scratch.stride(0), z, z.stride(0), y, p, p.stride(0), lse, norm, g,
+            n, c, d, **meta,
+        )  # fmt: skip
         launch(_prototype_ce_bwd_dp_kernel, (triton.cdiv(c, cfg["BLOCK_C"]), splits))(
             partials,
             partials.stride(0),
@@ -489,10 +506,8 @@ def prototype_ce_backward(
         grad_unit_p = partials.sum(0) * inv_t
     else:
         grad_unit_p = torch.zeros((c, d), dtype=dtype, device=z.device)
-    z_clamped = norm.unsqueeze(1)
-    grad_z = _unit_backward(grad_unit_z, z.to(dtype) / z_clamped, z_clamped)
     grad_p = _unit_backward(grad_unit_p, p_unit, p_clamped)
-    return grad_z.to(features.dtype), grad_p.to(prototypes.dtype)
+    return grad_z, grad_p.to(prototypes.dtype)
 
 
 def _setup_context(ctx, inputs, output):
