@@ -85,7 +85,7 @@ def test_backend_is_available():
     assert "triton" in mlcontrast.available_backends(DEVICE)
     modules = (triton_label_supcon, triton_prototype_ce, triton_prototype_nce, triton_update_prototypes)
     kernels = [k for m in modules for name, k in vars(m).items() if name.startswith("_") and name.endswith("_kernel")]
-    assert len(kernels) == 12
+    assert len(kernels) == 13
     assert all(is_interpreted(k) == INTERPRETED for k in kernels)
 
 
@@ -479,10 +479,18 @@ def test_prototype_nce_gradcheck_fp64():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["one-hot", "atomic"])
+def class_sums(request, monkeypatch):
+    """Runs a test with each way of forming the class sums of update_prototypes_."""
+    if request.param == "atomic":
+        monkeypatch.setattr(triton_update_prototypes, "ONE_HOT_MAX_CLASSES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("n,c,d", [(5, 3, 7), (70, 20, 40)])
-def test_update_prototypes_matches_reference(n, c, d, normalize, dtype):
+@pytest.mark.parametrize("n,c,d", [(5, 3, 7), (70, 20, 40)])  # 70 x 20 x 40: 2 splits, 2 class and 3 D blocks
+def test_update_prototypes_matches_reference(n, c, d, normalize, dtype, class_sums):
     protos = F.normalize(_rand(c, d), dim=1).to(dtype)
     z = _rand(n, d, dtype=dtype)
     (y,) = _to_device(make_labels(n, c, ignore_fraction=0.2))
@@ -496,6 +504,25 @@ def test_update_prototypes_matches_reference(n, c, d, normalize, dtype):
     assert absent[1]
     assert torch.equal(actual[absent], protos[absent])  # bit for bit
     assert_close_by_norm(actual, expected, dtype, "prototypes")
+
+
+def test_update_prototypes_one_hot_sums_are_reproducible_and_mix_dtypes():
+    protos = F.normalize(_rand(20, 24), dim=1)
+    z = _rand(90, 24)
+    (y,) = _to_device(make_labels(90, 20, ignore_fraction=0.1))
+    runs = []
+    for _ in range(2):
+        actual = protos.clone()
+        mlcontrast.update_prototypes_(actual, z, y, 0.7, True, backend="triton")
+        runs.append(actual)
+    assert torch.equal(runs[0], runs[1])
+    # fp64 prototypes with fp32 rows, and fp32 prototypes with fp64 rows.
+    for p_dtype, z_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        expected = protos.to(p_dtype)
+        reference.update_prototypes_(expected, z.to(z_dtype), y, 0.7, True)
+        actual = protos.to(p_dtype)
+        mlcontrast.update_prototypes_(actual, z.to(z_dtype), y, 0.7, True, backend="triton")
+        assert_close_by_norm(actual, expected, torch.float32, f"{p_dtype} prototypes, {z_dtype} rows")
 
 
 def test_update_prototypes_label_level_targets_and_no_rows():
@@ -644,6 +671,8 @@ _COMPILE_CHECK = textwrap.dedent(
     l3, st, lg, nm = pn.prototype_nce_forward(z3, p, t, 0.1)
     pn.prototype_nce_backward(l3, z3, p, t, st, lg, nm, 0.1)
     up.update_prototypes_(p, z, y, 0.9, True)
+    up.ONE_HOT_MAX_CLASSES = 0  # and the atomic class sums
+    up.update_prototypes_(p, z, y, 0.9, True)
 
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
              torch.int64: "i64", torch.int32: "i32"}
@@ -680,7 +709,7 @@ def test_kernels_compile_for_gpu_without_a_gpu(dtype, arch):
         [sys.executable, "-c", _COMPILE_CHECK, dtype, str(arch)], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("shared") == 13, result.stdout
+    assert result.stdout.count("shared") == 15, result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
