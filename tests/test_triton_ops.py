@@ -740,9 +740,43 @@ def test_gpu_label_supcon_deterministic_at_scale(monkeypatch):
     runs = []
     for _ in range(3):
         x = z.clone().requires_grad_()
-        mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend="triton").backward()
-        runs.append(x.grad)
+        loss = mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend="triton")
+        loss.backward()
+        runs.append((loss.detach(), x.grad))
+    assert all(torch.equal(runs[0][0], r[0]) and torch.equal(runs[0][1], r[1]) for r in runs[1:])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_label_supcon_rows_far_below_the_fixed_shift(dtype, mode):
+    # A few long rows set the shift; the others' fixed-shift sums underflow and are redone with an online max.
+    z = F.normalize(torch.randn(3001, 128, device="cuda"), dim=1)
+    z[::500] *= 20
+    z = z.to(dtype)
+    y = make_labels(3001, 40, ignore_fraction=0.1).cuda()
+    assert_matches(
+        lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, backend="triton"),
+        lambda x: reference.label_supcon_loss(x, y, 0.1),
+        [z],
+    )
+
+
+@gpu
+@needs_cuda
+def test_gpu_update_prototypes_is_reproducible():
+    z = torch.randn(16384, 256, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(-1, 80, (16384,), device="cuda")
+    protos = F.normalize(torch.randn(80, 256, device="cuda"), dim=1)
+    runs = []
+    for _ in range(3):
+        actual = protos.clone()
+        mlcontrast.update_prototypes_(actual, z, y, 0.9, True, backend="triton")
+        runs.append(actual)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    expected = protos.clone()
+    reference.update_prototypes_(expected, z, y, 0.9, True)
+    assert_close_by_norm(runs[0], expected, torch.float32, "prototypes")
 
 
 @gpu
