@@ -20,6 +20,10 @@
 # `python -m benchmarks.report --write-readme --write-measured` (README's tables and the table that
 # "auto" follows on CUDA).
 #
+# Order for one session (30 minutes of device time): test, tune, tune-bwd, bench-supcon, bench-protos,
+# bench-sweep. Unpack each call's tarball here before the next: the benchmarks then run the tuned
+# configurations (see use_tuned), which go into mlcontrast/ops/label_supcon.py's defaults afterwards.
+#
 # Python packages that the GPU image lacks and the tests need (expecttest, for opcheck) travel as
 # wheels: here, `pip download --no-deps --only-binary=:all: -d .whl expecttest` (`.whl/` is git-ignored)
 # and name `.whl` in carry; the script installs them to /tmp/site.
@@ -80,6 +84,16 @@ build() {
   "$PY" -c "import mlcontrast, torch; print('backends on cuda:', mlcontrast.available_backends('cuda'))"
 }
 
+# Tuned Triton configurations, when an earlier `tune` / `tune-bwd` call left its results here (carried
+# back as untracked files): every benchmark process then runs them (and records them in its metadata).
+use_tuned() {
+  local files
+  files=$(ls benchmarks/results/tuning/*_tune*_cuda.json 2>/dev/null) || return 0
+  [ -n "$files" ] || return 0
+  MLCONTRAST_TRITON_CONFIGS="$("$PY" -m benchmarks.tune_triton --emit-env $files)" && export MLCONTRAST_TRITON_CONFIGS
+  echo "tuned Triton configurations: $MLCONTRAST_TRITON_CONFIGS"
+}
+
 pack() {
   tar czf "$OUT/results-$phase.tgz" $(ls benchmarks/results/*_cuda.* benchmarks/results/tuning/*_cuda.json 2>/dev/null) \
     && echo "packed $OUT/results-$phase.tgz"
@@ -95,13 +109,13 @@ case "$phase" in
     step "Triton on the GPU (tests/test_triton_ops.py, bf16 and large sizes included)"
     "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py -rs --durations=10 ;;
   bench-supcon)
-    machine; build
+    machine; build; use_tuned
     step "label_supcon, bf16, D = 256, the issue's shape (N = 32768) and around it; largest N up to 2^20"
     "$PY" -m benchmarks.bench_label_supcon --device cuda --dtype bfloat16 --d 256 --n 4096 16384 32768 65536 \
       --max-n-probe --max-n-start 131072 --max-n-limit 1048576 --max-n-timeout-s 120
     pack ;;
   bench-protos)
-    machine; build
+    machine; build; use_tuned
     for dtype in float32 bfloat16; do
       for op in prototype_nce prototype_ce update_prototypes; do
         step "$op, $dtype"
@@ -110,7 +124,7 @@ case "$phase" in
     done
     pack ;;
   bench-sweep)
-    machine; build
+    machine; build; use_tuned
     for dtype in float32 bfloat16; do
       for d in 128 512; do
         step "label_supcon, $dtype, D = $d"

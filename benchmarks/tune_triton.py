@@ -3,6 +3,7 @@
     python -m benchmarks.tune_triton --n 32768 --d 256 --dtype bfloat16      # the issue's target shape
     python -m benchmarks.tune_triton --n 16384 --d 128 --dtype float16 --phases bwd
     python -m benchmarks.tune_triton --quick --out /tmp/tune.json           # interpreter smoke run (CPU)
+    export MLCONTRAST_TRITON_CONFIGS="$(python -m benchmarks.tune_triton --emit-env results/tuning/*.json)"
 
 For each phase (``fwd`` / ``bwd``: the deterministic forward and backward kernels; ``fwd-atomic`` /
 ``bwd-atomic``: the symmetric-tile ones, whose tiles are square) every candidate configuration (block
@@ -17,6 +18,8 @@ S), whatever the kernel executes (the symmetric ones do about half).
 The table is printed and written to ``benchmarks/results/tuning/label_supcon_<dtype>_d<D>_n<N>_<device>.json``
 (beside, not among, the op benchmarks' files); the best configuration of each phase is printed as the
 ``CONFIG_OVERRIDES`` entry that selects it, to be made the default in ``mlcontrast/ops/label_supcon.py``.
+``--emit-env`` turns results files into the JSON of ``MLCONTRAST_TRITON_CONFIGS``, which every process
+(a benchmark's cases included) reads into ``CONFIG_OVERRIDES`` at import.
 """
 
 from __future__ import annotations
@@ -144,8 +147,22 @@ def best(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def configs_of(paths: list[Path]) -> dict[str, dict]:
+    """The best configuration of every phase in tuning results files, as ``MLCONTRAST_TRITON_CONFIGS`` takes
+    them (``{"label_supcon.<phase>": config}``); a later file's phase replaces an earlier one's."""
+    configs = {}
+    for path in paths:
+        for phase, config in json.loads(Path(path).read_text()).get("best", {}).items():
+            if isinstance(config, dict):  # "default" needs no override
+                configs[f"label_supcon.{phase}"] = config
+    return configs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_triton", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--emit-env", nargs="+", type=Path, metavar="RESULTS",
+                        help="print the best configurations of these tuning results as MLCONTRAST_TRITON_CONFIGS "
+                             "JSON, and exit")
     parser.add_argument("--n", type=int, default=32768)
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCE))
@@ -154,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="N = 40, D = 24, fp32, two configurations")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.emit_env:
+        print(json.dumps(configs_of(args.emit_env)))
+        return 0
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

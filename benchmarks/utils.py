@@ -140,6 +140,8 @@ def metadata(device: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         "mlcontrast": None,
         "git_commit": git_commit(),
     }
+    if os.environ.get("MLCONTRAST_TRITON_CONFIGS"):  # tuned Triton launch configurations in force
+        meta["triton_configs"] = json.loads(os.environ["MLCONTRAST_TRITON_CONFIGS"])
     try:
         meta["mlcontrast"] = import_mlcontrast(retries=3).__version__
     except Exception as error:  # keep the metadata even when the package does not import

@@ -238,3 +238,13 @@ def test_tune_triton_quick(tmp_path):
     assert {r["phase"] for r in result["records"]} == {"fwd", "fwd-atomic", "bwd", "bwd-atomic"}
     assert all(r["status"] == "ok" and r["rel_error"] <= 1e-4 and r["ms"] > 0 for r in result["records"])
     assert set(result["best"]) == {"fwd", "fwd-atomic", "bwd", "bwd-atomic"} and result["shape"]["n"] == 40
+    emit = [sys.executable, "-m", "benchmarks.tune_triton", "--emit-env", str(out)]
+    proc = subprocess.run(emit, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    configs = json.loads(proc.stdout)
+    tuned = {phase for phase, config in result["best"].items() if config != "default"}
+    assert set(configs) == {f"label_supcon.{phase}" for phase in tuned}
+    # What the environment variable gives every process that imports the ops.
+    check = "import json; from mlcontrast.ops.utils import CONFIG_OVERRIDES; print(json.dumps(CONFIG_OVERRIDES))"
+    env = {**_env(), "MLCONTRAST_TRITON_CONFIGS": proc.stdout.strip()}
+    read = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert json.loads(read.stdout) == configs, read.stderr[-2000:]

@@ -10,6 +10,7 @@ body is registered as an opaque ``torch.library.custom_op`` with a fake kernel i
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Iterable
 
@@ -28,6 +29,7 @@ __all__ = [
     "scalar",
     "split_count",
     "triton_library_op",
+    "CONFIG_ENV",
     "CONFIG_OVERRIDES",
     "with_overrides",
 ]
@@ -35,11 +37,32 @@ __all__ = [
 NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, as in mlcontrast.reference
 LIBRARY = "mlcontrast_triton"
 
+#: The environment variable holding launch configurations as JSON, ``{"label_supcon.fwd": {"BLOCK_M": 128}}``,
+#: read into :data:`CONFIG_OVERRIDES` at import (a benchmark's processes then run a tuned configuration).
+CONFIG_ENV = "MLCONTRAST_TRITON_CONFIGS"
+
+
+def _configs_from_environment() -> dict[str, dict[str, int]]:
+    text = os.environ.get(CONFIG_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{CONFIG_ENV} must be JSON, e.g. '{{\"label_supcon.fwd\": {{\"BLOCK_M\": 128}}}}': {error}")
+    if not isinstance(configs, dict) or not all(
+        isinstance(key, str) and isinstance(value, dict) and all(isinstance(v, int) for v in value.values())
+        for key, value in configs.items()
+    ):
+        raise ValueError(f"{CONFIG_ENV} must map kernel keys to {{name: int}} objects, got {text!r}")
+    return configs
+
+
 #: Launch configurations that replace an op's defaults, by key ("label_supcon.fwd", "label_supcon.bwd-atomic"):
 #: block sizes by their kernel parameter names, and "num_warps" / "num_stages". ``benchmarks.tune_triton``
-#: sets them to time candidates; set one by hand to try a configuration. Read when a launcher runs (under
-#: torch.compile, when it is traced).
-CONFIG_OVERRIDES: dict[str, dict[str, int]] = {}
+#: sets them to time candidates; set one by hand, or through :data:`CONFIG_ENV`, to try a configuration.
+#: Read when a launcher runs (under torch.compile, when it is traced).
+CONFIG_OVERRIDES: dict[str, dict[str, int]] = _configs_from_environment()
 
 
 def with_overrides(key: str, config: dict) -> dict:
