@@ -267,12 +267,18 @@ SUPCON_CONFIGS = [
 ]
 
 
-def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0, anchors=None):
+def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0, anchors=None, shifted=False):
+    """One forward and one backward run against fp64; ``shifted``: with the logit bound c (the fixed-shift
+    forward and the one-exp backward), else the online max and two exps."""
     begin, end = anchors if anchors is not None else (0, n)
     z = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
-    emu.run("supcon_fwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, emu.file("z", z), emu.file("lse"))
-    lse = emu.read("lse", _acc(dtype), n)
     zd = z.double()
+    bound = (zd.norm(dim=1).max() ** 2 * inv_t).item()  # c = max |z|^2 / t, as the api computes it
+    shift = repr(bound) if shifted else "-"
+    emu.run(
+        "supcon_fwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, shift, emu.file("z", z), emu.file("lse")
+    )  # fmt: skip
+    lse = emu.read("lse", _acc(dtype), n)
     s = zd @ zd.T * inv_t
     s.fill_diagonal_(-float("inf"))
     expected = torch.logsumexp(s, 1)
@@ -288,9 +294,10 @@ def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0
     w[end:] = 0
     lse_eff = torch.where(w != 0, expected.to(_acc(dtype)), torch.full_like(w, float("inf")))
     g_scale = 0.0 if dtype in (torch.float32, torch.float64) else min(n, 2**14) / max(w.abs().max().item(), 1e-30)
+    alpha = torch.where(w != 0, w * torch.exp(bound - lse_eff), torch.zeros_like(w))
     emu.run(
-        "supcon_bwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, g_scale,
-        emu.file("z", z), emu.file("w", w), emu.file("lse_eff", lse_eff), emu.file("dz"),
+        "supcon_bwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, g_scale, shift,
+        emu.file("z", z), emu.file("w", w), emu.file("lse_eff", lse_eff), emu.file("alpha", alpha), emu.file("dz"),
     )  # fmt: skip
     dz = emu.read("dz", _acc(dtype), n, d)
     wd, ld = w.double(), lse_eff.double()
@@ -311,12 +318,13 @@ def test_emulated_label_supcon_kernels(emulators, tmp_path, dtype, tc, fwd_tol, 
     emu = _Emulation(emulators["plain"], tmp_path)
     # n: one row, less than a tile, a partial second tile; d: 1, odd, vector widths, more than one
     # D chunk and more than one D slice of the backward (DP = 128 for fp16/bf16).
-    for n, d in [(1, 3), (5, 8), (70, 33), (130, 136), (64, 1)]:
-        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d)
-    # Anchors (a process group's own rows): in the middle, off the tile grid, across a tile
-    # boundary; at the start and end; none.
-    for n, d, anchors in [(200, 20, (70, 135)), (150, 9, (0, 40)), (150, 9, (110, 150)), (40, 5, (17, 17))]:
-        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d, anchors=anchors)
+    for shifted in (False, True):
+        for n, d in [(1, 3), (5, 8), (70, 33), (130, 136), (64, 1)]:
+            _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d, shifted=shifted)
+        # Anchors (a process group's own rows): in the middle, off the tile grid, across a tile
+        # boundary; at the start and end; none.
+        for n, d, anchors in [(200, 20, (70, 135)), (150, 9, (0, 40)), (150, 9, (110, 150)), (40, 5, (17, 17))]:
+            _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d, anchors=anchors, shifted=shifted)
 
 
 @needs_emulator
@@ -327,7 +335,9 @@ def test_emulated_label_supcon_kernels_are_race_free_and_in_bounds(emulators, tm
     emu = _Emulation(emulators[sanitizer], tmp_path)
     for dtype, tc, fwd_tol, bwd_tol in SUPCON_CONFIGS:
         # Anchors 20 .. 45: row blocks that visit every column tile and some that visit only the anchors'.
-        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, 70, 33 if dtype != torch.float16 else 136, anchors=(20, 45))
+        for shifted in (False, True):
+            d = 33 if dtype != torch.float16 else 136
+            _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, 70, d, anchors=(20, 45), shifted=shifted)
 
 
 def _check_prototype_nce(emu: _Emulation, dtype, b, c, d, inv_t=1 / 0.07):

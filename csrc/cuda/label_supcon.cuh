@@ -6,9 +6,11 @@
 //
 //   phase 1  S = Z_I Z_J^T over D in chunks of BK (zero-padded tiles in shared memory), written to
 //            a BM x BN fp32 (fp64) tile in shared memory;
-//   forward  each thread keeps an online max/sum for the row it reads, diagonal and padding masked;
+//   forward  each thread keeps an online max/sum for the row it reads, diagonal and padding masked
+//            (or, given a bound c on the logits, a plain sum of exp(S/t - c): one pass per tile);
 //            at the end the partial states of a row merge and the row LSE is written;
-//   backward G_IJ = w_I exp(S/t - lse_I) + w_J exp(S/t - lse_J) (diagonal 0) replaces S, then
+//   backward G_IJ = w_I exp(S/t - lse_I) + w_J exp(S/t - lse_J) (diagonal 0), or with c the single
+//            exp(S/t - c) (alpha_I + alpha_J), replaces S, then
 //            dZ_I[:, d0:d0+DP] += G_IJ Z_J[:, d0:d0+DP], accumulated in registers over all J and
 //            written once. Each block owns its rows and its column slice: no atomics, the result
 //            does not depend on scheduling. grid.y covers D in slices of DP (S is recomputed per slice).
@@ -353,7 +355,9 @@ struct KernelConfig<T, true> {
   static constexpr bool kTensorCores = true;
   using Elem = T;
   using Acc = float;
-  static constexpr int BM = 64, BN = 64, BK = 32, DP = sizeof(T) == 2 ? 128 : 64;
+  // 16-bit chunks of 64 columns: half the barriers and load rounds per tile of the 32 that fp32 (twice
+  // the bytes) fits in the static shared memory.
+  static constexpr int BM = 64, BN = 64, BK = sizeof(T) == 2 ? 64 : 32, DP = sizeof(T) == 2 ? 128 : 64;
   using Score = WmmaScore<T, BM, BN, BK>;
   using Grad = WmmaGrad<T, BM, BN, DP>;
   static constexpr int LDS = BN + 4;  // wmma needs a multiple of 4 floats
@@ -410,11 +414,21 @@ __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParam
   const Acc neg_inf = -inf_of<Acc>();
   const bool vec = vector_loads_ok(p.z, p.ld_z, p.d, sizeof(T));
 
-  Acc run_max = neg_inf, run_sum = Acc(0);
+  // With a fixed shift c the running max is c from the start and never moves: one pass per tile.
+  const bool fixed_shift = p.shift != nullptr;
+  Acc run_max = fixed_shift ? *static_cast<const Acc*>(p.shift) : neg_inf, run_sum = Acc(0);
   for (int64_t j0 = 0; j0 < n; j0 += BN) {
     Cfg::Score::run(z, p.ld_z, n, p.d, i0, j0, ab, S, Cfg::LDS, vec);
     __syncthreads();
     const Acc* srow = S + r * Cfg::LDS;
+    if (fixed_shift) {
+#pragma unroll 4
+      for (int c = part; c < BN; c += TPR) {
+        const int64_t j = j0 + c;
+        if (j < n && j != i) run_sum += acc_exp(srow[c] * inv_t - run_max);
+      }
+      continue;
+    }
     Acc tile_max = neg_inf;
 #pragma unroll 4
     for (int c = part; c < BN; c += TPR) {
@@ -444,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParam
     }
   }
   if (part == 0 && i < p.row_end) {
-    // A row with no other row (n == 1) has an empty set: -inf, as on the CPU.
+    // A row with no other row (n == 1) has an empty set: -inf, as on the CPU (log 0 with a shift).
     static_cast<Acc*>(p.lse)[i] = run_max > neg_inf ? run_max + acc_log(run_sum) : neg_inf;
   }
 }
@@ -463,7 +477,7 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
   static_assert(kThreads % BM == 0 && BN <= kThreads, "layout");
   __shared__ __align__(128) unsigned char smem[L::kBwdBytes];
   Acc* S = reinterpret_cast<Acc*>(smem);
-  Acc* w_j = reinterpret_cast<Acc*>(smem + L::kS);
+  Acc* w_j = reinterpret_cast<Acc*>(smem + L::kS);  // w_J, or alpha_J with one exp per pair
   Acc* lse_j = w_j + BN;
   unsigned char* u = smem + L::kS + L::kWL;
   G_t* G = Cfg::kSeparateG ? reinterpret_cast<G_t*>(u) : reinterpret_cast<G_t*>(S);
@@ -479,8 +493,12 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
   const Acc inf = inf_of<Acc>();
   const Acc g_scale = p.g_scale != nullptr ? static_cast<Acc>(*p.g_scale) : Acc(1);
   const bool vec = vector_loads_ok(p.z, p.ld_z, d, sizeof(T));
+  // One exp per pair: G = exp(s - c) (alpha_i + alpha_j), the weights being alpha instead of w.
+  const bool one_exp = p.alpha != nullptr;
+  const Acc shift = one_exp ? *static_cast<const Acc*>(p.shift) : Acc(0);
+  const Acc* weight = one_exp ? static_cast<const Acc*>(p.alpha) : w;
   // Padding rows (i >= n) get G = 0; their output is never written.
-  const Acc w_i = i < n ? w[i] : Acc(0);
+  const Acc w_i = i < n ? weight[i] : Acc(0);
   const Acc lse_i = i < n ? lse[i] : inf;
 
   const bool anchor_block = i0 < p.anchor_end && i0 + BM > p.anchor_begin;
@@ -492,7 +510,7 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
     // w_J / lse_J were last read in the previous tile's epilogue, which two barriers separate from here.
     if (threadIdx.x < BN) {
       const int64_t j = j0 + threadIdx.x;
-      w_j[threadIdx.x] = j < n ? w[j] : Acc(0);
+      w_j[threadIdx.x] = j < n ? weight[j] : Acc(0);
       lse_j[threadIdx.x] = j < n ? lse[j] : inf;
     }
     Cfg::Score::run(z, p.ld_z, n, d, i0, j0, u, S, Cfg::LDS, vec);
@@ -502,7 +520,11 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
       Acc g = Acc(0);
       if (i < n && j < n && j != i) {
         const Acc s = S[r * Cfg::LDS + c] * inv_t;
-        g = w_i * acc_exp(s - lse_i) + w_j[c] * acc_exp(s - lse_j[c]);
+        if (one_exp) {
+          g = acc_exp(s - shift) * (w_i + w_j[c]);
+        } else {
+          g = w_i * acc_exp(s - lse_i) + w_j[c] * acc_exp(s - lse_j[c]);
+        }
       }
       // In place for fp32/fp64 G: each thread overwrites only the entries it has just read.
       G[r * Cfg::LDG + c] = from_acc<G_t>(g * g_scale);

@@ -50,6 +50,17 @@ ClassSums class_sums_of(const ValidSet& v, const ClassStats& stats) {
 
 bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
 
+// A row whose sum of exp(s_ij - c) falls below 2^-60 may have lost terms to underflow (each below
+// 2^-126 flushes; N of them stay under fp32's rounding of the sum for N < 2^40): its LSE is redone
+// with the online max. With unit rows this happens only for temperatures below 2 / (60 ln 2) = 0.048.
+constexpr double kLogShiftedSumFloor = -60.0 * 0.69314718055994531;
+
+// c = max_i |z_i|^2 / t >= s_ij for every pair (Cauchy-Schwarz), as a one-element device tensor.
+at::Tensor logit_bound(const at::Tensor& native, at::ScalarType dtype, double inv_t) {
+  const auto largest = at::linalg_vector_norm(native, 2, at::IntArrayRef{1}, false, dtype).max();
+  return (largest * largest * inv_t).reshape({1});
+}
+
 // LSE_{j != i} z_i.z_j / t over the rows of `native` for the anchors (0 on the other rows), in the
 // compute dtype.
 at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t, const Anchors& a) {
@@ -65,13 +76,24 @@ at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t,
   p.inv_temperature = inv_t;
   p.dtype = dtype_of(native.scalar_type());
   p.allow_tf32 = allow_tf32();
+  const auto bound = logit_bound(native, dtype, inv_t);
+  p.shift = bound.data_ptr();
   run_label_supcon_fwd(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // lse_i - c = log of row i's shifted sum (a host sync, as the valid rows already made one).
+  const auto anchors = lse.narrow(0, a.begin, a.end - a.begin);
+  if (anchors.numel() > 0 && (anchors - bound).lt(kLogShiftedSumFloor).any().item<bool>()) {
+    p.shift = nullptr;
+    run_label_supcon_fwd(p, current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return lse;
 }
 
 // dZ = G Z with G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) (i != j), in the compute dtype.
-// Rows with w_i = 0 must have lse_i = +inf, and rows outside the anchors w_i = 0.
+// Rows with w_i = 0 must have lse_i = +inf, and rows outside the anchors w_i = 0. Unless a row with a
+// weight lies far below the logit bound c (the forward redid it), G takes one exp per pair:
+// exp(s_ij - c) (alpha_i + alpha_j) with alpha = w exp(c - lse) <= w 2^60.
 at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Tensor& lse, double inv_t,
                     const Anchors& a) {
   const int64_t n = native.size(0), d = native.size(1);
@@ -80,9 +102,9 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
   at::Tensor g_scale;
   if (native.scalar_type() == at::kHalf) {
     // |G_ij| <= 2 max|w| and a typical entry is ~ max|w| / N, which for large N sits in fp16's
-    // subnormals (bf16 has fp32's exponent range: no scaling). Scaled by min(N, 2^14) / max|w|, typical entries are ~1 and none exceeds 2^15
-    // (fp16 max 65504). The factor stays on the device (no host sync); the kernel divides the
-    // fp32 result by it.
+    // subnormals (bf16 has fp32's exponent range: no scaling). Scaled by min(N, 2^14) / max|w|,
+    // typical entries are ~1 and none exceeds 2^15 (fp16 max 65504). The factor stays on the device
+    // (no host sync); the kernel divides the fp32 result by it.
     const double target = static_cast<double>(std::min<int64_t>(n, int64_t(1) << 14));
     g_scale = (target / w.abs().max().clamp_min(1e-30)).to(at::kFloat);
   }
@@ -91,6 +113,15 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
   p.w = w.data_ptr();
   p.lse = lse.data_ptr();
   p.g_scale = g_scale.defined() ? g_scale.data_ptr<float>() : nullptr;
+  const auto dtype = w.scalar_type();
+  const auto bound = logit_bound(native, dtype, inv_t);
+  const auto below_bound = bound - lse;  // -inf where w = 0 (lse = +inf)
+  at::Tensor alpha;
+  if (!(below_bound.gt(-kLogShiftedSumFloor) & w.ne(0)).any().item<bool>()) {
+    alpha = at::where(w.ne(0), w * below_bound.exp(), at::zeros({}, w.options()));
+    p.shift = bound.data_ptr();
+    p.alpha = alpha.data_ptr();
+  }
   p.dz = dz.data_ptr();
   p.n = n;
   p.anchor_begin = a.begin;

@@ -30,6 +30,11 @@ struct LabelSupconFwdParams {
   DType dtype = DType::kFloat32;
   // fp32 only: use TF32 tensor cores (set from torch's allow_tf32 for cuBLAS matmuls).
   bool allow_tf32 = false;
+  // Optional device scalar (Acc): a bound c >= s_ij of every pair. Set, each row sums exp(s_ij - c)
+  // over its tiles with no online max (one pass over each S tile instead of two) and
+  // lse_i = c + log(sum); a row whose sum underflows (its logits far below c) gets an imprecise LSE,
+  // which the api detects and redoes with shift = nullptr (the online max).
+  const void* shift = nullptr;
 };
 
 // label_supcon backward, softmax part: dz_i = sum_{j != i} G_ij z_j with
@@ -55,6 +60,11 @@ struct LabelSupconBwdParams {
   double inv_temperature = 1.0;
   DType dtype = DType::kFloat32;
   bool allow_tf32 = false;
+  // Optional, both or neither: a device scalar c (Acc, a bound on the logits as in the forward) and
+  // alpha_i = w_i exp(c - lse_i) ([n], Acc; 0 where w_i = 0, finite elsewhere). Set, one exp serves
+  // both terms of a pair: G_ij = exp(s_ij - c) (alpha_i + alpha_j).
+  const void* shift = nullptr;
+  const void* alpha = nullptr;
 };
 
 // prototype_nce, one warp per row r of the [rows = B * C, d] features (row r has class r % c):

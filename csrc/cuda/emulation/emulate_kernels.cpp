@@ -1,8 +1,8 @@
 // Runs the CUDA kernel templates of csrc/cuda on the CPU through host_emulation.h (see there).
 // Used by tests/test_cuda_build.py; not part of the extension.
 //
-//   emulate_kernels supcon_fwd  DTYPE TC N D INV_T BEGIN END          z lse
-//   emulate_kernels supcon_bwd  DTYPE TC N D INV_T BEGIN END G_SCALE  z w lse dz
+//   emulate_kernels supcon_fwd  DTYPE TC N D INV_T BEGIN END SHIFT          z lse
+//   emulate_kernels supcon_bwd  DTYPE TC N D INV_T BEGIN END G_SCALE SHIFT  z w lse alpha dz
 //   emulate_kernels nce_fwd     DTYPE ROWS C D INV_T                  z unit_p logits
 //   emulate_kernels nce_bwd     DTYPE ROWS C D INV_T                  z unit_p dlogits grad_z grad_unit_p
 //   emulate_kernels segment_sum DTYPE ROWS D SEGMENTS WEIGHTED        x weight order offsets out
@@ -10,7 +10,8 @@
 // DTYPE is float32, float16, bfloat16 or float64: the element type of z / x; every other float
 // array is in the accumulation type (fp64 for float64, else fp32); order and offsets are int64.
 // TC = 1 picks the tensor-core (WMMA) configuration (fp32 as TF32), 0 the SIMT one. G_SCALE = 0
-// means none. BEGIN END are the anchor rows. Arrays are raw little-endian files; outputs are written
+// means none. SHIFT is the logit bound c of the fixed-shift forward and the one-exp backward, or "-"
+// for the online max and two exps (the backward's alpha file is then "-" too). BEGIN END are the anchor rows. Arrays are raw little-endian files; outputs are written
 // the same way (lse outside the anchors keeps the input's zeros).
 #include "host_emulation.h"
 
@@ -109,9 +110,16 @@ int run(int argc, char** argv) {
     const int64_t n = std::stoll(argv[4]), d = std::stoll(argv[5]);
     const double inv_t = std::stod(argv[6]);
     const int64_t begin = std::stoll(argv[7]), end = std::stoll(argv[8]);
+    // The shift as a device scalar of the accumulation type (a host value here).
+    const std::string shift_arg = op == "supcon_fwd" ? argv[9] : argv[10];
+    const bool shifted = shift_arg != "-";
+    const double shift_value = shifted ? std::stod(shift_arg) : 0.0;
+    const float shift_f32 = static_cast<float>(shift_value);
+    const void* shift = !shifted ? nullptr : (as == 8 ? static_cast<const void*>(&shift_value) : &shift_f32);
     if (op == "supcon_fwd") {
-      Buffer z = Buffer::from_file(argv[9], n * d * es), lse(n * as);
+      Buffer z = Buffer::from_file(argv[10], n * d * es), lse(n * as);
       LabelSupconFwdParams p;
+      p.shift = shift;
       p.z = z.get();
       p.lse = lse.get();
       p.n = n;
@@ -125,13 +133,16 @@ int run(int argc, char** argv) {
         using Cfg = supcon::KernelConfig<T, TC>;
         emu::launch(supcon::lse_grid<Cfg>(p), kThreads, supcon::lse_kernel<Cfg>, p);
       });
-      lse.save(argv[10]);
+      lse.save(argv[11]);
     } else {
       const double g_scale_value = std::stod(argv[9]);
-      Buffer z = Buffer::from_file(argv[10], n * d * es), w = Buffer::from_file(argv[11], n * as),
-             lse = Buffer::from_file(argv[12], n * as), dz(n * d * as);
+      Buffer z = Buffer::from_file(argv[11], n * d * es), w = Buffer::from_file(argv[12], n * as),
+             lse = Buffer::from_file(argv[13], n * as), dz(n * d * as);
+      Buffer alpha = shifted ? Buffer::from_file(argv[14], n * as) : Buffer(0);
       float g_scale = static_cast<float>(g_scale_value);
       LabelSupconBwdParams p;
+      p.shift = shift;
+      p.alpha = shifted ? alpha.get() : nullptr;
       p.z = z.get();
       p.w = w.get();
       p.lse = lse.get();
@@ -149,7 +160,7 @@ int run(int argc, char** argv) {
         using Cfg = supcon::KernelConfig<T, TC>;
         emu::launch(supcon::lse_grad_grid<Cfg>(p), kThreads, supcon::lse_grad_kernel<Cfg>, p);
       });
-      dz.save(argv[13]);
+      dz.save(argv[15]);
     }
     return 0;
   }
