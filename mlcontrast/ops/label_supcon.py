@@ -11,12 +11,14 @@ For valid rows :math:`V = \{i : y_i \ge 0\}`, :math:`A(i) = V \setminus \{i\}`,
 Forward, with a fixed shift. :math:`|s_{ij}| \le c = R^2 / \tau` for :math:`R = \max_{i \in V} \lVert z_i
 \rVert` (Cauchy-Schwarz), so every row sums :math:`e^{s_{ij} - c}` over its tiles with no online max:
 the partial sums of different tiles add up as they are, :math:`\mathrm{LSE}_i = c + \log \sum_j
-e^{s_{ij} - c}`. The positive term is read from the same tiles: one label compare per pair, no class
-sums, no atomics. (The class-sum split, sum_p z_p = M_{y_i} - z_i, needs ``index_add_``, whose float
-atomics are not reproducible on CUDA, and ``torch.unique``, whose data-dependent output shape breaks
-``torch.compile(fullgraph=True)``; the compare costs a few ALU operations per pair against the exp the
-pair needs anyway.) Exponentials are ``exp2`` with :math:`\log_2 e / \tau` folded into the one scale of
-the tile. Only O(N) statistics (LSE and positive count) are saved for backward.
+e^{s_{ij} - c}`. The sum of the positive logits is read from the same tiles: one label compare per
+pair, no class sums, no atomics. (The class-sum split, sum_p z_p = M_{y_i} - z_i, needs ``index_add_``,
+whose float atomics are not reproducible on CUDA, and ``torch.unique``, whose data-dependent output shape
+breaks ``torch.compile(fullgraph=True)``; the compare costs a few ALU operations per pair against the exp
+the pair needs anyway.) The counts :math:`n_i` come from a sort of the labels. Ignored rows enter the
+exponents as a bias of -inf, and only tiles that meet the diagonal test i != j. Exponentials are
+``exp2`` with :math:`\log_2 e / \tau` folded into the one scale of the tile. Only O(N) statistics (LSE
+and positive count) are saved for backward.
 
 * deterministic (default), ``_label_supcon_fwd_kernel``: one program per block of ``BLOCK_M`` anchor
   rows streams every column tile of ``BLOCK_N`` rows: 2 N^2 D flops, summed in a fixed order.
@@ -135,20 +137,26 @@ def _similarity_tile(
 
 
 @triton.jit
-def _labels(Y, idx, idx_in):
-    # int32 labels (-1 past N): the per-pair compares then run on 32-bit registers.
-    return tl.load(Y + idx, mask=idx_in, other=-1).to(tl.int32)
+def _labels(Y, idx, idx_in, IGNORED: tl.constexpr):
+    # int32 labels, IGNORED in place of -1 and past N (-1 for a tile's rows, -2 for its columns, so that
+    # two ignored rows never match), and each row's exponent bias: 0, or -inf to drop an ignored row.
+    y = tl.load(Y + idx, mask=idx_in, other=-1).to(tl.int32)
+    valid = y >= 0
+    return tl.where(valid, y, IGNORED), tl.where(valid, 0.0, float("-inf"))
 
 
 @triton.jit
-def _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The pairs of the tile rows i0 + [0, BLOCK_M) x columns j0 + [0, BLOCK_N) that are contrasted (both
-    # rows valid, i != j), and among them the positives (same class). The diagonal test compares tile
-    # offsets, whose difference fits 32 bits.
-    offset = (j0 - i0).to(tl.int32)
-    not_self = tl.arange(0, BLOCK_M)[:, None] != tl.arange(0, BLOCK_N)[None, :] + offset
-    keep = (y_i[:, None] >= 0) & (y_j[None, :] >= 0) & not_self
-    return keep, keep & (y_i[:, None] == y_j[None, :])
+def _tile_terms(dots, scale, offset_i, offset_j, y_i, y_j, i0, j0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The exponents scale z_i.z_j + offset_i + offset_j of the tile rows i0 + [0, BLOCK_M) x columns
+    # j0 + [0, BLOCK_N) (offsets of -inf drop ignored rows), and the positive pairs (same class). Only a
+    # tile that meets the diagonal pays for the i != j test; its offsets fit 32 bits.
+    x = dots * scale + (offset_i[:, None] + offset_j[None, :])
+    positive = y_i[:, None] == y_j[None, :]
+    if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):
+        not_self = tl.arange(0, BLOCK_M)[:, None] != tl.arange(0, BLOCK_N)[None, :] + (j0 - i0).to(tl.int32)
+        x = tl.where(not_self, x, float("-inf"))
+        positive = positive & not_self
+    return x, positive
 
 
 @triton.jit
@@ -159,42 +167,39 @@ def _shifted_row_sums(
     rows,
     row_in,
     y_i,
+    offset_i,
     z_i0,
     i0,
     j_begin,
     j_end,
     D,
     scale,
-    shift,
     sums,
     pos,
-    npos,
     offs_d,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # Adds, for the rows, sum_j exp2(scale z_i.z_j - shift), the sum of the positives' z_i.z_j and their
-    # count over the columns j_begin .. j_end (scale = log2(e) / t: the exponent is one fused multiply-add).
+    # Adds, for the rows, sum_j exp2(scale z_i.z_j - shift) (the shift is in offset_i) and the sum of
+    # the positives' z_i.z_j over the columns j_begin .. j_end (scale = log2(e) / t).
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < j_end
-        y_j = _labels(Y, cols, col_in)
+        y_j, offset_j = _labels(Y, cols, col_in, -2)
         dots = tl.zeros([BLOCK_M, BLOCK_N], sums.dtype)
         dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
-        keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-        sums += tl.sum(tl.exp2(tl.where(keep, dots * scale - shift, float("-inf"))), 1)
+        x, positive = _tile_terms(dots, scale, offset_i, offset_j, y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
+        sums += tl.sum(tl.exp2(x), 1)
         pos += tl.sum(tl.where(positive, dots, 0.0), 1)
-        npos += tl.sum(positive.to(sums.dtype), 1)
-    return sums, pos, npos
+    return sums, pos
 
 
 @triton.jit
 def _label_supcon_fwd_kernel(
     SUMS,
-    POS,
-    NPOS,  # outputs [N]: shifted exp sums, sums of the positives' dot products z_i.z_p, positive counts
+    POS,  # outputs [N]: shifted exp sums, sums of the positives' dot products z_i.z_p
     Z,
     stride_z,  # [N, D] features, unit column stride
     Y,  # [N] int64 labels, -1 = ignored row
@@ -216,26 +221,24 @@ def _label_supcon_fwd_kernel(
     i0 = ANCHOR_START + pid * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
     row_in = rows < ANCHOR_STOP
-    y_i = _labels(Y, rows, row_in)
+    y_i, bias_i = _labels(Y, rows, row_in, -1)
     offs_d = tl.arange(0, BLOCK_D)
     z_i0 = tl.load(
         Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
     )
     zero = tl.zeros([BLOCK_M], acc_dtype)
-    sums, pos, npos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, z_i0, i0, 0, N, D, scale, shift, zero, zero, zero, offs_d,
+    sums, pos = _shifted_row_sums(
+        Z, stride_z, Y, rows, row_in, y_i, bias_i - shift, z_i0, i0, 0, N, D, scale, zero, zero, offs_d,
         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
     )  # fmt: skip
     tl.store(SUMS + rows, sums, mask=row_in)
     tl.store(POS + rows, pos, mask=row_in)
-    tl.store(NPOS + rows, npos, mask=row_in)
 
 
 @triton.jit
 def _label_supcon_fwd_atomic_kernel(
     SUMS,
-    POS,
-    NPOS,  # outputs [N], zero-initialised, accumulated atomically
+    POS,  # outputs [N], zero-initialised, accumulated atomically
     Z,
     stride_z,
     Y,
@@ -260,7 +263,8 @@ def _label_supcon_fwd_atomic_kernel(
     i0 = ANCHOR_START + pid * BLOCK
     rows = i0 + tl.arange(0, BLOCK)
     row_in = rows < ANCHOR_STOP
-    y_i = _labels(Y, rows, row_in)
+    y_i, bias_i = _labels(Y, rows, row_in, -1)
+    offset_i = bias_i - shift
     offs_d = tl.arange(0, BLOCK_D)
     z_i0 = tl.load(
         Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
@@ -268,37 +272,32 @@ def _label_supcon_fwd_atomic_kernel(
 
     sums = tl.zeros([BLOCK], acc_dtype)
     pos = tl.zeros([BLOCK], acc_dtype)
-    npos = tl.zeros([BLOCK], acc_dtype)
     partners = (blocks - 1) // 2 + ((blocks % 2 == 0) & (pid < blocks // 2)).to(blocks.dtype)
     for k in range(0, partners + 1):
         j0 = ANCHOR_START + ((pid + k) % blocks) * BLOCK
         cols = j0 + tl.arange(0, BLOCK)
         col_in = cols < ANCHOR_STOP
-        y_j = _labels(Y, cols, col_in)
+        y_j, bias_j = _labels(Y, cols, col_in, -2)
         dots = tl.zeros([BLOCK, BLOCK], acc_dtype)
         dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
-        keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK, BLOCK)
-        e = tl.exp2(tl.where(keep, dots * scale - shift, float("-inf")))
+        x, positive = _tile_terms(dots, scale, offset_i, bias_j, y_i, y_j, i0, j0, BLOCK, BLOCK)
+        e = tl.exp2(x)
         s_pos = tl.where(positive, dots, 0.0)
-        n_pos = positive.to(acc_dtype)
         sums += tl.sum(e, 1)
         pos += tl.sum(s_pos, 1)
-        npos += tl.sum(n_pos, 1)
         if k > 0:
             tl.atomic_add(SUMS + cols, tl.sum(e, 0), mask=col_in, sem="relaxed")
             tl.atomic_add(POS + cols, tl.sum(s_pos, 0), mask=col_in, sem="relaxed")
-            tl.atomic_add(NPOS + cols, tl.sum(n_pos, 0), mask=col_in, sem="relaxed")
-    sums, pos, npos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, z_i0, i0, 0, ANCHOR_START, D, scale, shift, sums, pos, npos, offs_d,
+    sums, pos = _shifted_row_sums(
+        Z, stride_z, Y, rows, row_in, y_i, offset_i, z_i0, i0, 0, ANCHOR_START, D, scale, sums, pos, offs_d,
         BLOCK, BLOCK, BLOCK_D, PRECISION,
     )  # fmt: skip
-    sums, pos, npos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, z_i0, i0, ANCHOR_STOP, N, D, scale, shift, sums, pos, npos, offs_d,
+    sums, pos = _shifted_row_sums(
+        Z, stride_z, Y, rows, row_in, y_i, offset_i, z_i0, i0, ANCHOR_STOP, N, D, scale, sums, pos, offs_d,
         BLOCK, BLOCK, BLOCK_D, PRECISION,
     )  # fmt: skip
     tl.atomic_add(SUMS + rows, sums, mask=row_in, sem="relaxed")
     tl.atomic_add(POS + rows, pos, mask=row_in, sem="relaxed")
-    tl.atomic_add(NPOS + rows, npos, mask=row_in, sem="relaxed")
 
 
 @triton.jit
@@ -327,7 +326,7 @@ def _label_supcon_lse_kernel(
     i0 = ANCHOR_START + pid * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
     row_in = rows < ANCHOR_STOP
-    y_i = _labels(Y, rows, row_in)
+    y_i, bias_i = _labels(Y, rows, row_in, -1)
     redo = row_in & (y_i >= 0) & (tl.load(SUMS + rows, mask=row_in, other=1.0) < FLOOR)
     j_end = tl.where(tl.max(redo.to(tl.int32), 0) > 0, N, 0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -340,46 +339,45 @@ def _label_supcon_lse_kernel(
     for j0 in range(0, j_end, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < N
-        y_j = _labels(Y, cols, col_in)
-        s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
-        s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION) * scale
-        keep, _ = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        y_j, bias_j = _labels(Y, cols, col_in, -2)
+        dots = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
+        dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
+        x, _ = _tile_terms(dots, scale, bias_i, bias_j, y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(x, 1))
         # A row with no valid column so far keeps max -inf; shift by 0 then, so that no -inf - -inf
         # (NaN) appears: its sum stays 0 and its LSE ends at -inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
         m_i = m_new
     # l_i >= 1 once a row has a valid column (its max term is 2^0); l_i = 0 means none: LSE = -inf.
     tl.store(LSE2 + rows, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf")), mask=redo)
 
 
 @triton.jit
-def _row_stats(Y, LSE2, W, A, ALPHA, idx, idx_in):
-    # Label, saved base-2 LSE, row weights w, a and alpha = w 2^(shift - lse2) of rows idx; rows past N
-    # read as ignored rows with weight 0.
-    y = _labels(Y, idx, idx_in)
+def _row_stats(Y, LSE2, W, A, ALPHA, idx, idx_in, IGNORED: tl.constexpr):
+    # Label and exponent bias (see _labels), saved base-2 LSE, row weights w, a and alpha = w 2^(shift -
+    # lse2) of rows idx; rows past N read as ignored rows with weight 0.
+    y, bias = _labels(Y, idx, idx_in, IGNORED)
     lse2 = tl.load(LSE2 + idx, mask=idx_in, other=float("inf"))
     w = tl.load(W + idx, mask=idx_in, other=0.0)
     a = tl.load(A + idx, mask=idx_in, other=0.0)
     alpha = tl.load(ALPHA + idx, mask=idx_in, other=0.0)
-    return y, lse2, w, a, alpha
+    return y, bias, lse2, w, a, alpha
 
 
 @triton.jit
 def _pair_weights(
-    dots, scale, shift, two_exp, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i, alpha_j,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dots, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i,
+    alpha_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) - (a_i + a_j) [y_i = y_j] over valid pairs
     # i != j. With the fixed shift, one exp serves both terms: G = 2^(scale dots - shift) (alpha_i +
     # alpha_j). That needs alpha <= w 2^60, i.e. no row far below the shift (two_exp = 0: the forward
     # redid none); otherwise each term gets its own exp, from base-2 logits and LSEs. Excluded pairs get
-    # s = -inf before the exp (the diagonal s_ii exceeds lse_i and would overflow); rows with w = 0
-    # carry alpha = 0 and lse = +inf, so their terms are exactly 0, never NaN.
-    keep, positive = _contrast_pairs(y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-    s2 = tl.where(keep, dots * scale, float("-inf"))
+    # an exponent of -inf (the diagonal s_ii exceeds lse_i and would overflow; an ignored row may be
+    # longer than the shift allows); rows with w = 0 carry alpha = 0 and lse = +inf, so their terms
+    # are exactly 0, never NaN.
+    s2, positive = _tile_terms(dots, scale, bias_i, bias_j, y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
     if two_exp:
         g = w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]) + w_j[None, :] * tl.exp2(s2 - lse2_j[None, :])
     else:
@@ -436,7 +434,7 @@ def _label_supcon_bwd_kernel(
     i0 = pid * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
     row_in = rows < N
-    y_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in)
+    y_i, bias_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in, -1)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
@@ -448,12 +446,12 @@ def _label_supcon_bwd_kernel(
     for j0 in range(j_start, j_stop, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < N
-        y_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in)
+        y_j, bias_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in, -2)
         s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
         g = _pair_weights(
-            s, scale, shift, two_exp, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i, alpha_j,
-            BLOCK_M, BLOCK_N,
+            s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
+            alpha_i, alpha_j, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
         z_j = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :], mask=col_in[:, None] & d0_in[None, :], other=0.0)
@@ -512,7 +510,7 @@ def _label_supcon_bwd_atomic_kernel(
     i0 = pid * BLOCK
     rows = i0 + tl.arange(0, BLOCK)
     row_in = rows < N
-    y_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in)
+    y_i, bias_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in, -1)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
@@ -524,12 +522,12 @@ def _label_supcon_bwd_atomic_kernel(
     for j0 in range(j_start, j_stop, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
         col_in = cols < N
-        y_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in)
+        y_j, bias_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in, -2)
         s = tl.zeros([BLOCK, BLOCK], acc_dtype)
         s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
         g = _pair_weights(
-            s, scale, shift, two_exp, i0, j0, y_i, y_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i, alpha_j,
-            BLOCK, BLOCK,
+            s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
+            alpha_i, alpha_j, BLOCK, BLOCK,
         )  # fmt: skip
         off_diagonal = j0 != i0
 
@@ -625,6 +623,15 @@ def _scale_and_shift(z: torch.Tensor, labels: torch.Tensor, temperature: float, 
     return torch.stack([torch.full((), scale, dtype=dtype, device=z.device), largest * largest * scale])
 
 
+def _positive_counts(labels: torch.Tensor, anchors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|P(i)|, the other valid rows of row i's class, for the valid anchors (0 elsewhere): a sort and two
+    binary searches (static shapes, no host sync), so that the kernels need not count pairs."""
+    valid = labels >= 0
+    ordered = torch.sort(torch.where(valid, labels, torch.full_like(labels, -1))).values
+    members = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+    return torch.where(valid & anchors, members - 1, 0).to(dtype)
+
+
 def _fake_label_supcon(
     features, labels, temperature, base_temperature, anchor_start=0, anchor_stop=None, atomic=False
 ):
@@ -667,8 +674,10 @@ def label_supcon(
     dtype = compute_dtype(z.dtype)
     sums = torch.zeros(n, dtype=dtype, device=z.device)
     pos_dots = torch.zeros(n, dtype=dtype, device=z.device)
-    n_pos = torch.zeros(n, dtype=dtype, device=z.device)
     lse2 = torch.zeros(n, dtype=dtype, device=z.device)
+    rows = torch.arange(n, device=z.device)
+    anchors = (rows >= start) & (rows < stop)
+    n_pos = _positive_counts(y, anchors, dtype)
     if stop > start:
         scale_shift = _scale_and_shift(z, y, temperature, dtype)
         precision = dot_precision(z.dtype)
@@ -676,18 +685,16 @@ def label_supcon(
         if atomic:
             cfg = _config(d, z.dtype, "fwd-atomic")
             launch(_label_supcon_fwd_atomic_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
-                sums, pos_dots, n_pos, *common,
+                sums, pos_dots, *common,
                 BLOCK=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision, **cfg["options"],
             )  # fmt: skip
         else:
             cfg = _config(d, z.dtype, "fwd")
             launch(_label_supcon_fwd_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
-                sums, pos_dots, n_pos, *common,
+                sums, pos_dots, *common,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision,
                 **cfg["options"],
             )  # fmt: skip
-        rows = torch.arange(n, device=z.device)
-        anchors = (rows >= start) & (rows < stop)
         lse2 = torch.where(anchors, scale_shift[1] + torch.log2(sums), torch.zeros((), dtype=dtype, device=z.device))
         cfg = _config(d, z.dtype, "fwd")
         launch(_label_supcon_lse_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
