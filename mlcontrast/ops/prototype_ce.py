@@ -470,9 +470,7 @@ def prototype_ce_backward(
         # fp32 (fp64) scratch for the D chunks past the first, when there are any.
         scratch = torch.zeros((n, d), dtype=dtype, device=z.device) if d > cfg["BLOCK_D"] else grad_z
         blocks = triton.cdiv(n, cfg["BLOCK_M"])
-        splits = split_count(blocks, c * d * torch.finfo(dtype).bits // 8)
-        per_split = triton.cdiv(blocks, splits)
-        splits = triton.cdiv(blocks, per_split)
+        splits, per_split = split_count(blocks, c * d * torch.finfo(dtype).bits // 8)
         partials = torch.zeros((splits, c, d), dtype=dtype, device=z.device)
         meta = dict(
             BLOCK_M=cfg["BLOCK_M"],

@@ -212,9 +212,7 @@ def _update_prototypes_op(
         class_blocks, d_blocks = triton.cdiv(c, cfg["BLOCK_CS"]), triton.cdiv(d, cfg["BLOCK_D"])
         # Enough splits to fill the GPU (about 256 programs), each a [C, D] slab of scratch.
         slab_bytes = c * d * torch.finfo(dtype).bits // 8
-        splits = split_count(blocks, slab_bytes, most=max(1, 256 // (class_blocks * d_blocks)))
-        per_split = triton.cdiv(blocks, splits)
-        splits = triton.cdiv(blocks, per_split)
+        splits, per_split = split_count(blocks, slab_bytes, most=max(1, 256 // (class_blocks * d_blocks)))
         sums = torch.empty((splits, c, d), dtype=dtype, device=z.device)
         counts = torch.empty((splits, c), dtype=dtype, device=z.device)
         launch(_class_sums_kernel, (class_blocks, d_blocks, splits))(

@@ -167,13 +167,17 @@ def triton_library_op(name: str, *, mutates_args: Iterable[str] = (), fake: Call
     return decorate
 
 
-def split_count(blocks: int, bytes_per_split: int, budget_bytes: int = 64 << 20, most: int = 64) -> int:
-    """How many independent partial accumulators a deterministic reduction over ``blocks`` row blocks uses.
+def split_count(blocks: int, bytes_per_split: int, budget_bytes: int = 64 << 20, most: int = 64) -> tuple[int, int]:
+    """How a deterministic reduction over ``blocks`` row blocks splits: ``(splits, blocks_per_split)``.
 
-    More splits mean more parallel programs; each costs ``bytes_per_split`` of scratch, capped by
-    ``budget_bytes``. Under the interpreter parallelism buys nothing, so one split is used.
+    Each split is an independent partial accumulator summed in a fixed order afterwards. More splits mean
+    more parallel programs; each costs ``bytes_per_split`` of scratch, capped by ``budget_bytes``. Under
+    the interpreter parallelism buys nothing, so one or two splits are used. No split is left empty.
     """
     if interpreting():
-        return 1 if blocks < 4 else 2
-    by_memory = max(1, budget_bytes // max(1, bytes_per_split))
-    return int(max(1, min(blocks, most, by_memory)))
+        wanted = 1 if blocks < 4 else 2
+    else:
+        by_memory = max(1, budget_bytes // max(1, bytes_per_split))
+        wanted = int(max(1, min(blocks, most, by_memory)))
+    per_split = max(1, -(-blocks // wanted))
+    return max(1, -(-blocks // per_split)), per_split
