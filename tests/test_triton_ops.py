@@ -647,10 +647,13 @@ def test_triton_ops_trace_into_their_kernels_without_a_gpu():
 
 _COMPILE_CHECK = textwrap.dedent(
     """
-    import os, sys
+    import os, re, shutil, subprocess, sys, tempfile
     os.environ.pop("TRITON_INTERPRET", None)
     import torch, triton
+    import triton.backends.nvidia
     from triton.compiler import ASTSource
+    PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+    PTXAS = PTXAS if os.path.exists(PTXAS) else shutil.which("ptxas")
     from triton.backends.compiler import GPUTarget
     import mlcontrast.ops.label_supcon as ls, mlcontrast.ops.prototype_ce as pc
     import mlcontrast.ops.prototype_nce as pn, mlcontrast.ops.update_prototypes as up
@@ -659,15 +662,15 @@ _COMPILE_CHECK = textwrap.dedent(
     for module in (ls, pc, pn, up):  # record every launch instead of running it
         module.launch = lambda kernel, grid: (lambda *a, **k: launches.append((kernel, a, k)))
     dtype = getattr(torch, sys.argv[1])
-    z, p = torch.randn(200, 200).to(dtype), torch.randn(40, 200).to(dtype)
-    y, t = torch.randint(-1, 40, (200,)), torch.randint(-1, 2, (4, 40))
+    z, p = torch.randn(208, 256).to(dtype), torch.randn(48, 256).to(dtype)  # D = 256: the targets' width
+    y, t = torch.randint(-1, 48, (208,)), torch.randint(-1, 2, (4, 48))
     loss, lse, npos = ls.label_supcon(z, y, 0.1, 0.1)
     ls.label_supcon(z, y, 0.1, 0.1, 0, None, True)
     ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, False)
     ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, True)
     l2, lse2, norm2 = pc.prototype_ce(z, y, p, 0.1)
     pc.prototype_ce_backward(l2, z, y, p, lse2, norm2, 0.1)
-    z3 = z[:160].reshape(4, 40, 200)
+    z3 = z[:192].reshape(4, 48, 256)
     l3, st, lg, nm = pn.prototype_nce_forward(z3, p, t, 0.1)
     pn.prototype_nce_backward(l3, z3, p, t, st, lg, nm, 0.1)
     up.update_prototypes_(p, z, y, 0.9, True)
@@ -679,19 +682,37 @@ _COMPILE_CHECK = textwrap.dedent(
     for kernel, args, kwargs in launches:
         values = dict(zip(kernel.arg_names, args), **kwargs)
         options = {k: values.pop(k) for k in ("num_warps", "num_stages") if k in values}
-        signature, constexprs = {}, {}
-        for param, name in zip(kernel.params, kernel.arg_names):
+        # The specialisations of a real launch: 16-byte aligned pointers, integers divisible by 16.
+        signature, constexprs, attrs = {}, {}, {}
+        for index, (param, name) in enumerate(zip(kernel.params, kernel.arg_names)):
             value = values[name]
             if param.is_constexpr:
                 signature[name], constexprs[name] = "constexpr", value
             elif isinstance(value, torch.Tensor):
                 signature[name] = "*" + names[value.dtype]
+                attrs[(index,)] = [["tt.divisibility", 16]]
             else:
                 signature[name] = "i32" if isinstance(value, int) else "fp32"
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", int(sys.argv[2]), 32), options=options)
+                if isinstance(value, int) and value % 16 == 0 and not param.do_not_specialize:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", int(sys.argv[2]), 32), options=options)
         assert compiled.metadata.shared <= 100 * 1024, (kernel.__name__, compiled.metadata.shared)
-        print(kernel.__name__, "shared", compiled.metadata.shared)
+        # Registers and spills, from ptxas on the kernel's PTX.
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"])
+            ptx.flush()
+            arch = "sm_90a" if sys.argv[2] == "90" else "sm_" + sys.argv[2]
+            info = subprocess.run([PTXAS, "-arch=" + arch, "-v", ptx.name, "-o", os.devnull],
+                                  capture_output=True, text=True).stderr
+        spills = sum(int(n) for n in re.findall(r"([0-9]+) bytes spill stores", info))
+        registers = max(int(n) for n in re.findall(r"Used ([0-9]+) registers", info))
+        print(kernel.__name__, "shared", compiled.metadata.shared, "registers", registers, "spills", spills)
+        # The 16-bit kernels (the fast path) must not spill on sm_90 (the H100 of the targets); the
+        # others are reported.
+        if dtype in (torch.float16, torch.bfloat16) and sys.argv[2] == "90":
+            blocks = {k: v for k, v in constexprs.items() if k.startswith("BLOCK")}
+            assert spills == 0, (kernel.__name__, blocks, options, info)
     """
 )
 
@@ -709,6 +730,7 @@ def test_kernels_compile_for_gpu_without_a_gpu(dtype, arch):
         [sys.executable, "-c", _COMPILE_CHECK, dtype, str(arch)], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    print(result.stdout)  # shared memory, registers and spills of every kernel (pytest -s shows them)
     assert result.stdout.count("shared") == 15, result.stdout
 
 

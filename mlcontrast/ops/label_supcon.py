@@ -577,16 +577,23 @@ def _config(d: int, dtype: torch.dtype, phase: str) -> dict:
     """Tile sizes and launch options of the ``phase`` kernel (one of :data:`PHASES`), with
     ``CONFIG_OVERRIDES["label_supcon.<phase>"]`` applied. The atomic kernels take square ``BLOCK_M`` tiles;
     the online-max LSE of the rows that need it uses the ``fwd`` configuration."""
-    return with_overrides(f"label_supcon.{phase}", _default_config(d, dtype))
+    return with_overrides(f"label_supcon.{phase}", _default_config(d, dtype, phase))
 
 
-def _default_config(d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options. Small tiles under the interpreter keep the tests fast."""
+def _default_config(d: int, dtype: torch.dtype, phase: str = "fwd") -> dict:
+    """Tile sizes and launch options. Small tiles under the interpreter keep the tests fast.
+
+    On a GPU: D in one chunk up to 128 (16-bit) or 64 (fp32) columns, so that the row block's Z_I and
+    dZ_I stay on chip for the whole column sweep; two pipeline stages keep shared memory under ~100 KB
+    (sm_86/89 too). Register use, from ptxas for sm_90 at bf16, D = 256: with 4 warps the backward
+    spills (456 bytes; the atomic one 1272), with 8 nothing does; the atomic backward, which also holds
+    G^T Z_I, needs D chunks of 64 for that. 3xTF32 keeps three copies of its operands: fp32 without TF32
+    takes chunks of 32 and narrower backward tiles. fp64 (gradcheck only) gets small tiles that fit any
+    GPU. ``benchmarks.tune_triton`` measures better ones.
+    """
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "options": {}}
-    # D in one chunk up to 128 (16-bit) or 64 (fp32) columns: the row block's Z_I and dZ_I then stay
-    # on chip for the whole column sweep. fp64 (gradcheck only) gets small tiles so that it fits the
-    # shared memory of any GPU. Two pipeline stages keep shared memory under ~100 KB (sm_86/89 too).
+    backward = phase.startswith("bwd")
     if dtype == torch.float64:
         return {
             "BLOCK_M": 32,
@@ -594,14 +601,19 @@ def _default_config(d: int, dtype: torch.dtype) -> dict:
             "BLOCK_D": pow2_block(d, 16, 32),
             "options": {"num_warps": 4, "num_stages": 1},
         }
-    high = 128 if dtype in (torch.float16, torch.bfloat16) else 64
     if dot_precision(dtype) == "tf32x3":
-        high = 32  # 3xTF32 keeps split copies of the operands in shared memory
+        return {
+            "BLOCK_M": 32 if phase == "bwd-atomic" else 64,
+            "BLOCK_N": 32 if backward else 64,
+            "BLOCK_D": pow2_block(d, 16, 32),
+            "options": {"num_warps": 8 if backward else 4, "num_stages": 2},
+        }
+    chunk = 128 if dtype in (torch.float16, torch.bfloat16) else 64
     return {
         "BLOCK_M": 64,
         "BLOCK_N": 64,
-        "BLOCK_D": pow2_block(d, 16, high),
-        "options": {"num_warps": 4, "num_stages": 2},
+        "BLOCK_D": pow2_block(d, 16, chunk // 2 if phase == "bwd-atomic" else chunk),
+        "options": {"num_warps": 8, "num_stages": 2},
     }
 
 

@@ -337,7 +337,9 @@ def _prototype_ce_bwd_dp_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _config(c: int, d: int, dtype: torch.dtype) -> dict:
+def _config(c: int, d: int, dtype: torch.dtype, kernel: str = "rows") -> dict:
+    """Block sizes and launch options of the row kernels (``"rows"``: forward, dz) or of the prototype
+    gradient (``"classes"``: dp)."""
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_C": 16, "BLOCK_D": 16, "options": {}}
     # The dot operands are in the compute dtype (features upcast on load, so the normalised rows
@@ -349,14 +351,28 @@ def _config(c: int, d: int, dtype: torch.dtype) -> dict:
             "BLOCK_D": pow2_block(d, 16, 32),
             "options": {"num_warps": 4, "num_stages": 1},
         }
-    # 3xTF32 (fp32 products when TF32 is not allowed) keeps split copies of the operands in shared memory.
-    high = 32 if dot_precision(dtype) == "tf32x3" else 64
+    if dot_precision(dtype) == "tf32x3":
+        # 3xTF32 (fp32 products when TF32 is not allowed) keeps split copies of its operands. These
+        # tiles are the ones ptxas compiles without spills for sm_90 (D = 256, C = 80); the
+        # 64-class, 4-warp ones spill 64 (dz) and 112 bytes (dp).
+        if kernel == "classes":
+            return {"BLOCK_M": 32, "BLOCK_C": pow2_block(c, 16, 32), "BLOCK_D": pow2_block(d, 16, 32),
+                    "options": {"num_warps": 8, "num_stages": 1}}  # fmt: skip
+        return {"BLOCK_M": 64, "BLOCK_C": pow2_block(c, 16, 32), "BLOCK_D": pow2_block(d, 16, 32),
+                "options": {"num_warps": 4, "num_stages": 2}}  # fmt: skip
     return {
         "BLOCK_M": 64,
         "BLOCK_C": pow2_block(c, 16, 64),
-        "BLOCK_D": pow2_block(d, 16, high),
+        "BLOCK_D": pow2_block(d, 16, 64),
         "options": {"num_warps": 4, "num_stages": 2},
     }
+
+
+def _launch_meta(cfg: dict, dtype: torch.dtype) -> dict:
+    return dict(
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"], PRECISION=dot_precision(dtype),
+        **cfg["options"],
+    )  # fmt: skip
 
 
 def _unit_prototypes(prototypes: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,24 +482,17 @@ def prototype_ce_backward(
     norm = norm.to(dtype).contiguous()
     grad_z = torch.empty((n, d), dtype=features.dtype, device=z.device)
     if n > 0:
-        cfg = _config(c, d, dtype)
+        rows_cfg, classes_cfg = _config(c, d, dtype), _config(c, d, dtype, "classes")
         # fp32 (fp64) scratch for the D chunks past the first, when there are any.
-        scratch = torch.zeros((n, d), dtype=dtype, device=z.device) if d > cfg["BLOCK_D"] else grad_z
-        blocks = triton.cdiv(n, cfg["BLOCK_M"])
+        scratch = torch.zeros((n, d), dtype=dtype, device=z.device) if d > rows_cfg["BLOCK_D"] else grad_z
+        launch(_prototype_ce_bwd_dz_kernel, (triton.cdiv(n, rows_cfg["BLOCK_M"]),))(
+            grad_z, grad_z.stride(0), scratch, scratch.stride(0), z, z.stride(0), y, p, p.stride(0), lse, norm, g,
+            n, c, d, **_launch_meta(rows_cfg, dtype),
+        )  # fmt: skip
+        blocks = triton.cdiv(n, classes_cfg["BLOCK_M"])
         splits, per_split = split_count(blocks, c * d * torch.finfo(dtype).bits // 8)
         partials = torch.zeros((splits, c, d), dtype=dtype, device=z.device)
-        meta = dict(
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_C=cfg["BLOCK_C"],
-            BLOCK_D=cfg["BLOCK_D"],
-            PRECISION=dot_precision(dtype),
-            **cfg["options"],
-        )
-        launch(_prototype_ce_bwd_dz_kernel, (blocks,))(
-            grad_z, grad_z.stride(0), scratch, scratch.stride(0), z, z.stride(0), y, p, p.stride(0), lse, norm, g,
-            n, c, d, **meta,
-        )  # fmt: skip
-        launch(_prototype_ce_bwd_dp_kernel, (triton.cdiv(c, cfg["BLOCK_C"]), splits))(
+        launch(_prototype_ce_bwd_dp_kernel, (triton.cdiv(c, classes_cfg["BLOCK_C"]), splits))(
             partials,
             partials.stride(0),
             partials.stride(1),
@@ -499,7 +508,7 @@ def prototype_ce_backward(
             c,
             d,
             per_split,
-            **meta,
+            **_launch_meta(classes_cfg, dtype),
         )
         grad_unit_p = partials.sum(0) * inv_t
     else:
