@@ -328,10 +328,14 @@ def _label_supcon_lse_kernel(
     row_in = rows < ANCHOR_STOP
     y_i, bias_i = _labels(Y, rows, row_in, -1)
     redo = row_in & (y_i >= 0) & (tl.load(SUMS + rows, mask=row_in, other=1.0) < FLOOR)
-    j_end = tl.where(tl.max(redo.to(tl.int32), 0) > 0, N, 0)
+    any_redo = tl.max(redo.to(tl.int32), 0) > 0
+    j_end = tl.where(any_redo, N, 0)
     offs_d = tl.arange(0, BLOCK_D)
+    # Nothing is read from Z by a block without such a row (the usual case): a launch, and no traffic.
     z_i0 = tl.load(
-        Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
+        Z + rows[:, None] * stride_z + offs_d[None, :],
+        mask=(row_in & any_redo)[:, None] & (offs_d < D)[None, :],
+        other=0.0,
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), acc_dtype)
