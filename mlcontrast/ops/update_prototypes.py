@@ -6,20 +6,19 @@ For every class c present among the rows with :math:`y_i \ge 0`:
     p_c \leftarrow m\, p_c + (1 - m) \frac{1}{n_c} \sum_{i : y_i = c} z_i, \qquad
     p_c \leftarrow p_c / \max(\lVert p_c \rVert, \epsilon) \ \text{if normalize}.
 
-Absent classes are never written, so they stay bit-for-bit unchanged. Two launches and no host
-synchronisation:
+Absent classes are never written, so they stay bit-for-bit unchanged. No host synchronisation:
 
 1. The class sums. Up to :data:`ONE_HOT_MAX_CLASSES` classes, ``_class_sums_kernel`` forms them as
    matrix products on the tensor cores, :math:`M_C = [y = c]_{C \times I} Z_I` (the one-hot factor is
    exact in any dtype, so 16-bit rows are summed exactly in fp32), with grid (class blocks x D blocks x
    row splits): each program sums a fixed range of row blocks into its own partial ``[C, D]`` slab and
-   class counts. No atomics, so nothing contends for the few addresses of a small C and the result is
+   class counts, which torch then adds (a fixed-order reduction, as for prototype_ce's prototype
+   gradient). No atomics, so nothing contends for the few addresses of a small C and the result is
    bitwise reproducible. Past that many classes, where the products would read the features once per
-   class block, ``_class_sums_atomic_kernel`` adds each valid row into one slab with ``tl.atomic_add``
-   (the last bits of the sums may then vary between runs on a GPU).
-2. ``_ema_kernel`` (grid: class blocks) adds the partial slabs in a fixed order and, for the classes
-   with a count, forms the update, its norm (a first pass over D when normalising) and stores it in the
-   prototypes' dtype.
+   class block, ``_class_sums_atomic_kernel`` adds each valid row into one ``[C, D]`` total with
+   ``tl.atomic_add`` (the last bits of the sums may then vary between runs on a GPU).
+2. ``_ema_kernel`` (grid: class blocks) reads the totals and, for the classes with a count, forms the
+   update, its norm (a first pass over D when normalising) and stores it in the prototypes' dtype.
 """
 
 from __future__ import annotations
@@ -93,7 +92,7 @@ def _class_sums_kernel(
 @triton.jit
 def _class_sums_atomic_kernel(
     SUMS,
-    COUNTS,  # outputs [1, C, D] and [1, C], zero-initialised, accumulated atomically
+    COUNTS,  # outputs [C, D] and [C], zero-initialised, accumulated atomically
     Z,
     stride_z,
     Y,
@@ -118,23 +117,12 @@ def _class_sums_atomic_kernel(
 
 
 @triton.jit
-def _class_means(SUMS, stride_sums_split, SPLITS, cls, d, mask, D, safe_count):
-    # The class sums of the S partial slabs, added in a fixed order, over the counts.
-    s = tl.load(SUMS + cls[:, None] * D + d[None, :], mask=mask, other=0.0)
-    for k in range(1, SPLITS):
-        s += tl.load(SUMS + k * stride_sums_split + cls[:, None] * D + d[None, :], mask=mask, other=0.0)
-    return s / safe_count[:, None]
-
-
-@triton.jit
 def _ema_kernel(
     PROTOS,
     stride_pc,
     stride_pd,  # [C, D] prototypes, updated in place (any strides)
     SUMS,
-    stride_sums_split,
-    COUNTS,  # [S, C, D] partial class sums (contiguous) and [S, C] counts
-    SPLITS,
+    COUNTS,  # [C, D] class sums (contiguous) and [C] counts
     C,
     D,
     MOMENTUM,  # MOMENTUM: [1] tensor in the compute dtype
@@ -146,10 +134,7 @@ def _ema_kernel(
     acc_dtype = SUMS.dtype.element_ty
     momentum = tl.load(MOMENTUM)
     cls = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_in = cls < C
-    count = tl.load(COUNTS + cls, mask=c_in, other=0.0)
-    for k in range(1, SPLITS):
-        count += tl.load(COUNTS + k * C + cls, mask=c_in, other=0.0)
+    count = tl.load(COUNTS + cls, mask=cls < C, other=0.0)
     present = count > 0
     safe_count = tl.where(present, count, 1.0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -161,8 +146,8 @@ def _ema_kernel(
             d = d0 + offs_d
             mask = present[:, None] & (d < D)[None, :]
             p = tl.load(PROTOS + cls[:, None] * stride_pc + d[None, :] * stride_pd, mask=mask, other=0.0)
-            mean = _class_means(SUMS, stride_sums_split, SPLITS, cls, d, mask, D, safe_count)
-            new = momentum * p.to(acc_dtype) + (1.0 - momentum) * mean
+            s = tl.load(SUMS + cls[:, None] * D + d[None, :], mask=mask, other=0.0)
+            new = momentum * p.to(acc_dtype) + (1.0 - momentum) * (s / safe_count[:, None])
             sq += tl.sum(new * new, 1)
         scale = 1.0 / tl.maximum(tl.sqrt(sq), 1e-8)  # NORM_EPS
     for d0 in range(0, D, BLOCK_D):
@@ -170,8 +155,8 @@ def _ema_kernel(
         mask = present[:, None] & (d < D)[None, :]
         ptrs = PROTOS + cls[:, None] * stride_pc + d[None, :] * stride_pd
         p = tl.load(ptrs, mask=mask, other=0.0)
-        mean = _class_means(SUMS, stride_sums_split, SPLITS, cls, d, mask, D, safe_count)
-        new = momentum * p.to(acc_dtype) + (1.0 - momentum) * mean
+        s = tl.load(SUMS + cls[:, None] * D + d[None, :], mask=mask, other=0.0)
+        new = momentum * p.to(acc_dtype) + (1.0 - momentum) * (s / safe_count[:, None])
         tl.store(ptrs, (new * scale[:, None]).to(PROTOS.dtype.element_ty), mask=mask)
 
 
@@ -220,9 +205,11 @@ def _update_prototypes_op(
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_CS"], BLOCK_D=cfg["BLOCK_D"],
             PRECISION=dot_precision(z.dtype), **cfg["options"],
         )  # fmt: skip
+        # The slabs in a fixed order, over the whole GPU (the EMA kernel has only C / BLOCK_C programs).
+        sums, counts = sums.sum(0), counts.sum(0)
     else:
-        sums = torch.zeros((1, c, d), dtype=dtype, device=z.device)
-        counts = torch.zeros((1, c), dtype=dtype, device=z.device)
+        sums = torch.zeros((c, d), dtype=dtype, device=z.device)
+        counts = torch.zeros(c, dtype=dtype, device=z.device)
         launch(_class_sums_atomic_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"])))(
             sums, counts, z, z.stride(0), y, n, c, d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], **cfg["options"]
         )
@@ -231,9 +218,7 @@ def _update_prototypes_op(
         prototypes.stride(0),
         prototypes.stride(1),
         sums,
-        sums.stride(0),
         counts,
-        sums.shape[0],
         c,
         d,
         scalar(momentum, dtype, z.device),
