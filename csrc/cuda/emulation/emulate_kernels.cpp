@@ -11,8 +11,9 @@
 // array is in the accumulation type (fp64 for float64, else fp32); order and offsets are int64.
 // TC = 1 picks the tensor-core (WMMA) configuration (fp32 as TF32), 0 the SIMT one. G_SCALE = 0
 // means none. SHIFT is the logit bound c of the fixed-shift forward and the one-exp backward, or "-"
-// for the online max and two exps (the backward's alpha file is then "-" too). BEGIN END are the anchor rows. Arrays are raw little-endian files; outputs are written
-// the same way (lse outside the anchors keeps the input's zeros).
+// for the online max and two exps (the backward's alpha file is then "-" too). BEGIN END are the
+// anchor rows. Arrays are raw little-endian files; outputs are written the same way (lse outside the
+// anchors keeps the input's zeros).
 #include "host_emulation.h"
 
 // The kernel templates under test (after the emulation header, which redefines the CUDA keywords).
