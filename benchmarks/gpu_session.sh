@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_session.sh build          # build the extension for this GPU (in place); ~2 min on 16 cores
 #   bash benchmarks/gpu_session.sh test           # build if needed, then the GPU tests and compute-sanitizer
 #   bash benchmarks/gpu_session.sh bench-supcon   # label_supcon: bf16 D=256 (the targets' shape) + largest-N probe
-#   bash benchmarks/gpu_session.sh bench-protos   # prototype_nce, prototype_ce, update_prototypes: fp32 and bf16
-#   bash benchmarks/gpu_session.sh bench-sweep    # label_supcon fp32 / bf16 at D = 128 and 512
+#   bash benchmarks/gpu_session.sh bench-protos [DTYPE...]  # prototype_nce, prototype_ce, update_prototypes
+#                                                           # (default: float32 bfloat16)
+#   bash benchmarks/gpu_session.sh bench-sweep [DTYPE...]   # label_supcon at D = 128 and 512 (default: both dtypes)
 #   bash benchmarks/gpu_session.sh tune           # Triton label_supcon forward configurations, bf16 D=256 N=32768
 #   bash benchmarks/gpu_session.sh tune-bwd       # the same for the backward kernels
 #
@@ -20,9 +21,14 @@
 # `python -m benchmarks.report --write-readme --write-measured` (README's tables and the table that
 # "auto" follows on CUDA).
 #
-# Order for one session (30 minutes of device time): test, tune, tune-bwd, bench-supcon, bench-protos,
-# bench-sweep. Unpack each call's tarball here before the next: the benchmarks then run the tuned
-# configurations (see use_tuned), which go into mlcontrast/ops/label_supcon.py's defaults afterwards.
+# Every phase stops starting work after GPU_SESSION_BUDGET_S seconds (default 540: a call's limit is 600 s)
+# and packs what it has on any exit; the benchmark scripts write their results file case by case (marked
+# "partial" until the sweep ends), so a phase cut short still brings back the cases that ran.
+#
+# Order, most important first (30 minutes of device time a session, ~10 per call): test, bench-supcon
+# (the issues' targets), bench-protos, then tune, tune-bwd, bench-sweep float32, bench-sweep bfloat16.
+# Unpack each call's tarball here before the next: the benchmarks then run the tuned configurations (see
+# use_tuned; keyed by the tuned dtype), which go into mlcontrast/ops/label_supcon.py's defaults afterwards.
 #
 # Python packages that the GPU image lacks and the tests need (expecttest, for opcheck) travel as
 # wheels: here, `pip download --no-deps --only-binary=:all: -d .whl expecttest` (`.whl/` is git-ignored)
@@ -30,6 +36,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:-test}"
+shift || true
+BUDGET_S="${GPU_SESSION_BUDGET_S:-540}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 log="$OUT/log-$phase.txt"
@@ -38,6 +46,19 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 
 step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+
+# Runs a command with what is left of the phase's time budget (SECONDS counts from the script's start).
+bounded() {
+  local left=$((BUDGET_S - SECONDS))
+  if [ "$left" -le 15 ]; then
+    echo "NOT RUN (the phase's ${BUDGET_S} s budget is spent): $*"
+    return 124
+  fi
+  timeout --kill-after=10 "$left" "$@"
+  local rc=$?
+  [ "$rc" -eq 124 ] && echo "STOPPED after the phase's ${BUDGET_S} s budget: $*"
+  return "$rc"
+}
 
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -95,9 +116,15 @@ use_tuned() {
 }
 
 pack() {
-  tar czf "$OUT/results-$phase.tgz" $(ls benchmarks/results/*_cuda.* benchmarks/results/tuning/*_cuda.json 2>/dev/null) \
-    && echo "packed $OUT/results-$phase.tgz"
+  local files
+  files=$(ls benchmarks/results/*_cuda.* benchmarks/results/tuning/*_cuda.json 2>/dev/null) || true
+  [ -n "$files" ] || { echo "nothing to pack"; return 0; }
+  tar czf "$OUT/results-$phase.tgz" $files && echo "packed $OUT/results-$phase.tgz"
 }
+
+case "$phase" in
+  bench-*|tune*) trap pack EXIT ;;  # whatever ran comes back, also from a phase cut short
+esac
 
 case "$phase" in
   build)
@@ -105,40 +132,36 @@ case "$phase" in
   test)
     machine; build
     step "GPU tests (tests/test_gpu.py: every op on CUDA, opcheck, determinism, compute-sanitizer)"
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -rs --durations=15
+    bounded "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_gpu.py -rs --durations=15
     step "Triton on the GPU (tests/test_triton_ops.py, bf16 and large sizes included)"
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py -rs --durations=10 ;;
+    bounded "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_triton_ops.py -rs --durations=10 ;;
   bench-supcon)
     machine; build; use_tuned
     step "label_supcon, bf16, D = 256, the issue's shape (N = 32768) and around it; largest N up to 2^20"
-    "$PY" -m benchmarks.bench_label_supcon --device cuda --dtype bfloat16 --d 256 --n 4096 16384 32768 65536 \
-      --max-n-probe --max-n-start 131072 --max-n-limit 1048576 --max-n-timeout-s 120
-    pack ;;
+    bounded "$PY" -m benchmarks.bench_label_supcon --device cuda --dtype bfloat16 --d 256 --n 4096 16384 32768 65536 \
+      --max-n-probe --max-n-start 131072 --max-n-limit 1048576 --max-n-timeout-s 120 ;;
   bench-protos)
     machine; build; use_tuned
-    for dtype in float32 bfloat16; do
+    for dtype in ${@:-float32 bfloat16}; do
       for op in prototype_nce prototype_ce update_prototypes; do
         step "$op, $dtype"
-        "$PY" -m benchmarks.bench_$op --device cuda --dtype $dtype
+        bounded "$PY" -m benchmarks.bench_$op --device cuda --dtype "$dtype"
       done
-    done
-    pack ;;
+    done ;;
   bench-sweep)
     machine; build; use_tuned
-    for dtype in float32 bfloat16; do
+    for dtype in ${@:-float32 bfloat16}; do
       for d in 128 512; do
         step "label_supcon, $dtype, D = $d"
-        "$PY" -m benchmarks.bench_label_supcon --device cuda --dtype $dtype --d $d
+        bounded "$PY" -m benchmarks.bench_label_supcon --device cuda --dtype "$dtype" --d $d
       done
-    done
-    pack ;;
+    done ;;
   tune|tune-bwd)
     machine; build
     phases="fwd fwd-atomic"; [ "$phase" = tune-bwd ] && phases="bwd bwd-atomic"
     step "Triton label_supcon configurations ($phases), bf16, D = 256, N = 32768 (72 candidates, ~4 s each)"
-    "$PY" -m benchmarks.tune_triton --n 32768 --d 256 --dtype bfloat16 --phases $phases \
-      --out "benchmarks/results/tuning/label_supcon_bfloat16_d256_n32768_${phase}_cuda.json"
-    pack ;;
+    bounded "$PY" -m benchmarks.tune_triton --n 32768 --d 256 --dtype bfloat16 --phases $phases \
+      --out "benchmarks/results/tuning/label_supcon_bfloat16_d256_n32768_${phase}_cuda.json" ;;
   *)
     echo "unknown phase $phase (build, test, bench-supcon, bench-protos, bench-sweep, tune, tune-bwd)"; exit 2 ;;
 esac

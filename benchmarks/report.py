@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,12 +39,16 @@ MEMORY_METHODS = {
 def _time(seconds: float | None) -> str:
     if seconds is None:
         return "–"
+    if seconds < 1e-3:  # GPU kernels: tens of microseconds
+        return f"{seconds * 1e6:.0f} µs"
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def _bytes(n: float | None) -> str:
     if n is None:
         return "–"
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
@@ -188,6 +193,8 @@ def section(paths: list[Path]) -> str:
             f"raw data: [`{_rel(path)}`]({_rel(path)}).\n\n"
         )
         extra = _device_lines(meta, result)
+        if result.get("partial"):
+            extra.insert(0, "**Partial run** (cut short): the cases below ran, the others did not.")
         if extra:
             text += " ".join(extra) + "\n\n"
         parts.append(text + table(result))
@@ -213,21 +220,32 @@ def write_readme(text: str, start: str = START, end: str = END) -> None:
 
 FUSED_ON_CUDA = ("cuda", "triton")
 MEASURED = ROOT / "mlcontrast" / "_measured.py"
+#: The largest relative error (loss, outputs) against the eager reference run in the same dtype that a
+#: record may show and still count as a result: wide (TF32, a 16-bit reference), it only keeps a broken
+#: kernel from being chosen for being fast.
+PLAUSIBLE_REL_ERR = {"float64": 1e-8, "float32": 1e-2, "float16": 5e-2, "bfloat16": 1e-1}
+
+
+def plausible(record: dict) -> bool:
+    """Finite, and within :data:`PLAUSIBLE_REL_ERR` of the reference wherever a check exists."""
+    bound = PLAUSIBLE_REL_ERR.get(record.get("dtype"), 1e-1)
+    errors = [v for k, v in (record.get("check") or {}).items() if k.endswith("_rel_err")]
+    return record.get("finite", True) is not False and all(math.isfinite(e) and e <= bound for e in errors)
 
 
 def fastest_backends(paths: list[Path]) -> tuple[str | None, dict[tuple[str, str], list[tuple[int, int, str]]]]:
     """From CUDA results files: the GPU's name and, per (op, dtype), each measured (rows, D) with the fused
-    backend of the smallest fwd+bwd (or single-call) median time."""
+    backend of the smallest fwd+bwd (or single-call) median time among the :func:`plausible` records."""
     device, best = None, {}
     for path in paths:
         result = json.loads(path.read_text())
-        if not str(result["metadata"]["device"]).startswith("cuda"):
-            continue
+        if not str(result["metadata"]["device"]).startswith("cuda") or result.get("partial"):
+            continue  # a partial run's cases were never checked against the reference
         device = device or result["metadata"].get("gpu_name")
         mode = "full" if "full" in result["config"]["modes"] else result["config"]["modes"][0]
         for r in result["records"]:
             median = ((r.get("time_s") or {}).get(mode) or {}).get("median")
-            if r["provider"] not in FUSED_ON_CUDA or r["status"] != "ok" or median is None:
+            if r["provider"] not in FUSED_ON_CUDA or r["status"] != "ok" or median is None or not plausible(r):
                 continue
             key, shape = (r["op"], r["dtype"]), (r["n"], r["d"])
             current = best.setdefault(key, {}).get(shape)

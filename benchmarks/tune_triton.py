@@ -17,7 +17,7 @@ S), whatever the kernel executes (the symmetric ones do about half).
 
 The table is printed and written to ``benchmarks/results/tuning/label_supcon_<dtype>_d<D>_n<N>_<device>.json``
 (beside, not among, the op benchmarks' files); the best configuration of each phase is printed as the
-``CONFIG_OVERRIDES`` entry that selects it, to be made the default in ``mlcontrast/ops/label_supcon.py``.
+``CONFIG_OVERRIDES`` entry that selects it for that dtype, to be made the default in ``mlcontrast/ops/label_supcon.py``.
 ``--emit-env`` turns results files into the JSON of ``MLCONTRAST_TRITON_CONFIGS``, which every process
 (a benchmark's cases included) reads into ``CONFIG_OVERRIDES`` at import.
 """
@@ -110,7 +110,7 @@ def tune(n: int, d: int, dtype: str, device: str, phases: list[str], quick: bool
     flops = {phase: (2.0 if phase.startswith("fwd") else 6.0) * n * n * d for phase in PHASES}
     records = []
     for phase in phases:
-        key = "label_supcon." + phase
+        key = f"label_supcon.{phase}:{dtype}"  # wins over a plain key from the environment
         CONFIG_OVERRIDES.pop(key, None)
         expected = _phase_call(phase, z, y, saved)()
         for config in [None, *candidates(d, quick, phase)]:
@@ -149,12 +149,14 @@ def best(records: list[dict]) -> dict[str, dict]:
 
 def configs_of(paths: list[Path]) -> dict[str, dict]:
     """The best configuration of every phase in tuning results files, as ``MLCONTRAST_TRITON_CONFIGS`` takes
-    them (``{"label_supcon.<phase>": config}``); a later file's phase replaces an earlier one's."""
+    them (``{"label_supcon.<phase>:<dtype>": config}``: for the tuned dtype only, whose tiles may not fit
+    another); a later file's phase replaces an earlier one's."""
     configs = {}
     for path in paths:
-        for phase, config in json.loads(Path(path).read_text()).get("best", {}).items():
+        result = json.loads(Path(path).read_text())
+        for phase, config in result.get("best", {}).items():
             if isinstance(config, dict):  # "default" needs no override
-                configs[f"label_supcon.{phase}"] = config
+                configs[f"label_supcon.{phase}:{result['shape']['dtype']}"] = config
     return configs
 
 
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         default = next(x for x in records if x["phase"] == phase and x["config"] == "default")
         speedup = default["ms"] / r["ms"] if default.get("ms") else float("nan")
         print(f"[tune] {phase}: {r['ms']:.3f} ms, {r['tflops']:.1f} TFLOP/s, {speedup:.2f}x the default; "
-              f'CONFIG_OVERRIDES["label_supcon.{phase}"] = {r["config"]}')
+              f'CONFIG_OVERRIDES["label_supcon.{phase}:{args.dtype}"] = {r["config"]}')
     print(f"[tune] wrote {path}")
     return 0
 

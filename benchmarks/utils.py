@@ -1378,6 +1378,9 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
         print(table_row(spec, record), flush=True)
         if record["status"] != "ok" and not record["status"].startswith("skipped"):
             print(f"    {record['status']}: {record.get('message', '')}", flush=True)
+        # The file so far, marked partial (no checks, no summary): a run cut short still leaves its cases.
+        so_far = [{k: v for k, v in r.items() if k != "output_file"} for r in records]
+        write_results(out, meta, so_far, {"config": config, "partial": True})
 
     def too_large(case: dict[str, Any]) -> dict[str, Any] | None:
         need = estimate(case["provider"], case["n"])
@@ -1428,9 +1431,12 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
 def probe_max_n(spec: BenchSpec, args: argparse.Namespace, providers: list[str], new_case: Callable[..., dict],
                 make_record: Callable[..., dict], too_large: Callable[[dict], dict | None]) -> dict[str, Any]:
     """The largest N that runs, per provider: N doubles from ``--max-n-start`` (each N in its own process,
-    one warm-up iteration for compiled providers, one timed iteration) until a case is not ``ok`` (oom,
-    timeout, error, skipped) or N passes ``--max-n-limit``."""
-    policy = RepeatPolicy(repeats=1, min_repeats=1, budget_s=0.0, warmup=0, min_warmup=0, warmup_budget_s=0.0)
+    one warm-up iteration for compiled providers and on CUDA, where the first call's kernel compilation and
+    library start-up would otherwise count in the time and the peak; one timed iteration) until a case is not
+    ``ok`` (oom, timeout, error, skipped) or N passes ``--max-n-limit``."""
+    warmup = 1 if args.device.startswith("cuda") else 0
+    policy = RepeatPolicy(repeats=1, min_repeats=1, budget_s=0.0, warmup=warmup, min_warmup=warmup,
+                          warmup_budget_s=0.0)
     print(f"\n[bench] largest {spec.size_label} that fits: doubling from {args.max_n_start} "
           f"(limit {args.max_n_limit}, {args.max_n_timeout_s:g} s per case)", flush=True)
     results = []

@@ -95,13 +95,33 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in _auto_order(device) if why_unavailable(name, device) is None]
 
 
+#: Sizes are placed on a log2 grid of this many steps per octave before shapes are compared.
+_STEPS_PER_OCTAVE = 4
+_MAX_OCTAVES = 48
+
+
+def _log2_step(size: int | torch.SymInt) -> float:
+    """log2(size), to within half a grid step, found with integer comparisons only: under
+    ``torch.compile`` a symbolic size then costs a few guards on its range, where float maths on it
+    would fail to trace."""
+    lo, hi = 0, _MAX_OCTAVES * _STEPS_PER_OCTAVE  # 2^(lo / steps) <= size < 2^(hi / steps), size >= 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if size >= math.ceil(2 ** (mid / _STEPS_PER_OCTAVE)):
+            lo = mid
+        else:
+            hi = mid
+    return (lo + 0.5) / _STEPS_PER_OCTAVE
+
+
 def measured_fastest(
     op: str, dtype: torch.dtype, rows: int, dim: int, available: list[str], table: dict | None = None
 ) -> str | None:
     """The backend of ``available`` that ran fastest at the measured shape nearest to ``(rows, dim)``.
 
-    Shapes are compared on a log scale (twice the rows counts as much as twice the dimension); None
-    when nothing was measured for ``(op, dtype)`` among ``available``.
+    Shapes are compared on a log scale (twice the rows counts as much as twice the dimension), with
+    the call's sizes rounded to a quarter octave; None when nothing was measured for ``(op, dtype)``
+    among ``available``.
 
     Example:
         >>> table = {("label_supcon", "bfloat16"): ((4096, 256, "cuda"), (65536, 256, "triton"))}
@@ -113,9 +133,10 @@ def measured_fastest(
     points = [p for p in table.get((op, name), ()) if p[2] in available]
     if not points:
         return None
+    x, y = _log2_step(rows), _log2_step(dim)
 
     def distance(point: tuple[int, int, str]) -> float:
-        return math.log2(max(point[0], 1) / max(rows, 1)) ** 2 + math.log2(max(point[1], 1) / max(dim, 1)) ** 2
+        return (math.log2(max(point[0], 1)) - x) ** 2 + (math.log2(max(point[1], 1)) - y) ** 2
 
     return min(points, key=distance)[2]
 

@@ -126,9 +126,12 @@ def _check_reduction(reduction: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    # Normalise in the compute dtype: fp16/bf16 rows would lose precision before the kernel upcasts.
-    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=NORM_EPS)
+def _unit(x: torch.Tensor, backend: str) -> torch.Tensor:
+    # Normalise in fp32 (fp16/bf16 sums of squares lose precision). The GPU kernels then get unit rows in
+    # the caller's dtype: 16-bit rows keep the tensor cores' 16-bit rate and half the traffic, at one more
+    # rounding of the kind the caller's features already carry. The CPU kernels compute in fp32 anyway.
+    unit = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=NORM_EPS)
+    return unit.to(x.dtype) if backend in ("triton", "cuda") else unit
 
 
 def _label_supcon_rows(
@@ -176,7 +179,7 @@ def _anchor_losses(
         return reference.label_supcon_anchor_rows(
             features, labels, temperature, base_temperature, normalize, start, stop
         )
-    z = _unit(features) if normalize else features
+    z = _unit(features, backend) if normalize else features
     rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature, start, stop)
     return rows[start:stop]
 
@@ -278,7 +281,7 @@ def label_supcon_loss(
         return _shard_result(rows, count, reduction, process_group, world_size)
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
-    z = _unit(features) if normalize else features
+    z = _unit(features, backend) if normalize else features
     rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature)
     return reduce_rows(rows, (labels >= 0).sum(), reduction)
 
@@ -446,7 +449,7 @@ def multilabel_supcon_loss(
         return _shard_result(losses, count, "mean", process_group, world_size)
     if backend == "torch":
         return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
-    rows = _unit(features).transpose(0, 1).reshape(v * b * c, -1)  # (v, b, c) order
+    rows = _unit(features, backend).transpose(0, 1).reshape(v * b * c, -1)  # (v, b, c) order
     positive = (targets == 1).repeat(v, 1).reshape(-1)
     classes = torch.arange(c, device=device).repeat(v * b)
     losses = _label_supcon_rows(backend, rows, torch.where(positive, classes, -1), float(temperature), base_temperature)

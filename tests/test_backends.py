@@ -49,6 +49,20 @@ def test_auto_on_cuda_follows_the_table(monkeypatch):
     assert _backends.resolve("auto", cuda, "label_supcon", z) == "torch"
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_auto_on_cuda_traces_with_dynamic_shapes(monkeypatch, fullgraph):
+    # Symbolic sizes under torch.compile: the table is read through comparisons (guards), no float maths.
+    _fake_cuda(monkeypatch, TABLE)
+    cuda = torch.device("cuda")
+
+    def choice(z):
+        return z.sum() + (1.0 if _backends.resolve("auto", cuda, "label_supcon", z) == "triton" else 2.0)
+
+    compiled = torch.compile(choice, dynamic=True, fullgraph=fullgraph, backend="eager")
+    assert compiled(torch.zeros(60000, 256, dtype=torch.bfloat16)).item() == 1.0
+    assert compiled(torch.zeros(4000, 256, dtype=torch.bfloat16)).item() == 2.0  # another range: traced again
+
+
 def test_auto_without_a_measurement_takes_the_first_available(monkeypatch):
     _fake_cuda(monkeypatch, TABLE)
     monkeypatch.setattr(_backends, "why_unavailable", lambda name, device: None if name != "cuda" else "no GPU")
@@ -110,3 +124,21 @@ def test_write_measured_from_cuda_results(tmp_path):
     # No CUDA results: the committed, empty table.
     assert runpy.run_path(str(write_measured(paths[2:], target)))["FASTEST"] == {}
     assert target.read_text() == MEASURED.read_text()
+
+
+def test_measured_table_skips_implausible_results(tmp_path):
+    # A fast kernel with a wrong (or non-finite, or unchecked) result is never what "auto" picks.
+    from benchmarks.report import fastest_backends
+
+    payload = _results("cuda", "GPU", "label_supcon", "bfloat16", ["full"],
+                       [("cuda", 4096, 256, "ok", 0.001), ("triton", 4096, 256, "ok", 0.002),
+                        ("cuda", 8192, 256, "ok", 0.003), ("triton", 8192, 256, "ok", 0.004)])  # fmt: skip
+    payload["records"][0]["check"] = {"against": "torch", "loss_rel_err": 1e-3, "grad_rel_err": 0.5}
+    payload["records"][2]["finite"] = False
+    payload["records"][3]["check"] = {"against": "torch", "loss_rel_err": 1e-3, "grad_rel_err": 1e-2}
+    path = tmp_path / "label_supcon_bf16_cuda.json"
+    path.write_text(json.dumps(payload))
+    assert fastest_backends([path])[1] == {("label_supcon", "bfloat16"): [(4096, 256, "triton"), (8192, 256, "triton")]}
+    # A run cut short (its file written case by case, never checked) does not count.
+    path.write_text(json.dumps({**payload, "partial": True}))
+    assert fastest_backends([path])[1] == {}

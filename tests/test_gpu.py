@@ -120,8 +120,7 @@ OPS = torch.ops.mlcontrast
 
 
 def _unit_rows(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    # Unit rows rounded to `dtype`, passed with normalize=False so that the kernel sees `dtype`
-    # (normalize=True hands it the fp32 rows that F.normalize returns).
+    # Unit rows rounded to `dtype`, for calls with normalize=False (the kernels see `dtype` either way).
     return F.normalize(torch.randn(n, d, device=CUDA), dim=1).to(dtype)
 
 

@@ -149,8 +149,9 @@ def test_label_supcon_config_overrides_reach_the_kernels(monkeypatch, mode):
 
     monkeypatch.setattr(triton_label_supcon, "launch", recording_launch)
     suffix = "-atomic" if mode == "atomic" else ""
-    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.fwd" + suffix, {"BLOCK_M": 32, "BLOCK_N": 16})
-    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.bwd" + suffix, {"BLOCK_M": 32, "BLOCK_D": 32})
+    overrides = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "bwd": {"BLOCK_M": 32, "BLOCK_D": 32}}
+    for phase, override in overrides.items():
+        monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, f"label_supcon.{phase}{suffix}", override)
     z = _rand(45, 40, scale=40**-0.5)
     (y,) = _to_device(make_labels(45, 4, ignore_fraction=0.1, singleton=True))
     assert_matches(
@@ -158,16 +159,37 @@ def test_label_supcon_config_overrides_reach_the_kernels(monkeypatch, mode):
         lambda x: reference.label_supcon_loss(x, y, 0.1),
         [z],
     )
+
+    def expected(phase: str, keys: tuple[str, ...]) -> tuple[int, ...]:
+        # The defaults (the interpreter's or a GPU's) with the override on top.
+        config = {**triton_label_supcon._default_config(40, torch.float32, phase + suffix), **overrides[phase]}
+        return tuple(config[k] for k in keys)
+
     kernels = dict(launched)
     fwd, bwd = kernels["_label_supcon_fwd" + suffix.replace("-", "_") + "_kernel"], launched[-1][1]
     if mode == "atomic":
-        assert (fwd["BLOCK"], fwd["BLOCK_D"]) == (32, 16)
-        assert (bwd["BLOCK"], bwd["BLOCK_D"]) == (32, 32)
+        assert (fwd["BLOCK"], fwd["BLOCK_D"]) == expected("fwd", ("BLOCK_M", "BLOCK_D"))
+        assert (bwd["BLOCK"], bwd["BLOCK_D"]) == expected("bwd", ("BLOCK_M", "BLOCK_D"))
     else:
-        assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_D"]) == (32, 16, 16)
-        assert (bwd["BLOCK_M"], bwd["BLOCK_N"], bwd["BLOCK_D"]) == (32, 16, 32)
-    # The rows that need the online max use the deterministic forward's configuration (defaults here).
-    assert kernels["_label_supcon_lse_kernel"]["BLOCK_M"] == (16 if suffix else 32)
+        assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_D"]) == expected("fwd", ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
+        assert (bwd["BLOCK_M"], bwd["BLOCK_N"], bwd["BLOCK_D"]) == expected("bwd", ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
+    # The rows that need the online max use the deterministic forward's configuration.
+    lse_block = triton_label_supcon._config(40, torch.float32, "fwd")["BLOCK_M"]  # overridden in deterministic mode
+    assert kernels["_label_supcon_lse_kernel"]["BLOCK_M"] == lse_block
+
+
+def test_label_supcon_config_override_for_one_dtype(monkeypatch):
+    # A tuned configuration is keyed by the dtype it was tuned in; the plain key is for every dtype.
+    from mlcontrast.ops import utils as ops_utils
+
+    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.fwd", {"BLOCK_M": 32})
+    monkeypatch.setitem(ops_utils.CONFIG_OVERRIDES, "label_supcon.fwd:float16", {"BLOCK_M": 128, "num_warps": 2})
+    assert triton_label_supcon._config(64, torch.float16, "fwd")["BLOCK_M"] == 128
+    assert triton_label_supcon._config(64, torch.float16, "fwd")["options"]["num_warps"] == 2
+    assert triton_label_supcon._config(64, torch.float32, "fwd")["BLOCK_M"] == 32
+    assert triton_label_supcon._config(64, torch.float16, "bwd") == triton_label_supcon._default_config(
+        64, torch.float16, "bwd"
+    )
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -180,6 +202,19 @@ def test_label_supcon_reductions_and_normalize(reduction, normalize):
         lambda x: reference.label_supcon_loss(x, y, 0.2, None, reduction, normalize),
         [z],
     )
+
+
+def test_label_supcon_normalize_keeps_16_bit_rows_for_the_kernels(monkeypatch):
+    # normalize=True normalises in fp32 but hands the kernels rows in the caller's dtype (tensor-core rate).
+    seen = []
+    real = triton_label_supcon.label_supcon_rows
+    monkeypatch.setattr(triton_label_supcon, "label_supcon_rows", lambda z, *a: (seen.append(z.dtype), real(z, *a))[1])
+    z = _rand(21, 9, dtype=torch.float16)
+    (y,) = _to_device(make_labels(21, 4))
+    mlcontrast.label_supcon_loss(z, y, 0.2, normalize=True, backend="triton")
+    mlcontrast.multilabel_supcon_loss(_rand(5, 3, 8, dtype=torch.float16), _to_device(make_targets(5, 3))[0],
+                                      backend="triton")  # fmt: skip
+    assert seen == [torch.float16, torch.float16]
 
 
 def test_label_supcon_non_contiguous_features():

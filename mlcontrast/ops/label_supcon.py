@@ -579,9 +579,10 @@ PHASES = ("fwd", "fwd-atomic", "bwd", "bwd-atomic")
 
 def _config(d: int, dtype: torch.dtype, phase: str) -> dict:
     """Tile sizes and launch options of the ``phase`` kernel (one of :data:`PHASES`), with
-    ``CONFIG_OVERRIDES["label_supcon.<phase>"]`` applied. The atomic kernels take square ``BLOCK_M`` tiles;
-    the online-max LSE of the rows that need it uses the ``fwd`` configuration."""
-    return with_overrides(f"label_supcon.{phase}", _default_config(d, dtype, phase))
+    ``CONFIG_OVERRIDES["label_supcon.<phase>:<dtype>"]`` (or, if unset, ``["label_supcon.<phase>"]``)
+    applied. The atomic kernels take square ``BLOCK_M`` tiles; the online-max LSE of the rows that need
+    it uses the ``fwd`` configuration."""
+    return with_overrides(f"label_supcon.{phase}", _default_config(d, dtype, phase), dtype)
 
 
 def _default_config(d: int, dtype: torch.dtype, phase: str = "fwd") -> dict:

@@ -32,6 +32,7 @@ __all__ = [
     "CONFIG_ENV",
     "CONFIG_OVERRIDES",
     "with_overrides",
+    "dtype_name",
 ]
 
 NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, as in mlcontrast.reference
@@ -58,23 +59,29 @@ def _configs_from_environment() -> dict[str, dict[str, int]]:
     return configs
 
 
-#: Launch configurations that replace an op's defaults, by key ("label_supcon.fwd", "label_supcon.bwd-atomic"):
-#: block sizes by their kernel parameter names, and "num_warps" / "num_stages". ``benchmarks.tune_triton``
-#: sets them to time candidates; set one by hand, or through :data:`CONFIG_ENV`, to try a configuration.
+#: Launch configurations that replace an op's defaults, by key ("label_supcon.fwd", "label_supcon.bwd-atomic"),
+#: optionally for one features dtype ("label_supcon.fwd:bfloat16", which wins over the plain key): block
+#: sizes by their kernel parameter names, and "num_warps" / "num_stages". ``benchmarks.tune_triton`` sets
+#: them to time candidates; set one by hand, or through :data:`CONFIG_ENV`, to try a configuration.
 #: Read when a launcher runs (under torch.compile, when it is traced).
 CONFIG_OVERRIDES: dict[str, dict[str, int]] = _configs_from_environment()
 
 
-def with_overrides(key: str, config: dict) -> dict:
-    """``config`` (block sizes, and launch ``options``) with the entries of ``CONFIG_OVERRIDES[key]`` put in.
+def with_overrides(key: str, config: dict, dtype: torch.dtype | None = None) -> dict:
+    """``config`` (block sizes, and launch ``options``) with the entries of ``CONFIG_OVERRIDES`` put in:
+    those of ``"<key>:<dtype>"`` when ``dtype`` is given and that key is set, else those of ``key``.
 
     Example:
         >>> CONFIG_OVERRIDES["demo.fwd"] = {"BLOCK_M": 128, "num_warps": 8}
         >>> with_overrides("demo.fwd", {"BLOCK_M": 64, "options": {"num_warps": 4, "num_stages": 2}})
         {'BLOCK_M': 128, 'options': {'num_warps': 8, 'num_stages': 2}}
-        >>> del CONFIG_OVERRIDES["demo.fwd"]
+        >>> CONFIG_OVERRIDES["demo.fwd:float16"] = {"BLOCK_M": 32}
+        >>> with_overrides("demo.fwd", {"BLOCK_M": 64, "options": {}}, torch.float16)
+        {'BLOCK_M': 32, 'options': {}}
+        >>> del CONFIG_OVERRIDES["demo.fwd"], CONFIG_OVERRIDES["demo.fwd:float16"]
     """
-    override = CONFIG_OVERRIDES.get(key)
+    specific = CONFIG_OVERRIDES.get(f"{key}:{dtype_name(dtype)}") if dtype is not None else None
+    override = specific or CONFIG_OVERRIDES.get(key)
     if not override:
         return config
     result = {**config, "options": dict(config.get("options", {}))}
@@ -84,6 +91,11 @@ def with_overrides(key: str, config: dict) -> dict:
         else:
             result[name] = value
     return result
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the spelling of dtypes in override keys and results files."""
+    return str(dtype).removeprefix("torch.")
 
 
 def interpreting() -> bool:
