@@ -492,6 +492,9 @@ def test_cuda_kernels_under_compute_sanitizer(tool):
         cmd + [sys.executable, "-c", _SANITIZER_SCRIPT], capture_output=True, text=True, env=env, timeout=1800
     )
     output = result.stdout + result.stderr
+    if result.returncode == 0 and "ERROR SUMMARY" not in output:
+        # Some sandboxes (gVisor) run the program without letting the tool attach: nothing was checked.
+        pytest.skip(f"compute-sanitizer did not instrument the run (no ERROR SUMMARY): {output[-500:]}")
     assert result.returncode == 0, output[-6000:]
     assert "sanitizer script done" in output, output[-6000:]
     assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]
