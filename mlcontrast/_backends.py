@@ -18,6 +18,12 @@ from mlcontrast import _measured
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how dtypes are spelled in the measured table, the Triton
+    launch-configuration keys and the benchmark results."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _load_extension() -> str | None:
     """Loads the compiled extension; None on success, otherwise why it is missing."""
     try:
@@ -132,8 +138,7 @@ def measured_fastest(
         'triton'
     """
     table = _measured.FASTEST if table is None else table
-    name = str(dtype).removeprefix("torch.")
-    points = [p for p in table.get((op, name), ()) if p[2] in available]
+    points = [p for p in table.get((op, dtype_name(dtype)), ()) if p[2] in available]
     if not points:
         return None
     x, y = _log2_step(rows), _log2_step(dim)

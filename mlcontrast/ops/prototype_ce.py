@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from mlcontrast.ops.utils import (
+    KERNEL_NORM_EPS,
     NORM_EPS,
     compute_dtype,
     dot_precision,
@@ -58,14 +59,14 @@ __all__ = ["prototype_ce", "prototype_ce_backward", "prototype_ce_rows"]
 def _row_norms(
     Z, stride_z, rows, row_in, D, offs_d, acc_dtype: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    # max(||z_i||, eps) of a block of rows, in the accumulation dtype (eps = NORM_EPS).
+    # max(||z_i||, eps) of a block of rows, in the accumulation dtype.
     sq = tl.zeros([BLOCK_M], acc_dtype)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         z = tl.load(Z + rows[:, None] * stride_z + d[None, :], mask=row_in[:, None] & (d < D)[None, :], other=0.0)
         z = z.to(acc_dtype)
         sq += tl.sum(z * z, 1)
-    return tl.maximum(tl.sqrt(sq), 1e-8)
+    return tl.maximum(tl.sqrt(sq), KERNEL_NORM_EPS)
 
 
 @triton.jit
@@ -238,7 +239,7 @@ def _prototype_ce_bwd_dz_kernel(
         z = tl.load(Z + rows[:, None] * stride_z + d[None, :], mask=mask, other=0.0).to(acc_dtype)
         radial += tl.sum(z * tl.load(DZU + rows[:, None] * stride_dzu + d[None, :], mask=mask, other=0.0), 1)
     # zhat . dzu / norm, where the norm exceeds eps (below it the norm is the constant eps).
-    radial = tl.where(norm > 1e-8, radial * inv_norm * inv_norm, 0.0)
+    radial = tl.where(norm > KERNEL_NORM_EPS, radial * inv_norm * inv_norm, 0.0)
     out_dtype = DZ.dtype.element_ty
     dz = (dz0 - z_i0 * radial[:, None]) * inv_norm[:, None]
     tl.store(DZ + rows[:, None] * stride_dz + offs_d[None, :], dz.to(out_dtype), mask=row_in[:, None] & d0_in[None, :])

@@ -28,7 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mlcontrast.ops.utils import NORM_EPS, compute_dtype, interpreting, launch, pow2_block, scalar, triton_library_op
+from mlcontrast.ops.utils import (
+    KERNEL_NORM_EPS,
+    NORM_EPS,
+    compute_dtype,
+    interpreting,
+    launch,
+    pow2_block,
+    scalar,
+    triton_library_op,
+)
 
 __all__ = ["prototype_nce", "prototype_nce_backward", "prototype_nce_forward"]
 
@@ -69,7 +78,7 @@ def _prototype_nce_fwd_kernel(
         p = tl.load(P + cls[:, None] * D + d[None, :], mask=mask, other=0.0)
         dot += tl.sum(z * p, 1)
         sq += tl.sum(z * z, 1)
-    norm = tl.maximum(tl.sqrt(sq), 1e-8)  # NORM_EPS
+    norm = tl.maximum(tl.sqrt(sq), KERNEL_NORM_EPS)
     tl.store(LOGITS + rows, dot / norm * inv_t, mask=row_in)
     tl.store(NORM + rows, norm, mask=row_in)
 
@@ -113,7 +122,7 @@ def _prototype_nce_bwd_kernel(
         ds = tl.load(DLOGITS + rows, mask=c_in, other=0.0) * inv_t
         unit = z / norm[:, None]
         # The radial part of the normalisation's gradient exists only where the norm is not clamped.
-        radial = tl.where(norm > 1e-8, cos, 0.0)
+        radial = tl.where(norm > KERNEL_NORM_EPS, cos, 0.0)
         dz = ds[:, None] * (p - unit * radial[:, None]) / norm[:, None]
         tl.store(DZ + rows[:, None] * stride_dz + d[None, :], dz, mask=mask)
         dp += ds[:, None] * unit

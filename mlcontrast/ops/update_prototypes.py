@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from mlcontrast.ops.utils import (
+    KERNEL_NORM_EPS,
     compute_dtype,
     dot_precision,
     interpreting,
@@ -149,7 +150,7 @@ def _ema_kernel(
             s = tl.load(SUMS + cls[:, None] * D + d[None, :], mask=mask, other=0.0)
             new = momentum * p.to(acc_dtype) + (1.0 - momentum) * (s / safe_count[:, None])
             sq += tl.sum(new * new, 1)
-        scale = 1.0 / tl.maximum(tl.sqrt(sq), 1e-8)  # NORM_EPS
+        scale = 1.0 / tl.maximum(tl.sqrt(sq), KERNEL_NORM_EPS)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         mask = present[:, None] & (d < D)[None, :]

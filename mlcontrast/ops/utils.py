@@ -16,9 +16,13 @@ from typing import Callable, Iterable
 
 import torch
 import triton
+import triton.language as tl
+
+from mlcontrast._backends import dtype_name
 
 __all__ = [
     "NORM_EPS",
+    "KERNEL_NORM_EPS",
     "LIBRARY",
     "interpreting",
     "is_interpreted",
@@ -36,6 +40,8 @@ __all__ = [
 ]
 
 NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, as in mlcontrast.reference
+#: NORM_EPS inside the kernels (a global that a Triton kernel reads must be a constexpr).
+KERNEL_NORM_EPS = tl.constexpr(NORM_EPS)
 LIBRARY = "mlcontrast_triton"
 
 #: The environment variable holding launch configurations as JSON, ``{"label_supcon.fwd": {"BLOCK_M": 128}}``,
@@ -91,11 +97,6 @@ def with_overrides(key: str, config: dict, dtype: torch.dtype | None = None) -> 
         else:
             result[name] = value
     return result
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: the spelling of dtypes in override keys and results files."""
-    return str(dtype).removeprefix("torch.")
 
 
 def interpreting() -> bool:
