@@ -108,6 +108,12 @@ def _use_atomics() -> bool:
 
 
 @triton.jit
+def _row_chunk(Z, stride_z, idx, idx_in, d, D):
+    # Z[idx, d]: a block of rows and a chunk of columns, 0 for the rows past N and the columns past D.
+    return tl.load(Z + idx[:, None] * stride_z + d[None, :], mask=idx_in[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _similarity_tile(
     Z,
     stride_z,
@@ -130,7 +136,7 @@ def _similarity_tile(
     for d0 in range(BLOCK_D, D, BLOCK_D):
         d = d0 + offs_d
         d_in = d < D
-        z_i = tl.load(Z + rows[:, None] * stride_z + d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+        z_i = _row_chunk(Z, stride_z, rows, row_in, d, D)
         z_j = tl.load(Z + cols[None, :] * stride_z + d[:, None], mask=col_in[None, :] & d_in[:, None], other=0.0)
         acc = tl.dot(z_i, z_j, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
@@ -223,9 +229,7 @@ def _label_supcon_fwd_kernel(
     row_in = rows < ANCHOR_STOP
     y_i, bias_i = _labels(Y, rows, row_in, -1)
     offs_d = tl.arange(0, BLOCK_D)
-    z_i0 = tl.load(
-        Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
-    )
+    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
     zero = tl.zeros([BLOCK_M], acc_dtype)
     sums, pos = _shifted_row_sums(
         Z, stride_z, Y, rows, row_in, y_i, bias_i - shift, z_i0, i0, 0, N, D, scale, zero, zero, offs_d,
@@ -266,9 +270,7 @@ def _label_supcon_fwd_atomic_kernel(
     y_i, bias_i = _labels(Y, rows, row_in, -1)
     offset_i = bias_i - shift
     offs_d = tl.arange(0, BLOCK_D)
-    z_i0 = tl.load(
-        Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0
-    )
+    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
 
     sums = tl.zeros([BLOCK], acc_dtype)
     pos = tl.zeros([BLOCK], acc_dtype)
@@ -441,7 +443,7 @@ def _label_supcon_bwd_kernel(
     y_i, bias_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in, -1)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
-    z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
+    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
 
     anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK_M > ANCHOR_START)
     j_start = tl.where(anchor_block, 0, ANCHOR_START)
@@ -458,12 +460,12 @@ def _label_supcon_bwd_kernel(
             alpha_i, alpha_j, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
-        z_j = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :], mask=col_in[:, None] & d0_in[None, :], other=0.0)
+        z_j = _row_chunk(Z, stride_z, cols, col_in, offs_d, D)
         dz0 += _weighted_rows(g, z_j, PRECISION, SCALE_G)
         for d0 in range(BLOCK_D, D, BLOCK_D):
             d = d0 + offs_d
             d_in = d < D
-            z_j = tl.load(Z + cols[:, None] * stride_z + d[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
+            z_j = _row_chunk(Z, stride_z, cols, col_in, d, D)
             ptrs = DZ + rows[:, None] * stride_dz + d[None, :]
             out_mask = row_in[:, None] & d_in[None, :]
             tl.store(
@@ -517,7 +519,7 @@ def _label_supcon_bwd_atomic_kernel(
     y_i, bias_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in, -1)
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
-    z_i0 = tl.load(Z + rows[:, None] * stride_z + offs_d[None, :], mask=row_in[:, None] & d0_in[None, :], other=0.0)
+    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
 
     anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK > ANCHOR_START)
     j_start = i0 + tl.where(anchor_block, 0, tl.maximum(ANCHOR_START - i0, 0) // BLOCK * BLOCK)
@@ -535,7 +537,7 @@ def _label_supcon_bwd_atomic_kernel(
         )  # fmt: skip
         off_diagonal = j0 != i0
 
-        z_j = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :], mask=col_in[:, None] & d0_in[None, :], other=0.0)
+        z_j = _row_chunk(Z, stride_z, cols, col_in, offs_d, D)
         dz0 += _weighted_rows(g, z_j, PRECISION, SCALE_G)
         if off_diagonal:
             tl.atomic_add(
@@ -547,7 +549,7 @@ def _label_supcon_bwd_atomic_kernel(
         for d0 in range(BLOCK_D, D, BLOCK_D):
             d = d0 + offs_d
             d_in = d < D
-            z_j = tl.load(Z + cols[:, None] * stride_z + d[None, :], mask=col_in[:, None] & d_in[None, :], other=0.0)
+            z_j = _row_chunk(Z, stride_z, cols, col_in, d, D)
             tl.atomic_add(
                 DZ + rows[:, None] * stride_dz + d[None, :],
                 _weighted_rows(g, z_j, PRECISION, SCALE_G),
@@ -555,9 +557,7 @@ def _label_supcon_bwd_atomic_kernel(
                 sem="relaxed",
             )
             if off_diagonal:
-                z_i = tl.load(
-                    Z + rows[:, None] * stride_z + d[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0
-                )
+                z_i = _row_chunk(Z, stride_z, rows, row_in, d, D)
                 tl.atomic_add(
                     DZ + cols[:, None] * stride_dz + d[None, :],
                     _weighted_rows(tl.trans(g), z_i, PRECISION, SCALE_G),
