@@ -14,14 +14,9 @@ import os
 import torch
 
 from mlcontrast import _measured
+from mlcontrast._base import BACKENDS, dtype_name, interpreting
 
-BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: how dtypes are spelled in the measured table, the Triton
-    launch-configuration keys and the benchmark results."""
-    return str(dtype).removeprefix("torch.")
+__all__ = ["BACKENDS", "available_backends", "dtype_name", "measured_fastest", "why_unavailable"]
 
 
 def _load_extension() -> str | None:
@@ -44,10 +39,6 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
 # torch.compile traces without a graph break.
 EXTENSION_ERROR = _load_extension()
 HAS_CUDA_KERNELS = EXTENSION_ERROR is None and _has_kernel("label_supcon", "CUDA")
-
-
-def _interpreting_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:
@@ -75,7 +66,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         from mlcontrast import ops
 
-        if device.type == "cpu" and not _interpreting_triton():
+        if device.type == "cpu" and not interpreting():
             return 'backend "triton" runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1)'
         if device.type not in ("cpu", "cuda"):
             return f'backend "triton" does not run on {device}'

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, used for every cosine
+from mlcontrast._base import NORM_EPS
 
 
 def _compute(x: torch.Tensor) -> torch.Tensor:

@@ -142,3 +142,22 @@ def test_measured_table_skips_implausible_results(tmp_path):
     # A run cut short (its file written case by case, never checked) does not count.
     path.write_text(json.dumps({**payload, "partial": True}))
     assert fastest_backends([path])[1] == {}
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
+def test_one_reading_of_triton_interpret(monkeypatch, value, expected):
+    # Triton accepts 1/true/on in any case; every place of mlcontrast that asks must agree with it.
+    pytest.importorskip("triton")
+    from mlcontrast import _base
+    from mlcontrast.ops import utils
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _base.interpreting() is expected
+    assert utils.interpreting() is expected
+    reason = _backends.why_unavailable("triton", torch.device("cpu"))
+    if torch.cuda.is_available():
+        return
+    if expected:
+        assert reason is None or "TRITON_INTERPRET=1 was set after" in reason, reason
+    else:
+        assert reason is not None and "TRITON_INTERPRET" in reason

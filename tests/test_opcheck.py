@@ -146,3 +146,29 @@ def test_compile_fullgraph_update_prototypes(monkeypatch):
     assert_close_by_norm(total_c, total_e, torch.float32)
     assert torch.equal(compiled[5], protos[5]), "absent class unchanged under compile"
     assert not torch.equal(compiled[0], protos[0]), "the compiled update happened in place"
+
+
+def test_compile_fullgraph_backward_ops_with_non_contiguous_inputs():
+    # The kernels return contiguous tensors whatever the inputs' strides; the fake kernels must say so,
+    # or inductor's size/stride assertions fail on transposed or permuted views (a saved activation
+    # that is a view reaches the backward ops as it is).
+    torch._dynamo.reset()
+    c, d, n, b = 5, 11, 30, 6
+
+    def grads(x, xb, xp, y, targets):
+        z, zb, protos = x.t(), xb.permute(2, 0, 1), xp.t()  # [N, D], [B, C, D], [C, D] views
+        rows, lse = OPS.label_supcon(z, y, 0.5, 0.5)
+        g_sup = OPS.label_supcon_backward(torch.ones_like(rows), z, y, lse, 0.5, 0.5)
+        labels = y.clamp(max=c - 1)
+        rows, lse = OPS.prototype_ce(z, labels, protos, 0.5)
+        g_ce, gp_ce = OPS.prototype_ce_backward(torch.ones_like(rows), z, labels, protos, lse, 0.5)
+        loss, stats = OPS.prototype_nce(zb, protos, targets, 0.5)
+        g_nce, gp_nce = OPS.prototype_nce_backward(torch.ones_like(loss), zb, protos, targets, stats, 0.5)
+        return g_sup * 2, g_ce * 2, gp_ce * 2, g_nce * 2, gp_nce * 2
+
+    inputs = (torch.randn(d, n), torch.randn(c, d, b), torch.randn(d, c), torch.randint(-1, c, (n,)),
+              torch.randint(-1, 2, (b, c)))  # fmt: skip
+    expected = grads(*inputs)
+    actual = torch.compile(grads, fullgraph=True)(*inputs)
+    for a, e in zip(actual, expected):
+        assert_close_by_norm(a, e, torch.float32, "compiled gradient")

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "cuda/api_common.h"
+#include "cuda/tf32.h"
 #include "shared/label_supcon.h"
 
 namespace mlcontrast {
@@ -48,8 +49,6 @@ ClassSums class_sums_of(const ValidSet& v, const ClassStats& stats) {
   return {stats.inverse, stats.counts, class_sums(v.z, stats)};
 }
 
-bool allow_tf32() { return at::globalContext().allowTF32CuBLAS(); }
-
 // A row whose sum of exp(s_ij - c) falls below 2^-60 may have lost terms to underflow (each below
 // 2^-126 flushes; N of them stay under fp32's rounding of the sum for N < 2^40): its LSE is redone
 // with the online max. With unit rows this happens only for temperatures below 2 / (60 ln 2) = 0.048.
@@ -75,7 +74,7 @@ at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t,
   p.ld_z = native.size(1);
   p.inv_temperature = inv_t;
   p.dtype = dtype_of(native.scalar_type());
-  p.allow_tf32 = allow_tf32();
+  p.allow_tf32 = mlcontrast::tf32_allowed();
   const auto bound = logit_bound(native, dtype, inv_t);
   p.shift = bound.data_ptr();
   run_label_supcon_fwd(p, current_stream());
@@ -131,7 +130,7 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
   p.ld_dz = d;
   p.inv_temperature = inv_t;
   p.dtype = dtype_of(native.scalar_type());
-  p.allow_tf32 = allow_tf32();
+  p.allow_tf32 = mlcontrast::tf32_allowed();
   run_label_supcon_bwd(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dz;

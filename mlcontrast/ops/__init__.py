@@ -7,16 +7,12 @@ them decorates their kernels: ``TRITON_INTERPRET=1`` must be set before that to 
 
 from __future__ import annotations
 
-import os
 import sys
 
+from mlcontrast._base import interpreting
 from mlcontrast.ops import compiled  # noqa: F401  (registers fake kernels and autograd of torch.ops.mlcontrast)
 
 _TRITON_OP_MODULES = ("label_supcon", "prototype_ce", "prototype_nce", "update_prototypes")
-
-
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def triton_unavailable_reason() -> str | None:
@@ -30,7 +26,7 @@ def triton_unavailable_reason() -> str | None:
         import triton.language  # noqa: F401
     except ImportError as error:
         return f"triton is not installed or does not import ({error}); install it with `pip install triton`"
-    if _interpret_requested():
+    if interpreting():
         # Kernels are decorated when their module is imported: a module imported before the variable
         # was set holds compiled (GPU-only) kernels.
         from triton.runtime.interpreter import InterpretedFunction

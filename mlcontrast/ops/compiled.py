@@ -11,33 +11,30 @@ from __future__ import annotations
 import torch
 
 from mlcontrast._backends import EXTENSION_ERROR
+from mlcontrast._base import compute_dtype
 
 _LIB = "mlcontrast"
 
 
-def _loss_dtype(features: torch.Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 def _fake_label_supcon(features, labels, temperature, base_temperature, anchor_start=0, anchor_stop=None):
     n = features.shape[0]
-    dtype = _loss_dtype(features)
+    dtype = compute_dtype(features.dtype)
     return features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype)
 
 
 def _fake_label_supcon_backward(
     grad_rows, features, labels, lse, temperature, base_temperature, anchor_start=0, anchor_stop=None
 ):
-    return torch.empty_like(features)
+    return torch.empty_like(features, memory_format=torch.contiguous_format)
 
 
 def _fake_prototype_nce(features, prototypes, targets, temperature):
-    dtype = _loss_dtype(features)
+    dtype = compute_dtype(features.dtype)
     return features.new_empty((), dtype=dtype), features.new_empty((2, prototypes.shape[0]), dtype=dtype)
 
 
 def _fake_prototype_nce_backward(grad, features, prototypes, targets, stats, temperature):
-    return torch.empty_like(features), torch.empty_like(prototypes)
+    return torch.empty_like(features, memory_format=torch.contiguous_format), torch.empty_like(prototypes, memory_format=torch.contiguous_format)
 
 
 def _fake_prototype_ce(features, labels, prototypes, temperature):
@@ -45,7 +42,7 @@ def _fake_prototype_ce(features, labels, prototypes, temperature):
 
 
 def _fake_prototype_ce_backward(grad_rows, features, labels, prototypes, lse, temperature):
-    return torch.empty_like(features), torch.empty_like(prototypes)
+    return torch.empty_like(features, memory_format=torch.contiguous_format), torch.empty_like(prototypes, memory_format=torch.contiguous_format)
 
 
 def _fake_update_prototypes_(prototypes, features, labels, momentum, normalize):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mlcontrast._backends import dtype_name
+from mlcontrast._base import NORM_EPS, compute_dtype, dtype_name, interpreting, tf32_allowed
 
 __all__ = [
     "NORM_EPS",
@@ -39,7 +39,6 @@ __all__ = [
     "dtype_name",
 ]
 
-NORM_EPS = 1e-8  # the eps of F.normalize / F.cosine_similarity, as in mlcontrast.reference
 #: NORM_EPS inside the kernels (a global that a Triton kernel reads must be a constexpr).
 KERNEL_NORM_EPS = tl.constexpr(NORM_EPS)
 LIBRARY = "mlcontrast_triton"
@@ -99,14 +98,6 @@ def with_overrides(key: str, config: dict, dtype: torch.dtype | None = None) -> 
     return result
 
 
-def interpreting() -> bool:
-    """Whether Triton kernels decorated now run in the interpreter (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def is_interpreted(kernel: object) -> bool:
     """Whether ``kernel`` was decorated as an interpreted function (the env var was set at import)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -114,21 +105,17 @@ def is_interpreted(kernel: object) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation and output dtype: fp64 for fp64 input (gradcheck), fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def dot_precision(operand_dtype: torch.dtype) -> str:
     """``input_precision`` of ``tl.dot`` for operands of ``operand_dtype``.
 
-    fp32 operands honour ``torch.backends.cuda.matmul.allow_tf32``: ``"tf32"`` when allowed (a 10-bit
+    fp32 operands honour torch's TF32 switch for CUDA matmuls (:func:`mlcontrast._base.tf32_allowed`:
+    ``fp32_precision`` or the legacy ``allow_tf32``): ``"tf32"`` when allowed (a 10-bit
     mantissa, like torch's TF32 matmuls), else ``"tf32x3"``: three TF32 products that recover fp32
     accuracy (relative error about 1e-6, not bitwise IEEE) on the tensor cores, where ``"ieee"`` would
     run on the FMA units at a fraction of the speed. The other dtypes have a single precision.
     """
     if operand_dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+        return "tf32" if tf32_allowed() else "tf32x3"
     return "ieee"
 
 

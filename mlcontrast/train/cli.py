@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlcontrast._base import BACKENDS
 from mlcontrast.train.argtypes import non_negative_int, positive, ratio
 from mlcontrast.train.data import DATASETS
 from mlcontrast.train.methods import METHODS
-
-BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
