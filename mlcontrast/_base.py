@@ -7,7 +7,6 @@ module without creating an import cycle. Each value here is defined nowhere else
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -32,15 +31,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels run in Triton's interpreter (``TRITON_INTERPRET``), read as Triton reads it.
+    """Whether Triton kernels run in Triton's interpreter: ``TRITON_INTERPRET`` read as Triton reads it
+    (``1``, ``true`` or ``on``, in any case).
 
-    Triton takes ``1``, ``true`` or ``on`` in any case; once triton is imported its ``knobs`` (which a
-    program may also set directly) are the authority.
+    Only the environment is read (not ``triton.knobs``), so that ``torch.compile`` traces the backend
+    choice that calls this without a graph break.
     """
-    triton = sys.modules.get("triton")
-    knobs = getattr(triton, "knobs", None) if triton is not None else None
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
 
 

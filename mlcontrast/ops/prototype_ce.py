@@ -173,7 +173,7 @@ def _prototype_ce_bwd_dz_kernel(
     DZ,
     stride_dz,  # [N, D] output: d loss / d features, in the features' dtype, every row written
     DZU,
-    stride_dzu,  # [N, D] fp32/fp64 scratch for d loss / d unit rows past the first D chunk (D > BLOCK_D)
+    stride_dzu,  # [N, D] fp32/fp64 scratch for d loss / d unit rows past the first D chunk (a dummy if D <= BLOCK_D)
     Z,
     stride_z,
     Y,
@@ -230,6 +230,9 @@ def _prototype_ce_bwd_dz_kernel(
             out_mask = row_in[:, None] & d_in[None, :]
             part = tl.dot(delta, p, input_precision=PRECISION, out_dtype=acc_dtype)
             tl.store(ptrs, tl.load(ptrs, mask=out_mask, other=0.0) + part, mask=out_mask)
+            # The load and the store of a chunk get different layouts: the next read of this chunk (the
+            # next class chunk, or the chain rule below) may be by another warp, so wait for the store.
+            tl.debug_barrier()
 
     # The chain rule of the normalisation; the chunks past the first are read back from DZU.
     radial = tl.sum(z_i0 * dz0, 1)
@@ -330,6 +333,7 @@ def _prototype_ce_bwd_dp_kernel(
             out_mask = c_in[:, None] & d_in[None, :]
             part = tl.dot(delta_t, z * inv_norm[:, None], input_precision=PRECISION, out_dtype=acc_dtype)
             tl.store(ptrs, tl.load(ptrs, mask=out_mask, other=0.0) + part, mask=out_mask)
+            tl.debug_barrier()  # the next row block's read of this chunk may be by another warp
     tl.store(out + cls[:, None] * stride_dpu + offs_d[None, :], dp0, mask=c_in[:, None] & d0_in[None, :])
 
 
@@ -346,12 +350,10 @@ def _config(c: int, d: int, dtype: torch.dtype, kernel: str = "rows") -> dict:
     # The dot operands are in the compute dtype (features upcast on load, so the normalised rows
     # keep full precision): D chunks of at most 64 fp32 (32 fp64) columns.
     if dtype == torch.float64:
-        return {
-            "BLOCK_M": 32,
-            "BLOCK_C": pow2_block(c, 16, 32),
-            "BLOCK_D": pow2_block(d, 16, 32),
-            "options": {"num_warps": 4, "num_stages": 1},
-        }
+        # fp64 is for gradcheck: small tiles. 16 classes a chunk: with 32, triton 3.6 spills 104 bytes in
+        # the prototype gradient on sm_90 (255 registers; 206 with 16, 240 in the dz kernel).
+        return {"BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_D": pow2_block(d, 16, 32),
+                "options": {"num_warps": 4, "num_stages": 1}}  # fmt: skip
     if dot_precision(dtype) == "tf32x3":
         # 3xTF32 (fp32 products when TF32 is not allowed) keeps split copies of its operands. These
         # tiles are the ones ptxas compiles without spills for sm_90 (D = 256, C = 80); the
@@ -484,11 +486,14 @@ def prototype_ce_backward(
     grad_z = torch.empty((n, d), dtype=features.dtype, device=z.device)
     if n > 0:
         rows_cfg, classes_cfg = _config(c, d, dtype), _config(c, d, dtype, "classes")
-        # fp32 (fp64) scratch for the D chunks past the first, when there are any.
-        scratch = torch.zeros((n, d), dtype=dtype, device=z.device) if d > rows_cfg["BLOCK_D"] else grad_z
+        # fp32 (fp64) scratch for the D chunks past the first, when there are any; else a dummy that the
+        # kernel never touches. Never grad_z itself: under torch.compile each mutated argument of a
+        # kernel is cloned on its own, and the graph would return the clone that was not written.
+        chunked = d > rows_cfg["BLOCK_D"]
+        scratch = torch.zeros((n, d) if chunked else (1, 1), dtype=dtype, device=z.device)
         launch(_prototype_ce_bwd_dz_kernel, (triton.cdiv(n, rows_cfg["BLOCK_M"]),))(
-            grad_z, grad_z.stride(0), scratch, scratch.stride(0), z, z.stride(0), y, p, p.stride(0), lse, norm, g,
-            n, c, d, **_launch_meta(rows_cfg, dtype),
+            DZ=grad_z, stride_dz=grad_z.stride(0), DZU=scratch, stride_dzu=scratch.stride(0), Z=z, stride_z=z.stride(0),
+            Y=y, P=p, stride_p=p.stride(0), LSE=lse, NORM=norm, G=g, N=n, C=c, D=d, **_launch_meta(rows_cfg, dtype),
         )  # fmt: skip
         blocks = triton.cdiv(n, classes_cfg["BLOCK_M"])
         splits, per_split = split_count(blocks, c * d * torch.finfo(dtype).bits // 8)

@@ -14,10 +14,13 @@ program per ``BLOCK_R`` of the B*C rows, D in ``BLOCK_D`` chunks) writes :math:`
 row norms, with the normalisation fused into the dot products. The per-class LSEs and the loss work
 on the ``[B, C]`` logits in torch (tiny). Backward: torch forms
 :math:`\partial L / \partial s_{bc}` (``[B, C]``), and ``_prototype_nce_bwd_kernel`` (grid: class
-blocks x D chunks, each program looping over the B samples) writes
+blocks x D chunks x sample splits, each program looping over its range of samples) writes
 :math:`\partial L/\partial z_{bc} = \frac{\delta_{bc}}{\tau} (\hat p_c - \hat z_{bc} \cos_{bc}) /
-\max(\lVert z_{bc} \rVert, \epsilon)` and sums :math:`\partial L/\partial \hat p_c = \sum_b
-\frac{\delta_{bc}}{\tau} \hat z_{bc}` in a fixed order (deterministic, no atomics). The prototype
+\max(\lVert z_{bc} \rVert, \epsilon)` and sums :math:`\frac{\delta_{bc}}{\tau} \hat z_{bc}` over its
+samples into its own partial of :math:`\partial L/\partial \hat p_c`; torch adds the partials in a fixed
+order (deterministic, no atomics). The splits give the grid enough programs to fill a GPU (a few
+hundred at C = 80, D = 256 from B = 64 on) where one program per (class block, D chunk) would be 40
+(:func:`mlcontrast.ops.utils.split_count`). The prototype
 normalisation (``[C, D]``) and its gradient are done in torch. Saved for backward: the logits,
 norms and per-class LSEs, O(B C).
 """
@@ -36,6 +39,7 @@ from mlcontrast.ops.utils import (
     launch,
     pow2_block,
     scalar,
+    split_count,
     triton_library_op,
 )
 
@@ -87,7 +91,7 @@ def _prototype_nce_fwd_kernel(
 def _prototype_nce_bwd_kernel(
     DZ,
     stride_dz,  # [R, D] output d L / d z (compute dtype)
-    DPU,  # [C, D] output d L / d unit prototypes (compute dtype, contiguous)
+    DPU,  # [S, C, D] output partials of d L / d unit prototypes (compute dtype, contiguous), every entry written
     Z,
     stride_z,
     P,
@@ -98,13 +102,16 @@ def _prototype_nce_bwd_kernel(
     C,
     D,
     TEMPERATURE,  # TEMPERATURE: [1] tensor in the compute dtype
+    SAMPLES_PER_SPLIT,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Program (class block, D chunk) walks the B samples in order: it owns its slice of dZ and of
-    # the prototype gradient, so nothing is shared between programs.
+    # Program (class block, D chunk, split s) walks the samples [s * SAMPLES_PER_SPLIT, (s + 1) *
+    # SAMPLES_PER_SPLIT) in order: it owns its slice of dZ and of partial s of the prototype gradient,
+    # so nothing is shared between programs.
     cb = tl.program_id(0).to(tl.int64)
     db = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
     acc_dtype = DPU.dtype.element_ty
     temperature = tl.load(TEMPERATURE)
     inv_t = 1.0 / temperature
@@ -114,7 +121,8 @@ def _prototype_nce_bwd_kernel(
     mask = c_in[:, None] & (d < D)[None, :]
     p = tl.load(P + cls[:, None] * D + d[None, :], mask=mask, other=0.0)
     dp = tl.zeros([BLOCK_C, BLOCK_D], acc_dtype)
-    for b in range(0, B):
+    first = split * SAMPLES_PER_SPLIT
+    for b in range(first, tl.minimum(first + SAMPLES_PER_SPLIT, B)):
         rows = b * C + cls
         z = tl.load(Z + rows[:, None] * stride_z + d[None, :], mask=mask, other=0.0).to(acc_dtype)
         norm = tl.load(NORM + rows, mask=c_in, other=1.0)
@@ -126,12 +134,18 @@ def _prototype_nce_bwd_kernel(
         dz = ds[:, None] * (p - unit * radial[:, None]) / norm[:, None]
         tl.store(DZ + rows[:, None] * stride_dz + d[None, :], dz, mask=mask)
         dp += ds[:, None] * unit
-    tl.store(DPU + cls[:, None] * D + d[None, :], dp, mask=mask)
+    tl.store(DPU + (split * C + cls[:, None]) * D + d[None, :], dp, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers and torch.library glue
 # ----------------------------------------------------------------------------------------------
+
+
+#: Programs the backward aims at (about 8 per SM of an H100 / H200), through splits of the samples.
+BWD_PROGRAMS = 1024
+#: Fewest samples per split: a split costs a ``[C, D]`` partial written and read back.
+MIN_SAMPLES_PER_SPLIT = 4
 
 
 def _config(c: int, d: int) -> dict:
@@ -140,10 +154,18 @@ def _config(c: int, d: int) -> dict:
     return {
         "BLOCK_R": 64,
         "BLOCK_C": pow2_block(c, 1, 16),
-        # The backward grid is (class blocks x D chunks): narrow chunks give it more programs.
+        # The backward grid is (class blocks x D chunks x splits): narrow chunks give it more programs.
         "BLOCK_D": pow2_block(d, 16, 32),
         "options": {"num_warps": 4},
     }
+
+
+def _backward_grid(b: int, c: int, d: int, dtype: torch.dtype, cfg: dict) -> tuple[tuple[int, int, int], int]:
+    """``((class blocks, D chunks, splits), samples per split)`` of the backward kernel."""
+    tiles = max(1, triton.cdiv(c, cfg["BLOCK_C"]) * triton.cdiv(d, cfg["BLOCK_D"]))
+    most = max(1, min(BWD_PROGRAMS // tiles, b // MIN_SAMPLES_PER_SPLIT))
+    splits, per_split = split_count(b, c * d * torch.finfo(dtype).bits // 8, most=most)
+    return (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_D"]), splits), per_split
 
 
 def _unit_prototypes(prototypes: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,28 +282,19 @@ def prototype_nce_backward(
         torch.where(positive, (logits - stats[0]).exp(), zero) - torch.where(known, (logits - stats[1]).exp(), zero)
     )
     grad_z = torch.empty((b * c, d), dtype=dtype, device=z.device)
-    grad_unit_p = torch.zeros((c, d), dtype=dtype, device=z.device)
     if b * c > 0:
         cfg = _config(c, d)
-        grid = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_D"]))
+        grid, per_split = _backward_grid(b, c, d, dtype, cfg)
+        partials = torch.empty((grid[2], c, d), dtype=dtype, device=z.device)
         launch(_prototype_nce_bwd_kernel, grid)(
-            grad_z,
-            grad_z.stride(0),
-            grad_unit_p,
-            z,
-            z.stride(0),
-            p_unit,
-            logits.contiguous(),
-            norm.to(dtype).contiguous(),
-            dlogits.contiguous(),
-            b,
-            c,
-            d,
-            scalar(temperature, dtype, z.device),
-            BLOCK_C=cfg["BLOCK_C"],
-            BLOCK_D=cfg["BLOCK_D"],
-            **cfg["options"],
-        )
+            DZ=grad_z, stride_dz=grad_z.stride(0), DPU=partials, Z=z, stride_z=z.stride(0), P=p_unit,
+            LOGITS=logits.contiguous(), NORM=norm.to(dtype).contiguous(), DLOGITS=dlogits.contiguous(), B=b, C=c,
+            D=d, TEMPERATURE=scalar(temperature, dtype, z.device), SAMPLES_PER_SPLIT=per_split,
+            BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"], **cfg["options"],
+        )  # fmt: skip
+        grad_unit_p = partials.sum(0)  # the partials in a fixed order
+    else:
+        grad_unit_p = torch.zeros((c, d), dtype=dtype, device=z.device)
     radial = (p_unit * grad_unit_p).sum(1, keepdim=True) * (p_clamped > NORM_EPS)
     grad_p = (grad_unit_p - p_unit * radial) / p_clamped
     return grad_z.view(b, c, d).to(features.dtype), grad_p.to(prototypes.dtype)

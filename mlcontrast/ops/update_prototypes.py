@@ -10,7 +10,8 @@ Absent classes are never written, so they stay bit-for-bit unchanged. No host sy
 
 1. The class sums. Up to :data:`ONE_HOT_MAX_CLASSES` classes, ``_class_sums_kernel`` forms them as
    matrix products on the tensor cores, :math:`M_C = [y = c]_{C \times I} Z_I` (the one-hot factor is
-   exact in any dtype, so 16-bit rows are summed exactly in fp32), with grid (class blocks x D blocks x
+   exact in any dtype, so 16-bit rows are summed exactly in fp32, and fp32 rows through 3xTF32 to fp32
+   accuracy even where torch allows TF32: single-pass TF32 would round every row to 10 bits), with grid (class blocks x D blocks x
    row splits): each program sums a fixed range of row blocks into its own partial ``[C, D]`` slab and
    class counts, which torch then adds (a fixed-order reduction, as for prototype_ce's prototype
    gradient). No atomics, so nothing contends for the few addresses of a small C and the result is
@@ -161,11 +162,18 @@ def _ema_kernel(
         tl.store(ptrs, (new * scale[:, None]).to(PROTOS.dtype.element_ty), mask=mask)
 
 
+def _sums_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the one-hot products: never single-pass TF32, which would round fp32 rows to a
+    10-bit mantissa; 3xTF32 splits only the rows (the one-hot factor is exact in TF32), at fp32 accuracy."""
+    precision = dot_precision(dtype)
+    return "tf32x3" if precision == "tf32" else precision
+
+
 def _config(c: int, d: int, dtype: torch.dtype) -> dict:
     """Block sizes; ``BLOCK_CS``: the class block of the one-hot products (``tl.dot`` needs >= 16)."""
     if interpreting():
         return {"BLOCK_M": 16, "BLOCK_C": 16, "BLOCK_CS": 16, "BLOCK_D": 16, "options": {}}
-    wide = dtype == torch.float64 or dot_precision(dtype) == "tf32x3"  # operands of 8 bytes, or split in 3
+    wide = dtype == torch.float64 or _sums_precision(dtype) == "tf32x3"  # operands of 8 bytes, or split in 3
     return {
         "BLOCK_M": 32 if wide else 64,
         "BLOCK_C": pow2_block(c, 1, 16),
@@ -202,9 +210,9 @@ def _update_prototypes_op(
         sums = torch.empty((splits, c, d), dtype=dtype, device=z.device)
         counts = torch.empty((splits, c), dtype=dtype, device=z.device)
         launch(_class_sums_kernel, (class_blocks, d_blocks, splits))(
-            sums, sums.stride(0), counts, z, z.stride(0), y, n, c, d, per_split,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_CS"], BLOCK_D=cfg["BLOCK_D"],
-            PRECISION=dot_precision(z.dtype), **cfg["options"],
+            SUMS=sums, stride_sums_split=sums.stride(0), COUNTS=counts, Z=z, stride_z=z.stride(0), Y=y, N=n, C=c, D=d,
+            BLOCKS_PER_SPLIT=per_split, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_CS"], BLOCK_D=cfg["BLOCK_D"],
+            PRECISION=_sums_precision(z.dtype), **cfg["options"],
         )  # fmt: skip
         # The slabs in a fixed order, over the whole GPU (the EMA kernel has only C / BLOCK_C programs).
         sums, counts = sums.sum(0), counts.sum(0)
