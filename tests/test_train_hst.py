@@ -8,9 +8,10 @@ import torch
 from torch.utils.data import Subset
 from train_helpers import TINY, one_thread, tiny_args  # noqa: F401  (one_thread: autouse)
 
+from mlcontrast.train.config import build_method, resolve_args
 from mlcontrast.train.data import DigitMosaics
-from mlcontrast.train.engine import resolve_args, run
-from mlcontrast.train.methods import HST, build_method
+from mlcontrast.train.engine import run
+from mlcontrast.train.methods import HST
 from mlcontrast.train.methods.hst import (
     asymmetric_pair_loss,
     cooccurrence_adjacency,

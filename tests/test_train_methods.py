@@ -6,8 +6,9 @@ import torch
 from train_helpers import TINY, one_thread, tiny_args  # noqa: F401  (one_thread: autouse)
 
 from mlcontrast.train.cli import main
+from mlcontrast.train.config import build_method
 from mlcontrast.train.engine import CHECKPOINT_NAME, run
-from mlcontrast.train.methods import SADCL, BCEBaseline, build_method
+from mlcontrast.train.methods import SADCL, BCEBaseline
 
 
 def _tiny_sadcl(**kw):

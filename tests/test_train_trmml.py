@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from train_helpers import TINY, one_thread, tiny_args  # noqa: F401  (one_thread: autouse)
 
 from mlcontrast import reference
+from mlcontrast.train.config import build_method
 from mlcontrast.train.engine import run
-from mlcontrast.train.methods import METHODS, build_method
+from mlcontrast.train.methods import METHODS
 from mlcontrast.train.methods.trmml import TRMML, distill_kl, partial_asl, pseudo_labels
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlcontrast.train.cli import build_parser
+from mlcontrast.train.config import build_parser
 
 TINY = ["--threads", "1", "--backbone", "test_resnet", "--feature-index", "2", "--hidden-dim", "32", "--proj-dim", "16",
         "--limit-train", "16", "--limit-test", "16", "--batch-size", "8", "--no-progress", "--lr", "1e-3"]

@@ -25,15 +25,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from mlcontrast.train.config import build_method, resolve_args
 from mlcontrast.train.data import build_datasets
-from mlcontrast.train.methods import build_method
 from mlcontrast.train.metrics import evaluate, pseudo_label_counts, pseudo_label_rates
 
 __all__ = ["run", "resolve_args", "save_checkpoint_atomic", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-_DIGITS_DEFAULTS = {"backbone": "resnet10t", "feature_index": 2}
-_FILE_DEFAULTS = {"backbone": "resnet50", "feature_index": -1}
 
 
 def _seed_all(seed: int) -> None:
@@ -71,21 +69,6 @@ def save_checkpoint_atomic(state: dict, path: Path) -> None:
             os.close(dfd)
     except OSError:
         pass
-
-
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """A copy of the CLI arguments with the dataset-dependent defaults filled in."""
-    args = argparse.Namespace(**vars(args))
-    defaults = _DIGITS_DEFAULTS if args.dataset == "digits" else _FILE_DEFAULTS
-    if args.backbone is None:
-        args.backbone = defaults["backbone"]
-    if args.feature_index is None:
-        args.feature_index = defaults["feature_index"] if args.backbone == defaults["backbone"] else -1
-    if getattr(args, "threads", None) is None:
-        args.threads = 1 if args.dataset == "digits" else 0
-    if args.output is None:
-        args.output = str(Path("runs") / f"{args.method}-{args.dataset}")
-    return args
 
 
 def _device(name: str) -> torch.device:

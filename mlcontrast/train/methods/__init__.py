@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from mlcontrast.train.methods.bce import BCEBaseline
 from mlcontrast.train.methods.hst import HST
 from mlcontrast.train.methods.sadcl import SADCL
@@ -22,20 +20,4 @@ from mlcontrast.train.methods.trmml import TRMML
 
 METHODS = {"sadcl": SADCL, "bce": BCEBaseline, "hst": HST, "trmml": TRMML}
 
-__all__ = ["METHODS", "SADCL", "BCEBaseline", "HST", "TRMML", "build_method"]
-
-
-def build_method(name: str, num_classes: int, args: argparse.Namespace | None = None, **overrides):
-    """The method ``name`` for ``num_classes`` classes, from CLI ``args`` (the parser's defaults when None)
-    with ``overrides`` applied on top."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    if args is None:
-        from mlcontrast.train.cli import build_parser
-
-        args = build_parser().parse_args(["--method", name])
-        from mlcontrast.train.engine import resolve_args
-
-        args = resolve_args(args)
-    args = argparse.Namespace(**{**vars(args), **overrides})
-    return METHODS[name].from_args(num_classes, args)
+__all__ = ["METHODS", "SADCL", "BCEBaseline", "HST", "TRMML"]

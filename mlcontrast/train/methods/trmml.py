@@ -86,7 +86,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -94,64 +93,16 @@ import torch.nn.functional as F
 
 from mlcontrast import PrototypeBank, label_supcon_loss, prototype_nce_loss
 from mlcontrast.train.argtypes import non_negative_int, positive, unit_interval
-from mlcontrast.train.models import Backbone, asymmetric_loss_terms, masked_bce
+from mlcontrast.train.methods.trmml_encoders import INPUT_NORMS, ClipImageTower, TimmTower, load_clip
+from mlcontrast.train.methods.trmml_losses import distill_kl, partial_asl, pseudo_labels
+from mlcontrast.train.models import masked_bce
 
 __all__ = ["TRMML", "RegionLearner", "partial_asl", "pseudo_labels", "distill_kl"]
 
-_NORMS = {  # (mean, std) of the data loaders' normalisations, and CLIP's own
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-}
 _MAX_LOG_SCALE = math.log(100.0)
 
 
-# ---------------------------------------------------------------- losses and the pseudo-label rule
-
-
-def partial_asl(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
-                gamma_pos: float = 1.0, gamma_neg: float = 2.0, clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
-    """DualCoOp's partial-label asymmetric loss: targets 1 / 0 count, -1 is ignored; sum / B.
-
-    ``weights`` (optional, ``[B, C]``) scales each entry's term (pseudo-labels).
-    """
-    loss = asymmetric_loss_terms(logits, targets, gamma_pos, gamma_neg, clip, eps, detach_focal=True)
-    if weights is not None:
-        loss = loss * weights
-    return loss.sum() / logits.shape[0]
-
-
-def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)) over the class axis, mean over the rows."""
-    t = temperature
-    log_s = F.log_softmax(student.float() / t, dim=1)
-    p_t = F.softmax(teacher.float() / t, dim=1)
-    return F.kl_div(log_s, p_t, reduction="sum") * t * t / student.shape[0]
-
-
-@torch.no_grad()
-def pseudo_labels(regions: torch.Tensor, visual_protos: torch.Tensor, text_protos: torch.Tensor,
-                  targets: torch.Tensor, pos_threshold: float, inter_threshold: float, temperature: float,
-                  neg_threshold: float | None = None) -> torch.Tensor:
-    """``[B, C]`` pseudo-labels of the unknown entries: 1 positive, 0 negative, -1 none (known entries: -1).
-
-    a_bc = ½ (cos(R_bc, v_c) + cos(R_bc, t_c)); e_bc = C · softmax_c(a_b· / temperature). Positive when
-    a > pos_threshold and e > inter_threshold; negative when a < neg_threshold (if given) and not positive.
-    """
-    r = F.normalize(regions.float(), dim=-1)
-    a = 0.5 * ((r * F.normalize(visual_protos.float(), dim=-1)).sum(-1)
-               + (r * F.normalize(text_protos.float(), dim=-1)).sum(-1))
-    e = torch.softmax(a / temperature, dim=1) * a.shape[1]
-    unknown = targets == -1
-    out = torch.full_like(targets, -1)
-    pos = unknown & (a > pos_threshold) & (e > inter_threshold)
-    out[pos] = 1
-    if neg_threshold is not None:
-        out[unknown & ~pos & (a < neg_threshold)] = 0
-    return out
-
-
-# ---------------------------------------------------------------- modules
+# ---------------------------------------------------------------- the region learner
 
 
 class RegionLearner(nn.Module):
@@ -179,124 +130,13 @@ class RegionLearner(nn.Module):
         return r + self.mlp(self.norm_mlp(r))
 
 
-class _TimmTower(nn.Module):
-    """The stand-in image encoder without CLIP: a trained timm map, each location projected to ``dim``."""
-
-    def __init__(self, backbone: str, feature_index: int, weights: str | None, dim: int) -> None:
-        super().__init__()
-        self.backbone = Backbone(backbone, feature_index, weights)
-        self.proj = nn.Linear(self.backbone.channels, dim)
-
-    def forward(self, x: torch.Tensor):
-        tokens = self.proj(self.backbone(x).flatten(2).transpose(1, 2))  # [B, HW, D]
-        return tokens, tokens.mean(1)
-
-
-def _resize_grid_pos(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[1 + h·w, W]`` positional embedding (class slot first, square h = w) → the slot plus ``grid``."""
-    n = pos.shape[0] - 1
-    side = int(round(math.sqrt(n)))
-    if (side, side) == tuple(grid):
-        return pos
-    if side * side != n:
-        raise ValueError(f"cannot resize a non-square positional grid of {n} cells")
-    spatial = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    spatial = F.interpolate(spatial, size=tuple(grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], spatial.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)])
-
-
-class _ClipImageTower(nn.Module):
-    """Frozen open_clip image encoder → dense tokens ``[B, HW, D]`` and the global embedding ``[B, D]``."""
-
-    def __init__(self, visual: nn.Module, input_norm: str) -> None:
-        super().__init__()
-        self.visual = visual
-        self.visual.requires_grad_(False)
-        self.resnet = hasattr(visual, "attnpool")
-        if not self.resnet:
-            for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post"):
-                if not hasattr(visual, name):
-                    raise ValueError(f"unsupported open_clip image tower {type(visual).__name__}: no {name}")
-            if getattr(visual, "attn_pool", None) is not None or getattr(visual, "proj", None) is None:
-                raise ValueError("unsupported open_clip ViT: attentional pooling or no output projection")
-        elif visual.attnpool is None:
-            raise ValueError("unsupported open_clip ResNet without its attention pool")
-        (m_in, s_in), (m_clip, s_clip) = _NORMS[input_norm], _NORMS["clip"]
-        scale = torch.tensor(s_in) / torch.tensor(s_clip)
-        shift = (torch.tensor(m_in) - torch.tensor(m_clip)) / torch.tensor(s_clip)
-        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
-        self.train(False)
-
-    def train(self, mode: bool = True):  # frozen: BatchNorm statistics and dropout stay in eval mode
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor):
-        x = x * self.scale + self.shift  # the loader's normalisation → CLIP's
-        return self._resnet(x) if self.resnet else self._vit(x)
-
-    def _resnet(self, x: torch.Tensor):
-        v = self.visual
-        x = x.to(v.conv1.weight.dtype)
-        fmap = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))  # [B, Cin, h, w]
-        pool = v.attnpool
-        seq = fmap.flatten(2).transpose(1, 2)  # [B, hw, Cin]
-        tokens = pool.c_proj(pool.v_proj(seq))  # DualCoOp's dense features
-        pos = _resize_grid_pos(pool.positional_embedding, fmap.shape[-2:])
-        seq = torch.cat([seq.mean(1, keepdim=True), seq], 1) + pos.unsqueeze(0).to(seq.dtype)
-        seq = seq.transpose(0, 1)  # [1 + hw, B, Cin]
-        g, _ = F.multi_head_attention_forward(
-            query=seq[:1], key=seq, value=seq, embed_dim_to_check=seq.shape[-1], num_heads=pool.num_heads,
-            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
-            out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
-        return tokens.float(), g[0].float()
-
-    def _vit(self, x: torch.Tensor):
-        v = self.visual
-        x = v.conv1(x.to(v.conv1.weight.dtype))  # [B, W, gh, gw]
-        grid = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], 1) + _resize_grid_pos(v.positional_embedding, grid).unsqueeze(0).to(x.dtype)
-        x = v.transformer(v.ln_pre(x))
-        pooled, _ = v._pool(x)  # CLIP's own pooling and final norm (class token or mean)
-        tokens = v.ln_post(x[:, 1:]) @ v.proj
-        return tokens.float(), (pooled @ v.proj).float()
-
-
-def _open_clip():
-    try:
-        import open_clip
-    except ImportError as e:
-        raise ImportError("TRM-ML's CLIP encoders need open_clip: pip install open_clip_torch") from e
-    return open_clip
-
-
-def load_clip(model_name: str, checkpoint: str):
-    """``(model, tokenizer)`` of open_clip from a local checkpoint file; ``model_name`` is a built-in
-    open_clip architecture (``RN101``, ``ViT-B-16`` …) or a local JSON model config (a file ending .json)."""
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"--trmml-clip-checkpoint: file not found: {checkpoint}")
-    open_clip = _open_clip()
-    name = model_name
-    if name.endswith(".json"):
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"--trmml-clip-model: config file not found: {name}")
-        open_clip.add_model_config(Path(name))
-        name = Path(name).stem
-    elif name not in open_clip.list_models():
-        raise ValueError(f"--trmml-clip-model: unknown open_clip architecture {name!r}")
-    model = open_clip.create_model(name, pretrained=str(checkpoint), device="cpu")
-    return model.float().eval(), open_clip.get_tokenizer(name)
-
-
 # ---------------------------------------------------------------- the method
 
 
 class TRMML(nn.Module):
+    """TRM-ML as the module docstring describes: image tokens → category regions → text-region logits, trained
+    with L_cls + L_kd + L_mcl (+ L_proto) and multimodal-prototype pseudo-labels."""
+
     makes_pseudo_labels = True
     #: set by the engine under torchrun, so the multimodal contrastive loss contrasts every rank's rows
     process_group = None
@@ -350,8 +190,8 @@ class TRMML(nn.Module):
             raise ValueError(f"--trmml-kd must be auto, kl, cos or none, got {kd!r}")
         if mcl_text not in ("present", "all"):
             raise ValueError(f"--trmml-mcl-text must be 'present' or 'all', got {mcl_text!r}")
-        if input_norm not in _NORMS:
-            raise ValueError(f"--trmml-input-norm must be one of {sorted(_NORMS)}, got {input_norm!r}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"--trmml-input-norm must be one of {sorted(INPUT_NORMS)}, got {input_norm!r}")
         self.num_classes = num_classes
         self.uses_clip = clip_checkpoint is not None
         names = list(class_names) if class_names is not None else [f"class {i}" for i in range(num_classes)]
@@ -365,7 +205,7 @@ class TRMML(nn.Module):
                 text = F.normalize(clip.encode_text(tokenizer(prompts)).float(), dim=-1)
             self.register_buffer("text_features", text)
             self.clip_logit_scale = float(clip.logit_scale.detach().exp())
-            tower = _ClipImageTower(clip.visual, input_norm)
+            tower = ClipImageTower(clip.visual, input_norm)
             del clip  # the text tower is no longer needed
             # outside the registered modules: frozen weights stay out of state_dict, optimizer and DDP
             object.__setattr__(self, "_clip_tower", tower)
@@ -378,7 +218,7 @@ class TRMML(nn.Module):
             kd = "none" if kd == "auto" else kd
             object.__setattr__(self, "_clip_tower", None)
             dim = hidden_dim
-            self.image_tower = _TimmTower(backbone, feature_index, weights, dim)
+            self.image_tower = TimmTower(backbone, feature_index, weights, dim)
             self.text_table = nn.Parameter(F.normalize(torch.randn(num_classes, dim), dim=-1))
             if not quiet:
                 print(f"trmml: no --trmml-clip-checkpoint: a trained timm tower ({backbone}) and a learned class-text "
@@ -412,7 +252,7 @@ class TRMML(nn.Module):
                        help="local open_clip checkpoint file: frozen CLIP encoders (pip install open_clip_torch); "
                             "without it a trained timm tower and a learned text table stand in")
         g.add_argument("--trmml-prompt", default="a photo of a {}.", help="hand-crafted prompt, {} = class name")
-        g.add_argument("--trmml-input-norm", choices=["auto", *_NORMS], default="auto",
+        g.add_argument("--trmml-input-norm", choices=["auto", *INPUT_NORMS], default="auto",
                        help="the mean/std the loader normalised with (re-normalised to CLIP's); auto: half on "
                             "digits, else imagenet")
         g.add_argument("--trmml-heads", type=positive(int), default=8, help="cross-attention heads")
