@@ -15,7 +15,8 @@ e^{s_{ij} - c}`. The sum of the positive logits is read from the same tiles: one
 pair, no class sums, no atomics. (The class-sum split, sum_p z_p = M_{y_i} - z_i, needs ``index_add_``,
 whose float atomics are not reproducible on CUDA, and ``torch.unique``, whose data-dependent output shape
 breaks ``torch.compile(fullgraph=True)``; the compare costs a few ALU operations per pair against the exp
-the pair needs anyway.) The counts :math:`n_i` come from a sort of the labels. Ignored rows enter the
+the pair needs anyway.) One sort of the labels gives the counts :math:`n_i` and dense int32 class ids
+for that compare (any int64 ids). Ignored rows enter the
 exponents as a bias of -inf, and only tiles that meet the diagonal test i != j. Exponentials are
 ``exp2`` with :math:`\log_2 e / \tau` folded into the one scale of the tile. Only O(N) statistics (LSE
 and positive count) are saved for backward.
@@ -68,8 +69,14 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
+from mlcontrast.ops.label_supcon_kernels import (
+    _label_supcon_bwd_atomic_kernel,
+    _label_supcon_bwd_kernel,
+    _label_supcon_fwd_atomic_kernel,
+    _label_supcon_fwd_kernel,
+    _label_supcon_lse_kernel,
+)
 from mlcontrast.ops.utils import (
     compute_dtype,
     dot_precision,
@@ -92,6 +99,10 @@ ATOMIC: bool | None = None
 #: :math:`\tau < 2 / (60 \ln 2) \approx 0.048`.
 SHIFTED_SUM_FLOOR = 2.0**-60
 
+#: Shared memory that the tiles of all of D may take for the D chunks to be compile-time constants (see
+#: :func:`_chunks`): under the ~100 KB of sm_86/89, with room for the rest.
+STATIC_D_SHARED_BYTES = 96 * 1024
+
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
@@ -100,473 +111,6 @@ def _use_atomics() -> bool:
     if ATOMIC is not None:
         return bool(ATOMIC)
     return os.environ.get("MLCONTRAST_TRITON_ATOMIC", "0").strip() == "1"
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_chunk(Z, stride_z, idx, idx_in, d, D):
-    # Z[idx, d]: a block of rows and a chunk of columns, 0 for the rows past N and the columns past D.
-    return tl.load(Z + idx[:, None] * stride_z + d[None, :], mask=idx_in[:, None] & (d < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _similarity_tile(
-    Z,
-    stride_z,
-    rows,
-    row_in,
-    z_i0,
-    cols,
-    col_in,
-    D,
-    acc,
-    offs_d,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # acc + Z[rows] @ Z[cols]^T over all of D. The first D chunk of Z[rows] (z_i0) is loaded once by
-    # the caller and reused for every column tile; further chunks (D > BLOCK_D) are reloaded.
-    d_in = offs_d < D
-    z_j = tl.load(Z + cols[None, :] * stride_z + offs_d[:, None], mask=col_in[None, :] & d_in[:, None], other=0.0)
-    acc = tl.dot(z_i0, z_j, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-    for d0 in range(BLOCK_D, D, BLOCK_D):
-        d = d0 + offs_d
-        d_in = d < D
-        z_i = _row_chunk(Z, stride_z, rows, row_in, d, D)
-        z_j = tl.load(Z + cols[None, :] * stride_z + d[:, None], mask=col_in[None, :] & d_in[:, None], other=0.0)
-        acc = tl.dot(z_i, z_j, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-    return acc
-
-
-@triton.jit
-def _labels(Y, idx, idx_in, IGNORED: tl.constexpr):
-    # int32 labels, IGNORED in place of -1 and past N (-1 for a tile's rows, -2 for its columns, so that
-    # two ignored rows never match), and each row's exponent bias: 0, or -inf to drop an ignored row.
-    y = tl.load(Y + idx, mask=idx_in, other=-1).to(tl.int32)
-    valid = y >= 0
-    return tl.where(valid, y, IGNORED), tl.where(valid, 0.0, float("-inf"))
-
-
-@triton.jit
-def _tile_terms(dots, scale, offset_i, offset_j, y_i, y_j, i0, j0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The exponents scale z_i.z_j + offset_i + offset_j of the tile rows i0 + [0, BLOCK_M) x columns
-    # j0 + [0, BLOCK_N) (offsets of -inf drop ignored rows), and the positive pairs (same class). Only a
-    # tile that meets the diagonal pays for the i != j test; its offsets fit 32 bits.
-    x = dots * scale + (offset_i[:, None] + offset_j[None, :])
-    positive = y_i[:, None] == y_j[None, :]
-    if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):
-        not_self = tl.arange(0, BLOCK_M)[:, None] != tl.arange(0, BLOCK_N)[None, :] + (j0 - i0).to(tl.int32)
-        x = tl.where(not_self, x, float("-inf"))
-        positive = positive & not_self
-    return x, positive
-
-
-@triton.jit
-def _shifted_row_sums(
-    Z,
-    stride_z,
-    Y,
-    rows,
-    row_in,
-    y_i,
-    offset_i,
-    z_i0,
-    i0,
-    j_begin,
-    j_end,
-    D,
-    scale,
-    sums,
-    pos,
-    offs_d,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # Adds, for the rows, sum_j exp2(scale z_i.z_j - shift) (the shift is in offset_i) and the sum of
-    # the positives' z_i.z_j over the columns j_begin .. j_end (scale = log2(e) / t).
-    for j0 in range(j_begin, j_end, BLOCK_N):
-        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_in = cols < j_end
-        y_j, offset_j = _labels(Y, cols, col_in, -2)
-        dots = tl.zeros([BLOCK_M, BLOCK_N], sums.dtype)
-        dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
-        x, positive = _tile_terms(dots, scale, offset_i, offset_j, y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-        sums += tl.sum(tl.exp2(x), 1)
-        pos += tl.sum(tl.where(positive, dots, 0.0), 1)
-    return sums, pos
-
-
-@triton.jit
-def _label_supcon_fwd_kernel(
-    SUMS,
-    POS,  # outputs [N]: shifted exp sums, sums of the positives' dot products z_i.z_p
-    Z,
-    stride_z,  # [N, D] features, unit column stride
-    Y,  # [N] int64 labels, -1 = ignored row
-    N,
-    D,
-    ANCHOR_START,
-    ANCHOR_STOP,  # the anchor rows, whose statistics are written
-    SCALE_SHIFT,  # [2] in the compute dtype: log2(e) / temperature, and the shift c log2(e)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # Deterministic: one program per BLOCK_M anchor rows sweeps all column tiles in order.
-    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: N * D may exceed 2^31
-    acc_dtype = SUMS.dtype.element_ty
-    scale = tl.load(SCALE_SHIFT)
-    shift = tl.load(SCALE_SHIFT + 1)
-    i0 = ANCHOR_START + pid * BLOCK_M
-    rows = i0 + tl.arange(0, BLOCK_M)
-    row_in = rows < ANCHOR_STOP
-    y_i, bias_i = _labels(Y, rows, row_in, -1)
-    offs_d = tl.arange(0, BLOCK_D)
-    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
-    zero = tl.zeros([BLOCK_M], acc_dtype)
-    sums, pos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, bias_i - shift, z_i0, i0, 0, N, D, scale, zero, zero, offs_d,
-        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
-    )  # fmt: skip
-    tl.store(SUMS + rows, sums, mask=row_in)
-    tl.store(POS + rows, pos, mask=row_in)
-
-
-@triton.jit
-def _label_supcon_fwd_atomic_kernel(
-    SUMS,
-    POS,  # outputs [N], zero-initialised, accumulated atomically
-    Z,
-    stride_z,
-    Y,
-    N,
-    D,
-    ANCHOR_START,
-    ANCHOR_STOP,
-    SCALE_SHIFT,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # Symmetric tiles among the B anchor blocks: program I takes the diagonal tile (its rows cover both
-    # orders of its pairs) and the tiles (I, I + k mod B) for k = 1 .. (B - 1) // 2, plus k = B / 2 when
-    # B is even and I < B / 2: every unordered pair of blocks exactly once, and the same number of
-    # tiles for every program. Columns outside the anchors have no statistics: their tiles serve the rows.
-    pid = tl.program_id(0).to(tl.int64)
-    acc_dtype = SUMS.dtype.element_ty
-    scale = tl.load(SCALE_SHIFT)
-    shift = tl.load(SCALE_SHIFT + 1)
-    blocks = tl.cdiv(ANCHOR_STOP - ANCHOR_START, BLOCK)
-    i0 = ANCHOR_START + pid * BLOCK
-    rows = i0 + tl.arange(0, BLOCK)
-    row_in = rows < ANCHOR_STOP
-    y_i, bias_i = _labels(Y, rows, row_in, -1)
-    offset_i = bias_i - shift
-    offs_d = tl.arange(0, BLOCK_D)
-    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
-
-    sums = tl.zeros([BLOCK], acc_dtype)
-    pos = tl.zeros([BLOCK], acc_dtype)
-    partners = (blocks - 1) // 2 + ((blocks % 2 == 0) & (pid < blocks // 2)).to(blocks.dtype)
-    for k in range(0, partners + 1):
-        j0 = ANCHOR_START + ((pid + k) % blocks) * BLOCK
-        cols = j0 + tl.arange(0, BLOCK)
-        col_in = cols < ANCHOR_STOP
-        y_j, bias_j = _labels(Y, cols, col_in, -2)
-        dots = tl.zeros([BLOCK, BLOCK], acc_dtype)
-        dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
-        x, positive = _tile_terms(dots, scale, offset_i, bias_j, y_i, y_j, i0, j0, BLOCK, BLOCK)
-        e = tl.exp2(x)
-        s_pos = tl.where(positive, dots, 0.0)
-        sums += tl.sum(e, 1)
-        pos += tl.sum(s_pos, 1)
-        if k > 0:
-            tl.atomic_add(SUMS + cols, tl.sum(e, 0), mask=col_in, sem="relaxed")
-            tl.atomic_add(POS + cols, tl.sum(s_pos, 0), mask=col_in, sem="relaxed")
-    sums, pos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, offset_i, z_i0, i0, 0, ANCHOR_START, D, scale, sums, pos, offs_d,
-        BLOCK, BLOCK, BLOCK_D, PRECISION,
-    )  # fmt: skip
-    sums, pos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, offset_i, z_i0, i0, ANCHOR_STOP, N, D, scale, sums, pos, offs_d,
-        BLOCK, BLOCK, BLOCK_D, PRECISION,
-    )  # fmt: skip
-    tl.atomic_add(SUMS + rows, sums, mask=row_in, sem="relaxed")
-    tl.atomic_add(POS + rows, pos, mask=row_in, sem="relaxed")
-
-
-@triton.jit
-def _label_supcon_lse_kernel(
-    LSE2,  # [N] row LSE in base 2 (LSE log2(e)), written for the rows recomputed here
-    SUMS,  # [N] shifted sums of the fixed-shift forward: the valid anchors below FLOOR are recomputed
-    FLOOR,
-    Z,
-    stride_z,
-    Y,
-    N,
-    D,
-    ANCHOR_START,
-    ANCHOR_STOP,
-    SCALE_SHIFT,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # The flash-style row LSE with an online max, for the rows whose fixed-shift sum underflowed. A block
-    # without such a row sweeps nothing.
-    pid = tl.program_id(0).to(tl.int64)
-    acc_dtype = LSE2.dtype.element_ty
-    scale = tl.load(SCALE_SHIFT)
-    i0 = ANCHOR_START + pid * BLOCK_M
-    rows = i0 + tl.arange(0, BLOCK_M)
-    row_in = rows < ANCHOR_STOP
-    y_i, bias_i = _labels(Y, rows, row_in, -1)
-    redo = row_in & (y_i >= 0) & (tl.load(SUMS + rows, mask=row_in, other=1.0) < FLOOR)
-    any_redo = tl.max(redo.to(tl.int32), 0) > 0
-    j_end = tl.where(any_redo, N, 0)
-    offs_d = tl.arange(0, BLOCK_D)
-    # Nothing is read from Z by a block without such a row (the usual case): a launch, and no traffic.
-    z_i0 = tl.load(
-        Z + rows[:, None] * stride_z + offs_d[None, :],
-        mask=(row_in & any_redo)[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-
-    m_i = tl.full([BLOCK_M], float("-inf"), acc_dtype)
-    l_i = tl.zeros([BLOCK_M], acc_dtype)
-    for j0 in range(0, j_end, BLOCK_N):
-        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_in = cols < N
-        y_j, bias_j = _labels(Y, cols, col_in, -2)
-        dots = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
-        dots = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, dots, offs_d, BLOCK_D, PRECISION)
-        x, _ = _tile_terms(dots, scale, bias_i, bias_j, y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        # A row with no valid column so far keeps max -inf; shift by 0 then, so that no -inf - -inf
-        # (NaN) appears: its sum stays 0 and its LSE ends at -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
-        m_i = m_new
-    # l_i >= 1 once a row has a valid column (its max term is 2^0); l_i = 0 means none: LSE = -inf.
-    tl.store(LSE2 + rows, tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0)), float("-inf")), mask=redo)
-
-
-@triton.jit
-def _row_stats(Y, LSE2, W, A, ALPHA, idx, idx_in, IGNORED: tl.constexpr):
-    # Label and exponent bias (see _labels), saved base-2 LSE, row weights w, a and alpha = w 2^(shift -
-    # lse2) of rows idx; rows past N read as ignored rows with weight 0.
-    y, bias = _labels(Y, idx, idx_in, IGNORED)
-    lse2 = tl.load(LSE2 + idx, mask=idx_in, other=float("inf"))
-    w = tl.load(W + idx, mask=idx_in, other=0.0)
-    a = tl.load(A + idx, mask=idx_in, other=0.0)
-    alpha = tl.load(ALPHA + idx, mask=idx_in, other=0.0)
-    return y, bias, lse2, w, a, alpha
-
-
-@triton.jit
-def _pair_weights(
-    dots, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i,
-    alpha_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    # G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) - (a_i + a_j) [y_i = y_j] over valid pairs
-    # i != j. With the fixed shift, one exp serves both terms: G = 2^(scale dots - shift) (alpha_i +
-    # alpha_j). That needs alpha <= w 2^60, i.e. no row far below the shift (two_exp = 0: the forward
-    # redid none); otherwise each term gets its own exp, from base-2 logits and LSEs. Excluded pairs get
-    # an exponent of -inf (the diagonal s_ii exceeds lse_i and would overflow; an ignored row may be
-    # longer than the shift allows); rows with w = 0 carry alpha = 0 and lse = +inf, so their terms
-    # are exactly 0, never NaN.
-    s2, positive = _tile_terms(dots, scale, bias_i, bias_j, y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
-    if two_exp:
-        g = w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]) + w_j[None, :] * tl.exp2(s2 - lse2_j[None, :])
-    else:
-        g = tl.exp2(s2 - shift) * (alpha_i[:, None] + alpha_j[None, :])
-    return g - tl.where(positive, a_i[:, None] + a_j[None, :], 0.0)
-
-
-@triton.jit
-def _weighted_rows(g, z, PRECISION: tl.constexpr, SCALE_G: tl.constexpr):
-    # g @ z with the operands of tl.dot in z's dtype and the result in g's (fp32/fp64) dtype. For fp16
-    # z, every row of g is scaled to max |g| = 1 before the cast so that no weight underflows.
-    if SCALE_G:
-        c = tl.max(tl.abs(g), 1)
-        c = tl.where(c > 0, c, 1.0)
-        part = tl.dot((g / c[:, None]).to(z.dtype), z, out_dtype=tl.float32)
-        return part.to(g.dtype) * c[:, None]
-    else:
-        return tl.dot(g.to(z.dtype), z, input_precision=PRECISION, out_dtype=g.dtype)
-
-
-@triton.jit
-def _label_supcon_bwd_kernel(
-    DZ,
-    stride_dz,  # [N, D] output gradient: fp32/fp64 and zero-initialised, or the features' dtype when D <= BLOCK_D
-    Z,
-    stride_z,
-    Y,
-    LSE2,
-    W,
-    A,
-    ALPHA,  # labels, saved base-2 LSE (+inf where W = 0), row weights w, a and alpha (0 outside the anchors)
-    N,
-    D,
-    ANCHOR_START,
-    ANCHOR_STOP,
-    SCALE_SHIFT,  # [2]: log2(e) / temperature and the shift, as in the forward
-    TWO_EXP,  # [1] int32: 1 when a row with a loss is far below the shift (see _pair_weights)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SCALE_G: tl.constexpr,
-):
-    # Deterministic: one program owns BLOCK_M rows of dZ and visits every column tile;
-    # dZ_I = sum_J G_IJ Z_J. The first D chunk is accumulated in registers, further chunks by a
-    # read-modify-write of rows no other program touches. A row block outside the anchors has
-    # w = a = 0, so its G is 0 but for the anchors' columns: it visits only those. Every row of dZ is
-    # written, in DZ's dtype (the features' when one chunk holds D: no fp32 buffer, no cast pass).
-    pid = tl.program_id(0).to(tl.int64)
-    acc_dtype = W.dtype.element_ty
-    scale = tl.load(SCALE_SHIFT)
-    shift = tl.load(SCALE_SHIFT + 1)
-    two_exp = tl.load(TWO_EXP) != 0
-    i0 = pid * BLOCK_M
-    rows = i0 + tl.arange(0, BLOCK_M)
-    row_in = rows < N
-    y_i, bias_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in, -1)
-    offs_d = tl.arange(0, BLOCK_D)
-    d0_in = offs_d < D
-    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
-
-    anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK_M > ANCHOR_START)
-    j_start = tl.where(anchor_block, 0, ANCHOR_START)
-    j_stop = tl.where(anchor_block, N, ANCHOR_STOP)
-    dz0 = tl.zeros([BLOCK_M, BLOCK_D], acc_dtype)
-    for j0 in range(j_start, j_stop, BLOCK_N):
-        cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_in = cols < N
-        y_j, bias_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in, -2)
-        s = tl.zeros([BLOCK_M, BLOCK_N], acc_dtype)
-        s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
-        g = _pair_weights(
-            s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
-            alpha_i, alpha_j, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
-
-        z_j = _row_chunk(Z, stride_z, cols, col_in, offs_d, D)
-        dz0 += _weighted_rows(g, z_j, PRECISION, SCALE_G)
-        for d0 in range(BLOCK_D, D, BLOCK_D):
-            d = d0 + offs_d
-            d_in = d < D
-            z_j = _row_chunk(Z, stride_z, cols, col_in, d, D)
-            ptrs = DZ + rows[:, None] * stride_dz + d[None, :]
-            out_mask = row_in[:, None] & d_in[None, :]
-            tl.store(
-                ptrs,
-                tl.load(ptrs, mask=out_mask, other=0.0) + _weighted_rows(g, z_j, PRECISION, SCALE_G),
-                mask=out_mask,
-            )
-    tl.store(
-        DZ + rows[:, None] * stride_dz + offs_d[None, :],
-        dz0.to(DZ.dtype.element_ty),
-        mask=row_in[:, None] & d0_in[None, :],
-    )
-
-
-@triton.jit
-def _label_supcon_bwd_atomic_kernel(
-    DZ,
-    stride_dz,  # [N, D] output gradient (fp32/fp64), zero-initialised, accumulated atomically
-    Z,
-    stride_z,
-    Y,
-    LSE2,
-    W,
-    A,
-    ALPHA,
-    N,
-    D,
-    ANCHOR_START,
-    ANCHOR_STOP,
-    SCALE_SHIFT,
-    TWO_EXP,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    SCALE_G: tl.constexpr,
-):
-    # Symmetric tiles: the program of row block I visits the column tiles J >= I (square tiles, so
-    # the diagonal block is J = I). G is symmetric, so one tile serves both sides:
-    # dZ_I += G_IJ Z_J, and for J > I also dZ_J += G_IJ^T Z_I. The diagonal tile's row side already
-    # covers both orders of its pairs. Other programs add into the same rows: atomics throughout.
-    # Outside the anchors w = a = 0, so a tile of two blocks outside them is 0: a row block outside
-    # the anchors visits only the tiles J >= I that overlap them.
-    pid = tl.program_id(0).to(tl.int64)
-    acc_dtype = DZ.dtype.element_ty
-    scale = tl.load(SCALE_SHIFT)
-    shift = tl.load(SCALE_SHIFT + 1)
-    two_exp = tl.load(TWO_EXP) != 0
-    i0 = pid * BLOCK
-    rows = i0 + tl.arange(0, BLOCK)
-    row_in = rows < N
-    y_i, bias_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in, -1)
-    offs_d = tl.arange(0, BLOCK_D)
-    d0_in = offs_d < D
-    z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
-
-    anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK > ANCHOR_START)
-    j_start = i0 + tl.where(anchor_block, 0, tl.maximum(ANCHOR_START - i0, 0) // BLOCK * BLOCK)
-    j_stop = tl.where(anchor_block, N, ANCHOR_STOP)
-    dz0 = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
-    for j0 in range(j_start, j_stop, BLOCK):
-        cols = j0 + tl.arange(0, BLOCK)
-        col_in = cols < N
-        y_j, bias_j, lse2_j, w_j, a_j, alpha_j = _row_stats(Y, LSE2, W, A, ALPHA, cols, col_in, -2)
-        s = tl.zeros([BLOCK, BLOCK], acc_dtype)
-        s = _similarity_tile(Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, offs_d, BLOCK_D, PRECISION)
-        g = _pair_weights(
-            s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
-            alpha_i, alpha_j, BLOCK, BLOCK,
-        )  # fmt: skip
-        off_diagonal = j0 != i0
-
-        z_j = _row_chunk(Z, stride_z, cols, col_in, offs_d, D)
-        dz0 += _weighted_rows(g, z_j, PRECISION, SCALE_G)
-        if off_diagonal:
-            tl.atomic_add(
-                DZ + cols[:, None] * stride_dz + offs_d[None, :],
-                _weighted_rows(tl.trans(g), z_i0, PRECISION, SCALE_G),
-                mask=col_in[:, None] & d0_in[None, :],
-                sem="relaxed",
-            )
-        for d0 in range(BLOCK_D, D, BLOCK_D):
-            d = d0 + offs_d
-            d_in = d < D
-            z_j = _row_chunk(Z, stride_z, cols, col_in, d, D)
-            tl.atomic_add(
-                DZ + rows[:, None] * stride_dz + d[None, :],
-                _weighted_rows(g, z_j, PRECISION, SCALE_G),
-                mask=row_in[:, None] & d_in[None, :],
-                sem="relaxed",
-            )
-            if off_diagonal:
-                z_i = _row_chunk(Z, stride_z, rows, row_in, d, D)
-                tl.atomic_add(
-                    DZ + cols[:, None] * stride_dz + d[None, :],
-                    _weighted_rows(tl.trans(g), z_i, PRECISION, SCALE_G),
-                    mask=col_in[:, None] & d_in[None, :],
-                    sem="relaxed",
-                )
-    tl.atomic_add(
-        DZ + rows[:, None] * stride_dz + offs_d[None, :], dz0, mask=row_in[:, None] & d0_in[None, :], sem="relaxed"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,40 +130,56 @@ def _config(d: int, dtype: torch.dtype, phase: str) -> dict:
 
 
 def _default_config(d: int, dtype: torch.dtype, phase: str = "fwd") -> dict:
-    """Tile sizes and launch options. Small tiles under the interpreter keep the tests fast.
+    """Tile sizes and launch options. Small tiles under the interpreter keep the tests fast (and cross
+    the D chunk and dZ slab boundaries of the tests' D = 40).
 
-    On a GPU: D in one chunk up to 128 (16-bit) or 64 (fp32) columns, so that the row block's Z_I and
-    dZ_I stay on chip for the whole column sweep; two pipeline stages keep shared memory under ~100 KB
-    (sm_86/89 too). Register use, from ptxas for sm_90 at bf16, D = 256: with 4 warps the backward
-    spills (456 bytes; the atomic one 1272), with 8 nothing does; the atomic backward, which also holds
-    G^T Z_I, needs D chunks of 64 for that. 3xTF32 keeps three copies of its operands: fp32 without TF32
-    takes chunks of 32 and narrower backward tiles. fp64 (gradcheck only) gets small tiles that fit any
-    GPU. ``benchmarks.tune_triton`` measures better ones.
+    ``BLOCK_D`` is the width of a D chunk (the launchers pass ``NUM_D_CHUNKS = cdiv(D, BLOCK_D)`` as a
+    constant, so the column loop stays innermost and pipelined); the deterministic backward's programs
+    own ``BLOCK_DZ`` columns of dZ each, accumulated in registers (wider D recomputes S per slab).
+    On a GPU: one chunk and one slab hold D up to 256 in 16 bits, so the row block's Z_I and dZ_I stay
+    on chip for the whole column sweep; two pipeline stages keep shared memory under ~100 KB (sm_86/89
+    too), with backward column tiles of 32 rows. The atomic backward, which also holds G^T Z_I, takes
+    chunks of 64. fp32: column tiles of 16 rows and dZ slabs of 128 columns keep the 3xTF32 kernels
+    (split operands) within registers; its chunks of 32 (64 with TF32) are pipelined up to D = 128
+    and looped at run time beyond. fp64 (gradcheck only) gets small tiles that fit any GPU. Register
+    use and spills (ptxas, sm_90, D = 256, triton 3.6 and 3.8): ``MLCONTRAST_COMPILE_CHECK=1`` in
+    tests/test_triton_ops.py; ``benchmarks.tune_triton`` measures better configurations.
     """
     if interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "options": {}}
-    backward = phase.startswith("bwd")
+        config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "options": {}}
+        return {**config, "BLOCK_DZ": 16} if phase == "bwd" else config
     if dtype == torch.float64:
-        return {
-            "BLOCK_M": 32,
-            "BLOCK_N": 32,
-            "BLOCK_D": pow2_block(d, 16, 32),
-            "options": {"num_warps": 4, "num_stages": 1},
-        }
-    if dot_precision(dtype) == "tf32x3":
-        return {
+        config = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": pow2_block(d, 16, 32), "BLOCK_DZ": pow2_block(d, 16, 64)}
+        options = {"num_warps": 4, "num_stages": 1}
+    elif dtype == torch.float32:
+        config = {
             "BLOCK_M": 32 if phase == "bwd-atomic" else 64,
-            "BLOCK_N": 32 if backward else 64,
-            "BLOCK_D": pow2_block(d, 16, 32),
-            "options": {"num_warps": 8 if backward else 4, "num_stages": 2},
+            "BLOCK_N": 16,
+            "BLOCK_D": pow2_block(d, 16, 32 if dot_precision(dtype) == "tf32x3" else 64),
+            "BLOCK_DZ": pow2_block(d, 16, 128),
         }
-    chunk = 128 if dtype in (torch.float16, torch.bfloat16) else 64
-    return {
-        "BLOCK_M": 64,
-        "BLOCK_N": 64,
-        "BLOCK_D": pow2_block(d, 16, chunk // 2 if phase == "bwd-atomic" else chunk),
-        "options": {"num_warps": 8, "num_stages": 2},
-    }
+        options = {"num_warps": 8 if phase == "bwd-atomic" else 4, "num_stages": 2}
+    else:
+        config = {"BLOCK_M": 64, "BLOCK_N": 32 if phase == "bwd" else 64}
+        config["BLOCK_D"] = config["BLOCK_DZ"] = pow2_block(d, 16, 64 if phase == "bwd-atomic" else 256)
+        options = {"num_warps": 8, "num_stages": 2}
+    if phase != "bwd":
+        del config["BLOCK_DZ"]
+    return {**config, "options": options}
+
+
+def _chunks(d: int, cfg: dict, z: torch.Tensor, symmetric: bool = False, copies: int = 1) -> dict:
+    """``BLOCK_D`` and ``NUM_D_CHUNKS`` for a kernel: the number of D chunks as a compile-time constant
+    (the column loop pipelined), or 0 (the chunks loop at run time) when the row block and
+    ``num_stages`` column tiles, all of D of each, would not fit :data:`STATIC_D_SHARED_BYTES`.
+    ``copies``: how many times the kernel buffers each tile (3xTF32 keeps split operands too, the
+    atomic backward loads its tiles again for its second product)."""
+    chunks = max(1, triton.cdiv(d, cfg["BLOCK_D"]))
+    block_n = cfg["BLOCK_M"] if symmetric else cfg["BLOCK_N"]
+    tiles = cfg["BLOCK_M"] + cfg["options"].get("num_stages", 3) * block_n
+    copies *= 2 if dot_precision(z.dtype) == "tf32x3" else 1
+    fits = copies * tiles * chunks * cfg["BLOCK_D"] * z.element_size() <= STATIC_D_SHARED_BYTES
+    return {"BLOCK_D": cfg["BLOCK_D"], "NUM_D_CHUNKS": chunks if fits else 0}
 
 
 def _anchor_range(n: int, anchor_start: int, anchor_stop: int | None) -> tuple[int, int]:
@@ -640,13 +200,22 @@ def _scale_and_shift(z: torch.Tensor, labels: torch.Tensor, temperature: float, 
     return torch.stack([torch.full((), scale, dtype=dtype, device=z.device), largest * largest * scale])
 
 
-def _positive_counts(labels: torch.Tensor, anchors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """|P(i)|, the other valid rows of row i's class, for the valid anchors (0 elsewhere): a sort and two
-    binary searches (static shapes, no host sync), so that the kernels need not count pairs."""
+def _class_ids(labels: torch.Tensor, anchors: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense int32 class ids (-1 for ignored rows) and |P(i)|, the other valid rows of row i's class, for
+    the valid anchors (0 elsewhere).
+
+    One sort of the labels serves both: a valid row's id is the position of its class's first row in
+    the sorted labels (below N, so 32 bits hold it whatever the int64 ids are: ids equal modulo 2^32
+    stay apart), and its class's size is the distance to the class's end. Static shapes and no host
+    sync, unlike ``torch.unique``, so ``torch.compile(fullgraph=True)`` traces it; the kernels then
+    compare 32-bit ids and need not count pairs.
+    """
     valid = labels >= 0
     ordered = torch.sort(torch.where(valid, labels, torch.full_like(labels, -1))).values
-    members = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
-    return torch.where(valid & anchors, members - 1, 0).to(dtype)
+    first = torch.searchsorted(ordered, labels)
+    members = torch.searchsorted(ordered, labels, right=True) - first
+    ids = torch.where(valid, first, torch.full_like(first, -1)).to(torch.int32)
+    return ids, torch.where(valid & anchors, members - 1, 0).to(dtype)
 
 
 def _fake_label_supcon(
@@ -685,7 +254,6 @@ def label_supcon(
         outside the anchors). Only ``loss`` is differentiable.
     """
     z = features.contiguous()
-    y = labels.contiguous()
     n, d = z.shape
     start, stop = _anchor_range(n, anchor_start, anchor_stop)
     dtype = compute_dtype(z.dtype)
@@ -694,30 +262,28 @@ def label_supcon(
     lse2 = torch.zeros(n, dtype=dtype, device=z.device)
     rows = torch.arange(n, device=z.device)
     anchors = (rows >= start) & (rows < stop)
-    n_pos = _positive_counts(y, anchors, dtype)
+    ids, n_pos = _class_ids(labels, anchors, dtype)
     if stop > start:
-        scale_shift = _scale_and_shift(z, y, temperature, dtype)
-        precision = dot_precision(z.dtype)
-        common = (z, z.stride(0), y, n, d, start, stop, scale_shift)
+        scale_shift = _scale_and_shift(z, labels, temperature, dtype)
+        common = {"Z": z, "stride_z": z.stride(0), "Y": ids, "N": n, "D": d, "ANCHOR_START": start,
+                  "ANCHOR_STOP": stop, "SCALE_SHIFT": scale_shift, "PRECISION": dot_precision(z.dtype)}  # fmt: skip
         if atomic:
             cfg = _config(d, z.dtype, "fwd-atomic")
             launch(_label_supcon_fwd_atomic_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
-                sums, pos_dots, *common,
-                BLOCK=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision, **cfg["options"],
+                SUMS=sums, POS=pos_dots, **common, BLOCK=cfg["BLOCK_M"], **_chunks(d, cfg, z, True),
+                **cfg["options"],
             )  # fmt: skip
         else:
             cfg = _config(d, z.dtype, "fwd")
             launch(_label_supcon_fwd_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
-                sums, pos_dots, *common,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision,
-                **cfg["options"],
+                SUMS=sums, POS=pos_dots, **common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                **_chunks(d, cfg, z), **cfg["options"],
             )  # fmt: skip
         lse2 = torch.where(anchors, scale_shift[1] + torch.log2(sums), torch.zeros((), dtype=dtype, device=z.device))
         cfg = _config(d, z.dtype, "fwd")
         launch(_label_supcon_lse_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
-            lse2, sums, SHIFTED_SUM_FLOOR, *common,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=precision,
-            **cfg["options"],
+            LSE2=lse2, SUMS=sums, FLOOR=SHIFTED_SUM_FLOOR, **common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            **_chunks(d, cfg, z), **cfg["options"],
         )  # fmt: skip
     lse = lse2 * _LN2
     scale = temperature / base_temperature
@@ -759,56 +325,41 @@ def label_supcon_backward(
         ``[N, D]`` gradient in the dtype of ``features``.
     """
     z = features.contiguous()
-    y = labels.contiguous()
     n, d = z.shape
     start, stop = _anchor_range(n, anchor_start, anchor_stop)
     dtype = compute_dtype(z.dtype)
     inv_t = 1.0 / temperature
     zero = torch.zeros((), dtype=dtype, device=z.device)
-    anchors = torch.arange(n, device=z.device)
-    has_loss = (n_pos > 0) & (anchors >= start) & (anchors < stop)
+    rows = torch.arange(n, device=z.device)
+    anchors = (rows >= start) & (rows < stop)
+    has_loss = (n_pos > 0) & anchors
     w = torch.where(has_loss, grad_rows.to(dtype) * (temperature / base_temperature * inv_t), zero)
     a = w / n_pos.clamp(min=1)
     # Rows that contribute nothing get LSE = +inf and alpha = 0, which makes their terms exactly 0.
     lse2 = torch.where(w != 0, lse.to(dtype) * _LOG2E, torch.full((), float("inf"), dtype=dtype, device=z.device))
+    if stop == start:
+        return torch.zeros((n, d), dtype=features.dtype, device=z.device)
     cfg = _config(d, z.dtype, "bwd-atomic" if atomic else "bwd")
-    if not atomic and d <= cfg["BLOCK_D"] and stop > start:
-        # The deterministic kernel then writes every row once, in the features' dtype.
-        grad = torch.empty((n, d), dtype=features.dtype, device=z.device)
+    # The deterministic kernel writes every element once, in the features' dtype; the atomic one adds
+    # into a zeroed fp32 (fp64) buffer.
+    grad = torch.zeros_like(z, dtype=dtype) if atomic else torch.empty((n, d), dtype=features.dtype, device=z.device)
+    scale_shift = _scale_and_shift(z, labels, temperature, dtype)
+    # -log2 of each row's shifted sum: at most `limit` (60) unless the forward redid the row.
+    below_shift, limit = scale_shift[1] - lse2, -math.log2(SHIFTED_SUM_FLOOR)
+    alpha = torch.where(w != 0, w * torch.exp2(below_shift.clamp(max=limit)), zero)
+    two_exp = ((w != 0) & (below_shift > limit)).any().to(torch.int32).reshape(1)
+    args = {"DZ": grad, "stride_dz": grad.stride(0), "Z": z, "stride_z": z.stride(0),
+            "Y": _class_ids(labels, anchors, dtype)[0], "LSE2": lse2, "W": w, "A": a, "ALPHA": alpha, "N": n,
+            "D": d, "ANCHOR_START": start, "ANCHOR_STOP": stop, "SCALE_SHIFT": scale_shift, "TWO_EXP": two_exp,
+            "PRECISION": dot_precision(z.dtype), "SCALE_G": z.dtype == torch.float16,
+            **_chunks(d, cfg, z, atomic, 2 if atomic else 1)}  # fmt: skip
+    row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    if atomic:
+        launch(_label_supcon_bwd_atomic_kernel, (row_blocks,))(**args, BLOCK=cfg["BLOCK_M"], **cfg["options"])
     else:
-        grad = torch.zeros((n, d), dtype=dtype, device=z.device)
-    if stop > start:
-        scale_shift = _scale_and_shift(z, y, temperature, dtype)
-        # -log2 of each row's shifted sum: at most `limit` (60) unless the forward redid the row.
-        below_shift, limit = scale_shift[1] - lse2, -math.log2(SHIFTED_SUM_FLOOR)
-        alpha = torch.where(w != 0, w * torch.exp2(below_shift.clamp(max=limit)), zero)
-        two_exp = ((w != 0) & (below_shift > limit)).any().to(torch.int32).reshape(1)
-        kernel, blocks = (
-            (_label_supcon_bwd_atomic_kernel, {"BLOCK": cfg["BLOCK_M"]})
-            if atomic
-            else (_label_supcon_bwd_kernel, {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]})
-        )
-        launch(kernel, (triton.cdiv(n, cfg["BLOCK_M"]),))(
-            grad,
-            grad.stride(0),
-            z,
-            z.stride(0),
-            y,
-            lse2,
-            w,
-            a,
-            alpha,
-            n,
-            d,
-            start,
-            stop,
-            scale_shift,
-            two_exp,
-            BLOCK_D=cfg["BLOCK_D"],
-            PRECISION=dot_precision(z.dtype),
-            SCALE_G=z.dtype == torch.float16,
-            **blocks,
-            **cfg["options"],
+        slabs = max(1, triton.cdiv(d, cfg["BLOCK_DZ"]))
+        launch(_label_supcon_bwd_kernel, (row_blocks, slabs))(
+            **args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DZ=cfg["BLOCK_DZ"], **cfg["options"]
         )
     return grad.to(features.dtype)
 
