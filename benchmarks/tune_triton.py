@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -101,20 +102,42 @@ def _rel_error(actual, expected) -> float:
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
 
 
-def tune(n: int, d: int, dtype: str, device: str, phases: list[str], quick: bool) -> list[dict]:
+def budgeted(configs: list[dict], budget_s: float | None) -> list[dict]:
+    """The candidates in the order they are tried: as listed, or, under a time budget that may cut the list
+    short, in a fixed shuffled order, so that what runs samples every tile shape, warp count and stage count
+    rather than the first tile shape only."""
+    if budget_s is None:
+        return configs
+    shuffled = list(configs)
+    random.Random(0).shuffle(shuffled)
+    return shuffled
+
+
+def tune(n: int, d: int, dtype: str, device: str, phases: list[str], quick: bool,
+         budget_s: float | None = None) -> list[dict]:
+    """Every candidate of every phase, checked then timed; with ``budget_s``, each phase gets an equal share
+    of what is left of it, and candidates past their phase's share are recorded as ``skipped: budget``."""
     from mlcontrast.ops import label_supcon as ls
     from mlcontrast.ops.utils import CONFIG_OVERRIDES
 
+    started = time.perf_counter()
     z, y = _inputs(n, d, dtype, device)
     saved = ls.label_supcon(z, y, 0.1, 0.1)
     flops = {phase: (2.0 if phase.startswith("fwd") else 6.0) * n * n * d for phase in PHASES}
     records = []
-    for phase in phases:
+    for k, phase in enumerate(phases):
+        phase_end = None
+        if budget_s is not None:
+            left = budget_s - (time.perf_counter() - started)
+            phase_end = time.perf_counter() + left / (len(phases) - k)
         key = f"label_supcon.{phase}:{dtype}"  # wins over a plain key from the environment
         CONFIG_OVERRIDES.pop(key, None)
         expected = _phase_call(phase, z, y, saved)()
-        for config in [None, *candidates(d, quick, phase)]:
+        for config in [None, *budgeted(candidates(d, quick, phase), budget_s)]:
             record = {"phase": phase, "config": config or "default", "status": "ok"}
+            if config is not None and phase_end is not None and time.perf_counter() > phase_end:
+                records.append({**record, "status": "skipped: budget"})
+                continue
             if config is not None:
                 CONFIG_OVERRIDES[key] = config
             try:
@@ -172,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (interpreter)")
     parser.add_argument("--quick", action="store_true", help="N = 40, D = 24, fp32, two configurations")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="time for the whole tuning, shared equally by the phases; candidates are then tried "
+                             "in a fixed shuffled order and those past their phase's share are skipped")
     args = parser.parse_args(argv)
     if args.emit_env:
         print(json.dumps(configs_of(args.emit_env)))
@@ -186,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     name = f"label_supcon_{args.dtype}_d{args.d}_n{args.n}_{device.split(':')[0]}.json"
     path = args.out or RESULTS_DIR / "tuning" / name
     print(f"[tune] label_supcon N={args.n} D={args.d} {args.dtype} on {device}", flush=True)
-    records = tune(args.n, args.d, args.dtype, device, args.phases, args.quick)
+    records = tune(args.n, args.d, args.dtype, device, args.phases, args.quick, args.budget_s)
     meta = metadata(device)
     winners = best(records)
     write_results(path, meta, records, {"shape": {"n": args.n, "d": args.d, "dtype": args.dtype},
+                                        "budget_s": args.budget_s,
                                         "best": {phase: r["config"] for phase, r in winners.items()}})
     for phase, r in winners.items():
         default = next(x for x in records if x["phase"] == phase and x["config"] == "default")

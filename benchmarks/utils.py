@@ -59,22 +59,31 @@ DTYPES = ("float32", "float16", "bfloat16")
 # ----------------------------------------------------------------------------------------------
 
 
-def import_mlcontrast(retries: int = 10, wait_s: float = 30.0):
-    """``import mlcontrast``, retried: a rebuild of ``mlcontrast._C`` in progress makes imports fail briefly."""
-    last: BaseException | None = None
-    for attempt in range(retries):
+def retry_count(default: int) -> int:
+    """How often to retry what a rebuild of ``mlcontrast._C`` in progress makes fail (``default``), or
+    ``MLCONTRAST_BENCH_RETRIES``: the GPU session scripts set 0, since nothing is rebuilt behind their back
+    there and every sleep would spend the call's time budget."""
+    value = os.environ.get("MLCONTRAST_BENCH_RETRIES", "").strip()
+    return max(0, int(value)) if value else default
+
+
+def import_mlcontrast(retries: int = 9, wait_s: float = 30.0):
+    """``import mlcontrast``, retried ``retry_count(retries)`` times: a rebuild of ``mlcontrast._C`` in
+    progress makes imports fail briefly."""
+    retries = retry_count(retries)
+    for attempt in range(retries + 1):
         try:
             import mlcontrast
 
             return mlcontrast
         except Exception as error:  # ImportError, OSError (half-written .so), ...
-            last = error
+            if attempt == retries:
+                raise RuntimeError(f"import mlcontrast failed {retries + 1} times: {error}") from error
             for name in [m for m in sys.modules if m == "mlcontrast" or m.startswith("mlcontrast.")]:
                 del sys.modules[name]
             print(f"[bench] import mlcontrast failed ({error}); retry {attempt + 1}/{retries} in {wait_s:.0f} s",
                   file=sys.stderr, flush=True)
             time.sleep(wait_s)
-    raise RuntimeError(f"import mlcontrast failed {retries} times: {last}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +152,7 @@ def metadata(device: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     if os.environ.get("MLCONTRAST_TRITON_CONFIGS"):  # tuned Triton launch configurations in force
         meta["triton_configs"] = json.loads(os.environ["MLCONTRAST_TRITON_CONFIGS"])
     try:
-        meta["mlcontrast"] = import_mlcontrast(retries=3).__version__
+        meta["mlcontrast"] = import_mlcontrast(retries=2).__version__
     except Exception as error:  # keep the metadata even when the package does not import
         meta["mlcontrast"] = f"unavailable: {error}"
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -155,8 +164,19 @@ def metadata(device: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
             cuda=torch.version.cuda,
             hip=getattr(torch.version, "hip", None),
             triton=_version_of("triton"),
+            nvidia_driver=nvidia_driver(),
         )
     return meta
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version (``nvidia-smi``), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def _version_of(module: str) -> str | None:
@@ -534,6 +554,12 @@ def run_cases_subprocess(module: str, cases: list[dict[str, Any]], timeout_s: fl
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
+    except BaseException:
+        # Interrupted (the GPU session's phase budget sends SIGINT): the child runs in its own session, so
+        # it would outlive this process and hold the GPU during the next phase.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
     wall = time.perf_counter() - started
 
     records: list[dict[str, Any]] = []
@@ -675,6 +701,14 @@ def row_feature_bytes(record: dict[str, Any]) -> int:
     return record["n"] * record["d"] * torch_dtype(record["dtype"]).itemsize
 
 
+def tf32_allowed() -> bool:
+    """Whether fp32 CUDA matmuls may use TF32 (``mlcontrast._base.tf32_allowed``: reading the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` raises once the newer ``fp32_precision`` switch was used)."""
+    from mlcontrast._base import tf32_allowed as allowed
+
+    return allowed()
+
+
 def select_cuda_device(device: str, allow_tf32: bool = False) -> None:
     """Makes ``device`` current (``"cuda"`` without an index keeps the current one: ``torch.cuda.set_device``
     rejects an index-less device) and sets ``torch.backends.cuda.matmul.allow_tf32`` when asked."""
@@ -733,9 +767,10 @@ def median_time_s(fn: Callable[[], Any], device: str, runs: int = 5) -> tuple[fl
 def measure_matmul_rate(device: str, dtype: str, size: int = 8192, runs: int = 5) -> dict[str, Any]:
     """Dense ``torch.mm`` rate of a ``size``³ product in ``dtype`` (2·size³ FLOPs per product).
 
-    For float32 on CUDA the rate depends on ``torch.backends.cuda.matmul.allow_tf32`` (TF32 tensor cores or
-    IEEE fp32), which is recorded with the result; it is the setting of the process that measures, the
-    same as that of the cases (``--allow-tf32``)."""
+    For float32 on CUDA the rate depends on whether TF32 is allowed (TF32 tensor cores or IEEE fp32; read
+    through ``mlcontrast._base.tf32_allowed``, since reading the legacy ``allow_tf32`` raises once torch's
+    ``fp32_precision`` switch was used), which is recorded with the result; it is the setting of the process
+    that measures, the same as that of the cases (``--allow-tf32``)."""
     import torch
 
     dt = torch_dtype(dtype)
@@ -748,7 +783,7 @@ def measure_matmul_rate(device: str, dtype: str, size: int = 8192, runs: int = 5
     cuda = device.startswith("cuda")
     return {
         "op": "torch.mm", "shape": [size, size, size], "dtype": dtype,
-        "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda and dtype == "float32" else None,
+        "allow_tf32": tf32_allowed() if cuda and dtype == "float32" else None,
         "fp32_precision": getattr(torch.backends.cuda.matmul, "fp32_precision", None) if cuda else None,
         "flops": flops, "median_s": median_s, "run_medians_s": per_run, "tflops": flops / median_s / 1e12,
         "method": method,
@@ -924,7 +959,7 @@ def run_case(spec: "BenchSpec", case: dict[str, Any]) -> dict[str, Any]:
     record["output_norms"] = norms
     record.update(finite=finite, threads=torch.get_num_threads(), address_space_limit_bytes=limit)
     if device.startswith("cuda"):
-        record["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        record["allow_tf32"] = tf32_allowed()
     if provider in BACKEND_VARIANTS:
         record["backend"], record["environment"] = BACKEND_VARIANTS[provider]
 
@@ -1012,7 +1047,7 @@ def probe_backends(device: str, retries: int = 4, wait_s: float = 30.0) -> list[
     from mlcontrast import _backends
 
     available, reason = mlcontrast.available_backends(device), getattr(_backends, "EXTENSION_ERROR", None)
-    for _ in range(retries):
+    for _ in range(retry_count(retries)):
         if not reason:
             return available
         print(f"[bench] the mlcontrast extension does not load ({reason}); retry in {wait_s:.0f} s", flush=True)
@@ -1061,6 +1096,11 @@ def parse_bench_args(spec: BenchSpec, argv: Sequence[str] | None) -> argparse.Na
     p.add_argument("--max-memory-gib", type=float, default=16.0,
                    help="address-space cap of each case above its start (RLIMIT_AS, CPU); 0 = none")
     p.add_argument("--case-timeout-s", type=float, default=900.0, help="kill a case after this long")
+    p.add_argument("--sweep-budget-s", type=float, default=None,
+                   help="start no case (nor probe attempt) after this many seconds of the run; those left are "
+                        "recorded as 'skipped: budget' and the results are written as usual (GPU sessions)")
+    p.add_argument("--same-process", action="store_true",
+                   help="every case in one child process, as --quick does, with the normal timing policy")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each case (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("device rates and throughput")
@@ -1077,6 +1117,8 @@ def parse_bench_args(spec: BenchSpec, argv: Sequence[str] | None) -> argparse.Na
     g.add_argument("--max-n-start", type=int, default=spec.max_n_start)
     g.add_argument("--max-n-limit", type=int, default=2**26, help="stop doubling past this N")
     g.add_argument("--max-n-timeout-s", type=float, default=600.0, help="time limit of one probe case")
+    g.add_argument("--max-n-providers", nargs="+", default=None, metavar="PROVIDER",
+                   help="probe these providers only (default: the run's providers), e.g. the fused ones")
     p.add_argument("--case-json", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1266,7 +1308,9 @@ def print_summary(spec: BenchSpec, summary: list[dict[str, Any]], records: list[
 
 def run_case_with_retry(module: str, case: dict[str, Any], timeout_s: float, retries: int = 3,
                         wait_s: float = 30.0) -> dict[str, Any]:
-    """A case, run again when its backend was unavailable (the extension being rebuilt) or it failed to import."""
+    """A case, run again (``retry_count(retries)`` times) when its backend was unavailable (the extension
+    being rebuilt) or it failed to import."""
+    retries = retry_count(retries)
     for attempt in range(retries + 1):
         result = run_case_subprocess(module, case, timeout_s=timeout_s)
         transient = result["status"] == "unavailable" and "did not load" in result.get("message", "")
@@ -1287,8 +1331,29 @@ def bench_main(spec: BenchSpec, argv: Sequence[str] | None = None) -> list[Path]
     return run_sweep(spec, args, list(sys.argv[1:] if argv is None else argv))
 
 
+def memory_cap(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[int | None, str]:
+    """The memory a dense reference case may need before it is skipped unlaunched, and what that is: on CUDA
+    the GPU's memory (no address-space cap applies there), else ``--max-memory-gib``."""
+    if args.device.startswith("cuda"):
+        total = meta.get("gpu_memory_bytes")
+        return (int(total), f"the GPU's {fmt_bytes(total)}") if total else (None, "")
+    if args.max_memory_gib and args.max_memory_gib > 0:
+        return int(args.max_memory_gib * GIB), f"the {args.max_memory_gib:g} GiB cap"
+    return None, ""
+
+
+def skip_if_too_large(need: int, cap: int | None, cap_what: str) -> dict[str, Any] | None:
+    """The record of a case skipped without launching (its N x N lower bound ``need`` reaches ``cap``), or None."""
+    if cap is None or need < cap:
+        return None
+    return {"status": "skipped: too large",
+            "message": f"the dense reference needs at least {fmt_bytes(need)} of N x N temporaries, "
+                       f"above {cap_what}"}
+
+
 def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> list[Path]:
     started = time.perf_counter()
+    deadline = None if args.sweep_budget_s is None else started + args.sweep_budget_s
     device = args.device
     cuda = device.startswith("cuda")
     requested = args.n or list(spec.quick_sizes if args.quick else spec.default_sizes)
@@ -1316,6 +1381,8 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
     config.update(dtype=args.dtype, providers=providers, seed=args.seed, policy=policy.as_dict(),
                   max_memory_gib=args.max_memory_gib, case_timeout_s=args.case_timeout_s, modes=list(spec.modes),
                   size_label=spec.size_label, quick=args.quick)
+    if args.sweep_budget_s is not None:
+        config["sweep_budget_s"] = args.sweep_budget_s
     if spec.flop_convention is not None:
         config["flops"] = spec.flop_convention
     if spec.feature_bytes is not None:
@@ -1347,11 +1414,11 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
     print(f"[bench] {spec.op} on {device} ({where}, {meta['torch_num_threads']} threads), torch {meta['torch']}, "
           f"mlcontrast {meta['mlcontrast']}, commit {meta['git_commit']}")
     print(f"[bench] {spec.size_label} = {ns}, {spec.params(args)}, {args.dtype}, providers = {providers}; "
-          f"{'every case in one process (quick)' if args.quick else 'one process per case'}\n")
+          f"{'every case in one process' if args.quick or args.same_process else 'one process per case'}\n")
     print(table_header(spec), flush=True)
 
     artifacts = tempfile.mkdtemp(prefix="mlcontrast_bench_")
-    cap = args.max_memory_gib * GIB if args.max_memory_gib and args.max_memory_gib > 0 else None
+    cap, cap_what = memory_cap(args, meta)
     records: list[dict[str, Any]] = []
 
     def estimate(provider: str, n: int) -> int:
@@ -1383,30 +1450,38 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
         write_results(out, meta, so_far, {"config": config, "partial": True})
 
     def too_large(case: dict[str, Any]) -> dict[str, Any] | None:
-        need = estimate(case["provider"], case["n"])
-        if cuda or cap is None or need < cap:
+        return skip_if_too_large(estimate(case["provider"], case["n"]), cap, cap_what)
+
+    def over_budget(case: dict[str, Any]) -> dict[str, Any] | None:
+        if deadline is None or time.perf_counter() < deadline:
             return None
-        return {"status": "skipped: too large",
-                "message": f"the dense reference needs at least {fmt_bytes(need)} of N x N temporaries, "
-                           f"above the {args.max_memory_gib:g} GiB cap"}
+        return {"status": "skipped: budget",
+                "message": f"not started: the run's --sweep-budget-s {args.sweep_budget_s:g} s was spent"}
+
+    def case_timeout(limit: float) -> float:
+        return limit if deadline is None else max(1.0, min(limit, deadline - time.perf_counter()))
 
     probe_result = None
     try:
-        if args.quick:
-            # A smoke run: every case in one process (saves the ~5 s start of a process per case).
+        if args.quick or args.same_process:
+            # Every case in one process (saves the ~5 s start of a process per case).
             cases = [new_case(provider, n) for provider in providers for n in ns]
             runnable = [c for c in cases if too_large(c) is None]
-            results = iter(run_cases_subprocess(spec.module, runnable, args.case_timeout_s) if runnable else [])
-            for case in cases:
-                finish(case, too_large(case) or next(results))
+            start = bool(runnable) and over_budget(runnable[0]) is None
+            results = iter(run_cases_subprocess(spec.module, runnable, case_timeout(args.case_timeout_s))
+                           if start else [])
+            for case in cases:  # not started: over_budget gives the record
+                finish(case, too_large(case) or next(results, None) or over_budget(case))
         else:
             for n in ns:
                 for provider in providers:
                     case = new_case(provider, n)
-                    finish(case, too_large(case) or run_case_with_retry(spec.module, case, args.case_timeout_s))
+                    finish(case, too_large(case) or over_budget(case)
+                           or run_case_with_retry(spec.module, case, case_timeout(args.case_timeout_s)))
         add_checks(records)
         if args.max_n_probe:
-            probe_result = probe_max_n(spec, args, providers, new_case, make_record, too_large)
+            probe_result = probe_max_n(spec, args, args.max_n_providers or providers, new_case, make_record,
+                                       lambda case: too_large(case) or over_budget(case), case_timeout)
     finally:
         shutil.rmtree(artifacts, ignore_errors=True)
     for r in records:
@@ -1429,11 +1504,13 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
 
 
 def probe_max_n(spec: BenchSpec, args: argparse.Namespace, providers: list[str], new_case: Callable[..., dict],
-                make_record: Callable[..., dict], too_large: Callable[[dict], dict | None]) -> dict[str, Any]:
+                make_record: Callable[..., dict], skip: Callable[[dict], dict | None],
+                case_timeout: Callable[[float], float] = lambda limit: limit) -> dict[str, Any]:
     """The largest N that runs, per provider: N doubles from ``--max-n-start`` (each N in its own process,
     one warm-up iteration for compiled providers and on CUDA, where the first call's kernel compilation and
     library start-up would otherwise count in the time and the peak; one timed iteration) until a case is not
-    ``ok`` (oom, timeout, error, skipped) or N passes ``--max-n-limit``."""
+    ``ok`` (oom, timeout, error, skipped: too large or budget, whose records ``skip(case)`` gives without
+    launching) or N passes ``--max-n-limit``. ``case_timeout(limit)``: the time one attempt may take."""
     warmup = 1 if args.device.startswith("cuda") else 0
     policy = RepeatPolicy(repeats=1, min_repeats=1, budget_s=0.0, warmup=warmup, min_warmup=warmup,
                           warmup_budget_s=0.0)
@@ -1447,7 +1524,7 @@ def probe_max_n(spec: BenchSpec, args: argparse.Namespace, providers: list[str],
         while n <= args.max_n_limit:
             case = new_case(provider, n, policy)
             case.pop("artifacts_dir", None)  # no outputs saved: nothing to compare
-            result = too_large(case) or run_case_with_retry(spec.module, case, args.max_n_timeout_s)
+            result = skip(case) or run_case_with_retry(spec.module, case, case_timeout(args.max_n_timeout_s))
             record = make_record(case, result)
             attempt = {"n": record["n"], "status": record["status"], "process_wall_s": record.get("process_wall_s"),
                        "full_s": (record.get("time_s") or {}).get("full", {}).get("median"),

@@ -248,3 +248,158 @@ def test_tune_triton_quick(tmp_path):
     env = {**_env(), "MLCONTRAST_TRITON_CONFIGS": proc.stdout.strip()}
     read = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
     assert json.loads(read.stdout) == configs, read.stderr[-2000:]
+
+
+# ---- the GPU session scripts (benchmarks/gpu_session.sh, gpu_session_more.sh) and their harness options ----
+
+GPU_SCRIPTS = ("gpu_session.sh", "gpu_session_more.sh")
+
+
+def _phase_budgets(script: str) -> dict[str, int]:
+    import re
+
+    text = (BENCH / script).read_text()
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^BUDGET_([A-Z_]+)=(\d+)\s*$", text, re.M)}
+
+
+def _run_script(script: str, mode: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**_env(), "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(out.parent)}
+    return subprocess.run(["bash", str(BENCH / script), mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_script_phase_budgets_fit_one_call(script, tmp_path):
+    """The phases of one device call add up to at most 540 s (the call's timeout_s is 560 s), and the script
+    runs every phase it declares a budget for, in print mode (nothing run)."""
+    budgets = _phase_budgets(script)
+    assert len(budgets) >= 6 and sum(budgets.values()) <= 540, budgets
+    assert "CALL_BUDGET_S=540" in (BENCH / "gpu_lib.sh").read_text()
+    proc = _run_script(script, "--print", tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"phase budgets: {sum(budgets.values())} s of the call's 540 s" in proc.stdout
+    table = (tmp_path / "out" / "phases.txt").read_text()
+    phases = [line.split()[0] for line in table.splitlines()]
+    assert "preflight" in phases and "build" in phases
+    # Each budget names a phase (BUILD_WAIT is the build's time beyond the phase it runs beside).
+    for name in budgets:
+        if name != "BUILD_WAIT":
+            assert name.lower() in phases or name.lower().startswith("bench_"), (name, phases)
+    assert "--device cuda" in proc.stdout and "TORCH_CUDA_ARCH_LIST=9.0" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_script_dry_run(script, tmp_path):
+    """Every phase of the script on this CPU machine with tiny problems (~30 s each): the phase plumbing,
+    the packing into $OUT, and that nothing is written into the checkout."""
+    import tarfile
+
+    committed = _snapshot(BENCH / "results")
+    out = tmp_path / "out"
+    proc = _run_script(script, "--dry-run", out)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert _snapshot(BENCH / "results") == committed and not (BENCH / "results" / "tuning").exists()
+    assert set(p.name for p in out.iterdir()) >= {"session.log", "phases.txt", "logs.tgz", "results.tgz"}
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+    outcomes = dict(line.split(None, 1) for line in (out / "phases.txt").read_text().splitlines())
+    assert all(" ok" in o or "skipped:" in o for o in outcomes.values()), outcomes
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+    assert any(n.startswith("benchmarks/results/label_supcon_") and n.endswith("_cpu.json") for n in names), names
+    with tarfile.open(out / "logs.tgz") as tar:
+        logs = tar.getnames()
+    assert "logs/preflight.log" in logs and "logs/phases.txt" in logs
+    if script == "gpu_session.sh":
+        assert {"logs/triton_tests.xml", "logs/cuda_tests.xml"} <= set(logs)
+        assert any("prototype_nce_" in n for n in names) and any("update_prototypes_" in n for n in names)
+    else:
+        assert any("_maxn_cpu.json" in n for n in names)
+        assert "skipped:" in outcomes["sanitizer"] or " ok" in outcomes["sanitizer"]
+
+
+def test_references_skipped_when_they_cannot_fit_on_the_gpu():
+    """On CUDA the dense references are skipped unlaunched when their N x N lower bound reaches the GPU's
+    memory (the sweep used to launch them whatever N); on CPU the --max-memory-gib cap applies."""
+    import argparse
+
+    from benchmarks.bench_label_supcon import NN_BYTES_LOWER_BOUND
+    from benchmarks.utils import memory_cap, skip_if_too_large
+
+    gpu = {"gpu_memory_bytes": 141 * 10**9}
+    cap, what = memory_cap(argparse.Namespace(device="cuda", max_memory_gib=16.0), gpu)
+    assert cap == 141 * 10**9 and "GPU" in what
+
+    def skipped(provider, n):
+        return skip_if_too_large(int(NN_BYTES_LOWER_BOUND[provider] * n * n), cap, what) is not None
+
+    assert not skipped("torch", 32768) and not skipped("torch_compile", 131072)
+    assert skipped("torch", 131072) and skipped("torch_compile", 262144)
+    assert skip_if_too_large(10**12, cap, what)["status"] == "skipped: too large"
+    cap, _ = memory_cap(argparse.Namespace(device="cpu", max_memory_gib=16.0), {})
+    assert cap == 16 * 2**30
+    assert memory_cap(argparse.Namespace(device="cpu", max_memory_gib=0), {})[0] is None
+
+
+def test_sweep_budget_and_probe_providers(tmp_path):
+    """--sweep-budget-s: cases past the budget are recorded as skipped and the results written as usual;
+    --max-n-providers: the largest-N probe runs those providers only."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_label_supcon", "--device", "cpu", "--n", "64", "--d", "8",
+           "--providers", "torch", "cpu", "--same-process", "--repeats", "1", "--max-n-probe", "--max-n-start",
+           "128", "--max-n-limit", "128", "--max-n-providers", "cpu", "--out", str(out)]
+    env = {**_env(), "MLCONTRAST_BENCH_RETRIES": "0"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {r["provider"]: r["status"] for r in result["records"]} == {"torch": "ok", "cpu": "ok"}
+    probe = result["max_n_probe"]["results"]
+    assert [p["provider"] for p in probe] == ["cpu"] and probe[0]["largest_n_ok"] == 128
+
+    proc = subprocess.run(cmd[:-2] + ["--sweep-budget-s", "0", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert "partial" not in result and result["config"]["sweep_budget_s"] == 0
+    assert {r["status"] for r in result["records"]} == {"skipped: budget"}
+    assert result["max_n_probe"]["results"][0]["stopped_by"] == "skipped: budget"
+
+
+def test_no_retry_sleeps_when_told(monkeypatch):
+    """MLCONTRAST_BENCH_RETRIES=0 (the GPU scripts): no waiting for a rebuild that cannot happen there."""
+    from benchmarks import utils
+
+    monkeypatch.setenv("MLCONTRAST_BENCH_RETRIES", "0")
+    assert utils.retry_count(9) == 0
+    sleeps = []
+    monkeypatch.setattr(utils.time, "sleep", sleeps.append)
+    monkeypatch.setattr(utils, "run_case_subprocess",
+                        lambda *a, **k: {"status": "unavailable", "message": "mlcontrast._C did not load"})
+    result = utils.run_case_with_retry("m", {"provider": "cpu", "n": 1}, timeout_s=1.0)
+    assert result["status"] == "unavailable" and sleeps == []
+    monkeypatch.delenv("MLCONTRAST_BENCH_RETRIES")
+    assert utils.retry_count(9) == 9
+
+
+def test_interrupted_parent_kills_its_case_process(monkeypatch):
+    """A SIGINT to the parent (a GPU session phase at its budget) kills the case's process group, which
+    runs in its own session and would otherwise hold the GPU during the next phase."""
+    import signal as signal_module
+
+    from benchmarks import utils
+
+    started = []
+    real_communicate = subprocess.Popen.communicate
+
+    def interrupted(self, *args, **kwargs):
+        if not started:
+            started.append(self)
+            raise KeyboardInterrupt
+        return real_communicate(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", interrupted)
+    case = {"device": "cpu", "dtype": "float32", "matmul_size": 4096, "copy_bytes": None, "runs": 50}
+    with pytest.raises(KeyboardInterrupt):
+        utils.run_case_subprocess("benchmarks.utils", case, timeout_s=600)
+    (proc,) = started
+    assert proc.wait(timeout=30) == -signal_module.SIGKILL
