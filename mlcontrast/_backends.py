@@ -4,6 +4,9 @@
 fastest at the nearest measured shape (:mod:`mlcontrast._measured`), and otherwise the first backend
 of :func:`available_backends`; ``MLCONTRAST_BACKEND`` replaces ``"auto"`` by a fixed choice. An
 explicitly requested backend that is unavailable raises ``RuntimeError`` saying why and how to get it.
+
+A fused GPU backend that no measurement covers is checked on its first use (:mod:`mlcontrast._first_use`):
+``"auto"`` passes over one that failed the check, an explicit choice runs as asked.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 
 import torch
 
-from mlcontrast import _measured
+from mlcontrast import _first_use, _measured
 from mlcontrast._base import BACKENDS, dtype_name, interpreting
 
 __all__ = ["BACKENDS", "available_backends", "dtype_name", "measured_fastest", "why_unavailable"]
@@ -160,15 +163,23 @@ def resolve(backend: str, device: torch.device, op: str | None = None, features:
     reason = why_unavailable(backend, device)
     if reason is not None:
         raise RuntimeError(f'mlcontrast backend "{backend}" is unavailable: {reason}')
+    if features is not None:
+        _first_use.trusted(backend, device, features.dtype, op)  # asked for: runs either way, after a warning
     return backend
 
 
 def _auto(device: torch.device, op: str | None, features: torch.Tensor | None, rows: int | None) -> str:
+    choice = None
     if device.type == "cuda" and op is not None and features is not None and _measured.FASTEST:
         available = available_backends(device)
         rows = features.shape[0] if rows is None else rows
         choice = measured_fastest(op, features.dtype, rows, features.shape[-1], available)
-        if choice is not None:
-            return choice
-    # The first available in available_backends' order, without probing the ones after it.
-    return next(name for name in _auto_order(device) if why_unavailable(name, device) is None)
+    order = _auto_order(device) if choice is None else (choice, *(n for n in _auto_order(device) if n != choice))
+    # The first available (and, where checked on first use, correct) backend in that order, without
+    # probing the ones after it; "torch", the reference, always qualifies.
+    for name in order:
+        if (name == choice or why_unavailable(name, device) is None) and (
+            features is None or _first_use.trusted(name, device, features.dtype, op)
+        ):
+            return name
+    return "torch"

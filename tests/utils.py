@@ -5,18 +5,7 @@ from __future__ import annotations
 import torch
 
 import mlcontrast
-
-# (rtol, atol) per dtype of the computation under test. The check is by norm over the whole tensor:
-#     ||actual - expected|| <= rtol * ||expected|| + atol.
-# fp32 and fp64 are compared with a reference computed in fp64; fp16 and bf16 inputs are compared with
-# the reference run on the same values upcast to fp32. The kernels accumulate in fp32, so the
-# low-precision error comes mostly from rounding the returned gradients to fp16 (2^-11) or bf16 (2^-8).
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-4, 1e-6),
-    torch.float16: (5e-3, 1e-4),
-    torch.bfloat16: (2e-2, 1e-3),
-}
+from mlcontrast._tolerances import TOLERANCES, reference_dtype  # noqa: F401  (the one table lives in the package)
 
 _TINY = 1e-30
 
@@ -75,11 +64,6 @@ def make_targets(b: int, c: int, p_positive: float = 0.3, p_unknown: float = 0.2
     targets[u < p_positive] = 1
     targets[u > 1 - p_unknown] = -1
     return targets
-
-
-def reference_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the reference runs in to check a computation in ``dtype`` (see TOLERANCES)."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def loss_and_grads(fn, tensors, upstream: torch.Tensor | None = None):
