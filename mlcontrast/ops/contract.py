@@ -23,8 +23,10 @@ Registration, for a library ``namespace`` whose ops follow the contract:
 ``tests/test_contract.py`` checks that both libraries' schemas are the ones stated here.
 
 Example:
-    >>> contract.schema("label_supcon_backward")  # doctest: +ELLIPSIS
+    >>> schema("label_supcon_backward")  # doctest: +ELLIPSIS
     'label_supcon_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor lse, Tensor n_pos, ...'
+    >>> [o.name for o in FUSED_OPS["prototype_nce"].saved]
+    ['stats', 'logits', 'norm']
 """
 
 from __future__ import annotations
@@ -129,14 +131,15 @@ _ANCHORS = (Arg("anchor_start", "int", 0), Arg("anchor_stop", "int?", None))
 
 #: Every fused op of the package, by name.
 FUSED_OPS: dict[str, FusedOp] = {
-    op.name: op
-    for op in (
+    fused.name: fused
+    for fused in (
         FusedOp(
             name="label_supcon",
             args=(Arg("features", "Tensor"), Arg("labels", "Tensor"), _TEMPERATURE, Arg("base_temperature", "float"),
                   *_ANCHORS),  # fmt: skip
             outputs=(
-                Output("loss", _rows, "[N] per-row loss; 0 on ignored rows, rows without positives and outside the anchors"),
+                Output("loss", _rows, "[N] per-row loss; 0 on ignored rows, rows without positives and outside "
+                       "the anchors"),  # fmt: skip
                 Output("lse", _rows, "[N] LSE_{j != i} s_ij of the anchors (-inf when there is nothing to contrast "
                        "with); 0 on ignored rows and outside the anchors"),  # fmt: skip
                 Output("n_pos", _rows, "[N] |P(i)| of the valid anchors, 0 elsewhere"),
@@ -207,7 +210,12 @@ def signature(name: str) -> tuple[tuple[Arg, ...], int]:
 
 
 def schema(name: str) -> str:
-    """The schema of ``name`` (without the namespace), as ``csrc/ops.cpp`` defines it."""
+    """The schema of ``name`` (without the namespace), as ``csrc/ops.cpp`` defines it.
+
+    Example:
+        >>> schema("prototype_ce")
+        'prototype_ce(Tensor features, Tensor labels, Tensor prototypes, float temperature) -> (Tensor, Tensor, Tensor)'
+    """
     args, returns = signature(name)
     result = "()" if returns == 0 else "Tensor" if returns == 1 else f"({', '.join(['Tensor'] * returns)})"
     return f"{name}({', '.join(a.schema() for a in args)}) -> {result}"
@@ -230,7 +238,13 @@ def _output_dtype(forward: FusedOp, values: Mapping[str, Any]) -> torch.dtype:
 
 def fake(name: str) -> Callable:
     """The fake (meta) kernel of the op or backward op ``name``: empty outputs of the contract's shapes and
-    dtypes (contiguous gradients, in their inputs' dtypes). Extra trailing arguments are ignored."""
+    dtypes (contiguous gradients, in their inputs' dtypes). Extra trailing arguments are ignored.
+
+    Example:
+        >>> loss, lse, n_pos = fake("label_supcon")(torch.empty(5, 3, device="meta"), torch.empty(5), 0.1, 0.1)
+        >>> n_pos.shape, n_pos.dtype
+        (torch.Size([5]), torch.float32)
+    """
     forward = op(name)
     args, _ = signature(name)
 
@@ -261,7 +275,12 @@ def register_fakes(namespace: str) -> None:
 
 
 def register_autograd(namespace: str, name: str) -> None:
-    """Registers the autograd formula of the fused op ``namespace::name``.
+    """Registers the one autograd formula of the fused op ``namespace::name``.
+
+    Args:
+        namespace: the library (``"mlcontrast"``, ``"mlcontrast_triton"``); its ``<name>_backward`` op
+            must be defined when the backward runs.
+        name: a fused op of :data:`FUSED_OPS` with a backward.
 
     The forward's inputs are the contract's arguments followed by any backend-only ones; the backward
     op ``torch.ops.<namespace>.<name>_backward`` gets the gradient of the result, the tensor inputs, the
@@ -269,7 +288,7 @@ def register_autograd(namespace: str, name: str) -> None:
     Statistics are marked non-differentiable; backend-only arguments get no gradient.
 
     Example:
-        >>> register_autograd("mlcontrast_triton", "label_supcon")  # after defining both ops
+        >>> register_autograd("mlcontrast_triton", "label_supcon")  # once both of its ops are defined
     """
     forward = op(name)
     if forward.backward is None:
