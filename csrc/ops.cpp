@@ -2,7 +2,8 @@
 //
 // The CPU kernels (csrc/cpu/) and the CUDA kernels (csrc/cuda/, when built) register
 // implementations of these schemas for their dispatch keys; Python registers the fake
-// (meta) kernels and the autograd formulas (mlcontrast/ops/compiled.py).
+// (meta) kernels and the autograd formulas from the contract (mlcontrast/ops/contract.py, through
+// mlcontrast/ops/compiled.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,28 +16,36 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// The schemas are the contract of mlcontrast/ops/contract.py, which states every op once (inputs,
+// outputs, the statistics saved for backward, the backward op); the Triton library mlcontrast_triton
+// has the same ops, with backend-only options as defaulted trailing arguments. tests/test_contract.py
+// checks that these strings are the table's. Outputs after the first are statistics for backward
+// (not differentiable), in the compute dtype (fp32; fp64 when a floating input is fp64).
 TORCH_LIBRARY(mlcontrast, m) {
-  // Label-level SupCon. Returns the per-row loss [N] (0 on ignored rows and rows without
-  // positives) and the per-row log-sum-exp [N] saved for backward; both fp32 (fp64 for fp64 input).
-  // Only the anchor rows [anchor_start, anchor_stop) (stop: N when None) get a loss and an LSE; all
-  // valid rows stay in their contrast sets. The other rows' loss and LSE are 0.
+  // Label-level SupCon: (loss, lse, n_pos), each [N]. loss: the per-row loss (0 on ignored rows, rows
+  // without positives and rows outside the anchors); lse: the row log-sum-exp (-inf for an anchor with
+  // nothing to contrast with, 0 on ignored rows and outside the anchors); n_pos: |P(i)| for valid
+  // anchors, 0 elsewhere. Only the anchor rows [anchor_start, anchor_stop) (stop: N when None) get a
+  // loss; all valid rows stay in their contrast sets.
   m.def("label_supcon(Tensor features, Tensor labels, float temperature, float base_temperature,"
-        " int anchor_start=0, int? anchor_stop=None) -> (Tensor, Tensor)");
-  m.def("label_supcon_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor lse,"
+        " int anchor_start=0, int? anchor_stop=None) -> (Tensor, Tensor, Tensor)");
+  m.def("label_supcon_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor lse, Tensor n_pos,"
         " float temperature, float base_temperature, int anchor_start=0, int? anchor_stop=None) -> Tensor");
 
-  // Prototype-to-sample NCE (SADCL's PSCL). Returns the scalar loss and per-class statistics
-  // [2, C] (log-sum-exp over positives and over known entries) saved for backward.
-  m.def("prototype_nce(Tensor features, Tensor prototypes, Tensor targets, float temperature)"
-        " -> (Tensor, Tensor)");
-  m.def("prototype_nce_backward(Tensor grad, Tensor features, Tensor prototypes, Tensor targets,"
-        " Tensor stats, float temperature) -> (Tensor, Tensor)");
-
-  // Sample-to-prototype cross-entropy. Returns the per-row loss [N] and per-row log-sum-exp [N].
+  // Sample-to-prototype cross-entropy: (loss, lse, norm), each [N]: the per-row loss (0 on ignored
+  // rows), the row log-sum-exp over the C classes and max(|z_i|, eps).
   m.def("prototype_ce(Tensor features, Tensor labels, Tensor prototypes, float temperature)"
-        " -> (Tensor, Tensor)");
+        " -> (Tensor, Tensor, Tensor)");
   m.def("prototype_ce_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor prototypes,"
-        " Tensor lse, float temperature) -> (Tensor, Tensor)");
+        " Tensor lse, Tensor norm, float temperature) -> (Tensor, Tensor)");
+
+  // Prototype-to-sample NCE (SADCL's PSCL): (loss, stats, logits, norm): the scalar loss, [2, C]
+  // per-class log-sum-exps over the positives and over the known entries (0 for an empty set), the
+  // [B, C] logits cos(z_bc, p_c) / t and the [B, C] clamped norms max(|z_bc|, eps).
+  m.def("prototype_nce(Tensor features, Tensor prototypes, Tensor targets, float temperature)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("prototype_nce_backward(Tensor grad, Tensor features, Tensor prototypes, Tensor targets,"
+        " Tensor stats, Tensor logits, Tensor norm, float temperature) -> (Tensor, Tensor)");
 
   // In-place EMA of class prototypes towards the mean of each present class's rows.
   m.def("update_prototypes_(Tensor(a!) prototypes, Tensor features, Tensor labels, float momentum,"

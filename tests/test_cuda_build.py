@@ -347,13 +347,17 @@ def _check_prototype_nce(emu: _Emulation, dtype, b, c, d, inv_t=1 / 0.07):
         z[0] = 0  # a zero row: the eps clamp (its gradient, ~1e8, overflows fp16)
     z = z.to(dtype)
     unit_p = torch.nn.functional.normalize(torch.randn(c, d, dtype=torch.float64), dim=1, eps=1e-8).to(_acc(dtype))
-    emu.run("nce_fwd", DTYPE_NAMES[dtype], b * c, c, d, inv_t, emu.file("z", z), emu.file("p", unit_p), emu.file("l"))
+    emu.run(
+        "nce_fwd", DTYPE_NAMES[dtype], b * c, c, d, inv_t,
+        emu.file("z", z), emu.file("p", unit_p), emu.file("l"), emu.file("n"),
+    )  # fmt: skip
     logits = emu.read("l", _acc(dtype), b * c)
     zd, pd = z.double(), unit_p.double()
     norm = zd.norm(dim=1).clamp_min(1e-8)
     classes = torch.arange(b * c) % c
     expected = (zd * pd[classes]).sum(1) / norm * inv_t
     assert _rel(logits, expected) <= tol
+    assert _rel(emu.read("n", _acc(dtype), b * c), norm) <= tol  # the op's saved norms
 
     dlogits = torch.randn(b * c, dtype=_acc(dtype))
     emu.run(

@@ -363,12 +363,14 @@ def test_cuda_opcheck(dtype, requires_grad):
     torch.library.opcheck(OPS.prototype_nce.default, (zb, pb, t, 0.1))
     if not requires_grad:
         torch.library.opcheck(OPS.update_prototypes_.default, (f(4, 5), f(11, 5), y, 0.9, True))
-        rows, lse = OPS.label_supcon(z, y, 0.5, 0.5)
-        torch.library.opcheck(OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, 0.5, 0.5))
-        rows, lse = OPS.prototype_ce(z, y, p, 0.5)
-        torch.library.opcheck(OPS.prototype_ce_backward.default, (torch.randn_like(rows), z, y, p, lse, 0.5))
-        loss, stats = OPS.prototype_nce(zb, pb, t, 0.5)
-        torch.library.opcheck(OPS.prototype_nce_backward.default, (torch.ones_like(loss), zb, pb, t, stats, 0.5))
+        rows, lse, n_pos = OPS.label_supcon(z, y, 0.5, 0.5)
+        torch.library.opcheck(
+            OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, n_pos, 0.5, 0.5)
+        )
+        rows, lse, norm = OPS.prototype_ce(z, y, p, 0.5)
+        torch.library.opcheck(OPS.prototype_ce_backward.default, (torch.randn_like(rows), z, y, p, lse, norm, 0.5))
+        loss, *saved = OPS.prototype_nce(zb, pb, t, 0.5)
+        torch.library.opcheck(OPS.prototype_nce_backward.default, (torch.ones_like(loss), zb, pb, t, *saved, 0.5))
 
 
 @needs_cuda_backend

@@ -71,19 +71,21 @@ def test_opcheck_update_prototypes_(dtype, normalize):
 def test_opcheck_backward_ops(dtype):
     z = _float(8, 3, dtype=dtype)
     y = torch.tensor([0, 0, 1, 1, -1, 2, 2, 2])
-    rows, lse = OPS.label_supcon(z, y, 0.5, 0.5)
-    torch.library.opcheck(OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, 0.5, 0.5))
-    rows, lse = OPS.label_supcon(z, y, 0.5, 0.5, 2, 5)
-    torch.library.opcheck(OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, 0.5, 0.5, 2, 5))
+    rows, lse, n_pos = OPS.label_supcon(z, y, 0.5, 0.5)
+    torch.library.opcheck(OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, n_pos, 0.5, 0.5))
+    rows, lse, n_pos = OPS.label_supcon(z, y, 0.5, 0.5, 2, 5)
+    torch.library.opcheck(
+        OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, n_pos, 0.5, 0.5, 2, 5)
+    )
 
     p = _float(3, 3, dtype=dtype)
-    rows, lse = OPS.prototype_ce(z, y, p, 0.5)
-    torch.library.opcheck(OPS.prototype_ce_backward.default, (torch.randn_like(rows), z, y, p, lse, 0.5))
+    rows, lse, norm = OPS.prototype_ce(z, y, p, 0.5)
+    torch.library.opcheck(OPS.prototype_ce_backward.default, (torch.randn_like(rows), z, y, p, lse, norm, 0.5))
 
     zb = _float(4, 3, 3, dtype=dtype)
     t = torch.tensor([[1, 0, -1], [0, 1, 1], [1, -1, 0], [0, 0, 1]])
-    loss, stats = OPS.prototype_nce(zb, p, t, 0.5)
-    torch.library.opcheck(OPS.prototype_nce_backward.default, (torch.ones_like(loss), zb, p, t, stats, 0.5))
+    loss, *saved = OPS.prototype_nce(zb, p, t, 0.5)  # saved: stats, logits, norm
+    torch.library.opcheck(OPS.prototype_nce_backward.default, (torch.ones_like(loss), zb, p, t, *saved, 0.5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,13 +159,13 @@ def test_compile_fullgraph_backward_ops_with_non_contiguous_inputs():
 
     def grads(x, xb, xp, y, targets):
         z, zb, protos = x.t(), xb.permute(2, 0, 1), xp.t()  # [N, D], [B, C, D], [C, D] views
-        rows, lse = OPS.label_supcon(z, y, 0.5, 0.5)
-        g_sup = OPS.label_supcon_backward(torch.ones_like(rows), z, y, lse, 0.5, 0.5)
+        rows, lse, n_pos = OPS.label_supcon(z, y, 0.5, 0.5)
+        g_sup = OPS.label_supcon_backward(torch.ones_like(rows), z, y, lse, n_pos, 0.5, 0.5)
         labels = y.clamp(max=c - 1)
-        rows, lse = OPS.prototype_ce(z, labels, protos, 0.5)
-        g_ce, gp_ce = OPS.prototype_ce_backward(torch.ones_like(rows), z, labels, protos, lse, 0.5)
-        loss, stats = OPS.prototype_nce(zb, protos, targets, 0.5)
-        g_nce, gp_nce = OPS.prototype_nce_backward(torch.ones_like(loss), zb, protos, targets, stats, 0.5)
+        rows, lse, norm = OPS.prototype_ce(z, labels, protos, 0.5)
+        g_ce, gp_ce = OPS.prototype_ce_backward(torch.ones_like(rows), z, labels, protos, lse, norm, 0.5)
+        loss, *saved = OPS.prototype_nce(zb, protos, targets, 0.5)
+        g_nce, gp_nce = OPS.prototype_nce_backward(torch.ones_like(loss), zb, protos, targets, *saved, 0.5)
         return g_sup * 2, g_ce * 2, gp_ce * 2, g_nce * 2, gp_nce * 2
 
     inputs = (torch.randn(d, n), torch.randn(c, d, b), torch.randn(d, c), torch.randint(-1, c, (n,)),

@@ -8,7 +8,7 @@
 //   of each tile: N^2 D flops for all rows as anchors.
 // * Backward: recomputes each tile from the saved row LSE; dZ = (H + H^T) Z with
 //   H_ij = w_i exp(s_ij - LSE_i), both products from the same tile: 3 N^2 D flops (6 N^2 D
-//   without the symmetry). Only O(N) statistics (the LSE) are saved.
+//   without the symmetry). Only O(N) statistics (the LSE and the positive counts) are saved.
 // Tile products go to BLAS through ATen (single-threaded inside the parallel region); the
 // element-wise work is in vec_math.cpp, on scratch that stays in L2. Scratch is O(tile) per thread
 // plus O(N) (forward) or O(N D) (backward) per worker, bounded by kAccumulatorBudgetBytes.
@@ -202,9 +202,10 @@ ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
   return v;
 }
 
-std::tuple<at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features, const at::Tensor& labels,
-                                                    double temperature, double base_temperature, int64_t anchor_start,
-                                                    std::optional<int64_t> anchor_stop) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features,
+                                                                const at::Tensor& labels, double temperature,
+                                                                double base_temperature, int64_t anchor_start,
+                                                                std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
   const AnchorArgs args{anchor_start, anchor_stop};
   check_arguments(features, labels, args);
@@ -217,15 +218,16 @@ std::tuple<at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor& features, 
 }
 
 at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
-                                     const at::Tensor& labels, const at::Tensor& lse, double temperature,
-                                     double base_temperature, int64_t anchor_start,
+                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& n_pos,
+                                     double temperature, double base_temperature, int64_t anchor_start,
                                      std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
   const AnchorArgs args{anchor_start, anchor_stop};
   check_arguments(features, labels, args);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
-  check_row_inputs(grad_rows, lse, features.size(0));
+  MLC_CHECK_CPU(n_pos);
+  check_row_inputs(grad_rows, lse, n_pos, "n_pos", features.size(0));
   const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return at::zeros_like(features);
@@ -233,8 +235,9 @@ at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tens
 
   const auto g = label_supcon::anchor_grads(grad_rows, v.index, a, dtype);
   const auto sums = class_sums(v.z, v.labels);
-  const auto weights = label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype), sums,
-                                                      temperature, base_temperature);
+  const auto weights =
+      label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype),
+                                     label_supcon::valid_values(n_pos, v.index, dtype), temperature, base_temperature);
   at::Tensor dz;
   AT_DISPATCH_FLOATING_TYPES(dtype, "label_supcon_backward", [&] {
     dz = symmetric_lse_grad<scalar_t>(v.z, weights.lse, weights.w, 1.0 / temperature, a);

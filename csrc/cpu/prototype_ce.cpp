@@ -24,8 +24,8 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
 
 using prototype_ce::FeatureRows;
 
-std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, const at::Tensor& labels,
-                                                    const at::Tensor& prototypes, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, const at::Tensor& labels,
+                                                                const at::Tensor& prototypes, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
   const int64_t n = features.size(0), c = prototypes.size(0);
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_cpu(const at::Tensor& features, 
       prototype_ce::forward_block(o, logits, i0, lse, loss);
     }
   });
-  return {loss, lse};
+  return {loss, lse, f.norm.reshape({-1})};
 }
 
 // prototype_ce::through_normalisation_ in one pass per row: (g - x (x . g) [|z| > eps]) s with x = z s.
@@ -69,18 +69,19 @@ void through_normalisation_(const FeatureRows& f, const at::Tensor& zb, int64_t 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& features,
-                                                             const at::Tensor& labels, const at::Tensor& prototypes,
-                                                             const at::Tensor& lse, double temperature) {
+std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
+    const at::Tensor& lse, const at::Tensor& norm, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
-  check_row_inputs(grad_rows, lse, features.size(0));
+  MLC_CHECK_CPU(norm);
+  check_row_inputs(grad_rows, lse, norm, "norm", features.size(0));
   const int64_t n = features.size(0), c = prototypes.size(0), d = features.size(1);
   const auto dtype = compute_dtype(features, prototypes);
   const auto o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
-  const auto f = prototype_ce::feature_rows(features, dtype);
+  const auto f = prototype_ce::feature_rows(features, norm, dtype);
   const auto r = prototype_ce::row_grads(o, grad_rows, lse);
   auto normalise = [&](const at::Tensor& zb, int64_t i0, at::Tensor& g) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "prototype_ce_normalisation_backward",

@@ -1,7 +1,7 @@
 // Prototype-to-sample NCE (SADCL's PSCL) on the CPU (the loss: shared/prototype_nce.h).
 //
-// One pass over the features computes the [B, C] logits with the normalisation fused into the dot
-// products; backward recomputes the logits in its single pass.
+// One pass over the features computes the [B, C] logits and norms with the normalisation fused into
+// the dot products; backward takes them from the forward and makes one pass over the features.
 #include "common.h"
 #include "shared/prototype_nce.h"
 
@@ -20,9 +20,10 @@ void check_inputs(const at::Tensor& features, const at::Tensor& prototypes, cons
   prototype_nce::check_inputs(features, prototypes, targets);
 }
 
-// logits[b, c] = (z_bc / max(|z_bc|, eps)) . unit_p_c / t, one pass over z.
+// logits[b, c] = (z_bc / max(|z_bc|, eps)) . unit_p_c / t and norm[b, c] = max(|z_bc|, eps), one pass
+// over z.
 template <typename T>
-void cosine_logits(const T* z, const T* unit_p, T* logits, int64_t b, int64_t c, int64_t d, double inv_t) {
+void cosine_logits(const T* z, const T* unit_p, T* logits, T* norm, int64_t b, int64_t c, int64_t d, double inv_t) {
   at::parallel_for(0, b * c, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* zr = z + r * d;
@@ -33,18 +34,20 @@ void cosine_logits(const T* z, const T* unit_p, T* logits, int64_t b, int64_t c,
         dot += zr[k] * pr[k];
         sq += zr[k] * zr[k];
       }
-      logits[r] = static_cast<T>(dot / std::max<T>(std::sqrt(sq), static_cast<T>(kNormEps)) * inv_t);
+      norm[r] = std::max<T>(std::sqrt(sq), static_cast<T>(kNormEps));
+      logits[r] = static_cast<T>(dot / norm[r] * inv_t);
     }
   });
 }
 
-// Given d L / d logits, writes d L / d z (through the fused normalisation) and accumulates
-// d L / d unit_p. Parallel over images, so that each worker reads and writes contiguous [C, D] slabs
-// of z and grad_z; each worker adds into its own [C, D] slab of grad_unit_p ([workers, C, D]), so
-// no two threads write the same memory, and the caller sums the slabs in a fixed order.
+// Given d L / d logits and the forward's logits and clamped norms, writes d L / d z (through the
+// fused normalisation) and accumulates d L / d unit_p: one pass over z, as u_r . unit_p = logit_r t
+// needs no dot product. Parallel over images, so that each worker reads and writes contiguous [C, D]
+// slabs of z and grad_z; each worker adds into its own [C, D] slab of grad_unit_p ([workers, C, D]),
+// so no two threads write the same memory, and the caller sums the slabs in a fixed order.
 template <typename T>
-void cosine_backward(const T* z, const T* unit_p, const T* dlogits, T* grad_z, T* grad_unit_p, int64_t b, int64_t c,
-                     int64_t d, double inv_t, int64_t workers) {
+void cosine_backward(const T* z, const T* unit_p, const T* dlogits, const T* logits, const T* norm, T* grad_z,
+                     T* grad_unit_p, int64_t b, int64_t c, int64_t d, double inv_t, int64_t workers) {
   const T eps = static_cast<T>(kNormEps), it = static_cast<T>(inv_t);
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t worker = w0; worker < w1; ++worker) {
@@ -56,17 +59,11 @@ void cosine_backward(const T* z, const T* unit_p, const T* dlogits, T* grad_z, T
           const T* zr = z + r * d;
           T* gzr = grad_z + r * d;
           T* gp_row = gp + cls * d;
-          T sq = 0, dot = 0;
-#pragma omp simd reduction(+ : sq, dot)
-          for (int64_t k = 0; k < d; ++k) {
-            sq += zr[k] * zr[k];
-            dot += zr[k] * p_row[k];
-          }
-          const T norm = std::sqrt(sq), clamped = std::max(norm, eps);
+          const T clamped = norm[r];
           const T ds = dlogits[r] * it;
-          // The gradient of the unit row is ds * p; its radial part only counts when the norm is
-          // not clamped.
-          const T radial = norm > eps ? ds * dot / clamped : T(0);
+          // The gradient of the unit row is ds * p; its radial part, ds (u . p) = dlogit * logit, only
+          // counts when the norm is not clamped.
+          const T radial = clamped > eps ? dlogits[r] * logits[r] : T(0);
 #pragma omp simd
           for (int64_t k = 0; k < d; ++k) {
             const T u = zr[k] / clamped;
@@ -79,42 +76,50 @@ void cosine_backward(const T* z, const T* unit_p, const T* dlogits, T* grad_z, T
   });
 }
 
-at::Tensor logits_of(const at::Tensor& z, const at::Tensor& unit_p, double inv_t) {
-  auto logits = at::empty({z.size(0), z.size(1)}, z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "prototype_nce_logits", [&] {
-    cosine_logits<scalar_t>(z.data_ptr<scalar_t>(), unit_p.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(),
-                            z.size(0), z.size(1), z.size(2), inv_t);
-  });
-  return logits;
-}
-
-std::tuple<at::Tensor, at::Tensor> prototype_nce_cpu(const at::Tensor& features, const at::Tensor& prototypes,
-                                                     const at::Tensor& targets, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_nce_cpu(const at::Tensor& features,
+                                                                             const at::Tensor& prototypes,
+                                                                             const at::Tensor& targets,
+                                                                             double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
   const auto dtype = compute_dtype(features, prototypes);
   const auto z = to_compute(features, dtype);
   const auto unit_p = unit_rows(to_compute(prototypes, dtype)).unit.contiguous();
-  return prototype_nce::loss_and_stats(logits_of(z, unit_p, 1.0 / temperature), targets);
+  auto logits = at::empty({z.size(0), z.size(1)}, z.options());
+  auto norm = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "prototype_nce_logits", [&] {
+    cosine_logits<scalar_t>(z.data_ptr<scalar_t>(), unit_p.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(),
+                            norm.data_ptr<scalar_t>(), z.size(0), z.size(1), z.size(2), 1.0 / temperature);
+  });
+  auto [loss, stats] = prototype_nce::loss_and_stats(logits, targets);
+  return {loss, stats, logits, norm};
 }
 
 std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
                                                               const at::Tensor& prototypes, const at::Tensor& targets,
-                                                              const at::Tensor& stats, double temperature) {
+                                                              const at::Tensor& stats, const at::Tensor& logits,
+                                                              const at::Tensor& norm, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
-  const auto dtype = compute_dtype(features, prototypes);
+  MLC_CHECK_CPU(grad);
+  MLC_CHECK_CPU(stats);
+  MLC_CHECK_CPU(logits);
+  MLC_CHECK_CPU(norm);
   const int64_t b = features.size(0), c = features.size(1), d = features.size(2);
+  prototype_nce::check_saved(stats, logits, norm, b, c);
+  const auto dtype = compute_dtype(features, prototypes);
   const double inv_t = 1.0 / temperature;
   const auto z = to_compute(features, dtype);
   const auto pu = unit_rows(to_compute(prototypes, dtype));
   const auto unit_p = pu.unit.contiguous();
-  const auto dlogits = prototype_nce::dlogits(grad, logits_of(z, unit_p, inv_t), targets, stats);
+  const auto saved_logits = to_compute(logits, dtype), saved_norm = to_compute(norm, dtype);
+  const auto dlogits = prototype_nce::dlogits(grad, saved_logits, targets, stats);
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), b));
   auto grad_z = at::empty({b, c, d}, z.options());
   auto grad_unit_p = at::zeros({workers, c, d}, z.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "prototype_nce_backward", [&] {
     cosine_backward<scalar_t>(z.data_ptr<scalar_t>(), unit_p.data_ptr<scalar_t>(), dlogits.data_ptr<scalar_t>(),
+                              saved_logits.data_ptr<scalar_t>(), saved_norm.data_ptr<scalar_t>(),
                               grad_z.data_ptr<scalar_t>(), grad_unit_p.data_ptr<scalar_t>(), b, c, d, inv_t, workers);
   });
   auto grad_p = unit_rows_backward(grad_unit_p.sum(0), pu);

@@ -136,9 +136,10 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
   return dz;
 }
 
-std::tuple<at::Tensor, at::Tensor> label_supcon_cuda(const at::Tensor& features, const at::Tensor& labels,
-                                                     double temperature, double base_temperature,
-                                                     int64_t anchor_start, std::optional<int64_t> anchor_stop) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> label_supcon_cuda(const at::Tensor& features,
+                                                                 const at::Tensor& labels, double temperature,
+                                                                 double base_temperature, int64_t anchor_start,
+                                                                 std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
   const AnchorArgs args{anchor_start, anchor_stop};
   check_arguments(features, labels, args);
@@ -152,17 +153,19 @@ std::tuple<at::Tensor, at::Tensor> label_supcon_cuda(const at::Tensor& features,
 }
 
 at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& features,
-                                      const at::Tensor& labels, const at::Tensor& lse, double temperature,
-                                      double base_temperature, int64_t anchor_start,
+                                      const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& n_pos,
+                                      double temperature, double base_temperature, int64_t anchor_start,
                                       std::optional<int64_t> anchor_stop) {
   MLC_KERNEL_GUARD();
   const AnchorArgs args{anchor_start, anchor_stop};
   check_arguments(features, labels, args);
   MLC_CHECK_CUDA(grad_rows);
   MLC_CHECK_CUDA(lse);
+  MLC_CHECK_CUDA(n_pos);
   MLC_CHECK_SAME_DEVICE(features, grad_rows);
   MLC_CHECK_SAME_DEVICE(features, lse);
-  check_row_inputs(grad_rows, lse, features.size(0));
+  MLC_CHECK_SAME_DEVICE(features, n_pos);
+  check_row_inputs(grad_rows, lse, n_pos, "n_pos", features.size(0));
   const c10::cuda::CUDAGuard device_guard(features.device());
   const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
@@ -172,8 +175,9 @@ at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Ten
   const auto g = label_supcon::anchor_grads(grad_rows, v.index, a, dtype);
   const auto stats = class_stats(v.labels);
   const auto sums = class_sums_of(v, stats);
-  const auto weights = label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype), sums,
-                                                      temperature, base_temperature);
+  const auto weights =
+      label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype),
+                                     label_supcon::valid_values(n_pos, v.index, dtype), temperature, base_temperature);
   auto dz = lse_grad(v.z, weights.w, weights.lse, 1.0 / temperature, a);
   label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, class_sums(v.z, stats, weights.a));
   return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());

@@ -73,6 +73,7 @@ struct PrototypeNceFwdParams {
   const void* z = nullptr;       // [rows, d], dtype
   const void* unit_p = nullptr;  // [c, d], Acc: prototypes already divided by max(|p|, eps)
   void* logits = nullptr;        // [rows], Acc
+  void* norm = nullptr;          // [rows], Acc: max(|z_r|, eps), the op's fourth output
   int64_t rows = 0;
   int64_t c = 0;
   int64_t d = 0;

@@ -32,8 +32,8 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
 
 int64_t chunk_rows(int64_t c, int64_t d) { return std::max<int64_t>(1, kChunkElements / std::max(c, d)); }
 
-std::tuple<at::Tensor, at::Tensor> prototype_ce_cuda(const at::Tensor& features, const at::Tensor& labels,
-                                                     const at::Tensor& prototypes, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_ce_cuda(const at::Tensor& features, const at::Tensor& labels,
+                                                                 const at::Tensor& prototypes, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
   const c10::cuda::CUDAGuard device_guard(features.device());
@@ -53,25 +53,27 @@ std::tuple<at::Tensor, at::Tensor> prototype_ce_cuda(const at::Tensor& features,
     prototype_ce::block_logits(o, f, f.block(i0, rows), i0, logits);
     prototype_ce::forward_block(o, logits, i0, lse, loss);
   }
-  return {loss, lse};
+  return {loss, lse, f.norm.reshape({-1})};
 }
 
-std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& features,
-                                                              const at::Tensor& labels, const at::Tensor& prototypes,
-                                                              const at::Tensor& lse, double temperature) {
+std::tuple<at::Tensor, at::Tensor> prototype_ce_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
+    const at::Tensor& lse, const at::Tensor& norm, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, labels, prototypes);
   MLC_CHECK_CUDA(grad_rows);
   MLC_CHECK_CUDA(lse);
+  MLC_CHECK_CUDA(norm);
   MLC_CHECK_SAME_DEVICE(features, grad_rows);
   MLC_CHECK_SAME_DEVICE(features, lse);
-  check_row_inputs(grad_rows, lse, features.size(0));
+  MLC_CHECK_SAME_DEVICE(features, norm);
+  check_row_inputs(grad_rows, lse, norm, "norm", features.size(0));
   const c10::cuda::CUDAGuard device_guard(features.device());
   const int64_t n = features.size(0), c = prototypes.size(0), d = features.size(1);
   check_labels_below(labels, c);  // the label column's scatter would write past the logits
   const auto dtype = compute_dtype(features, prototypes);
   const auto o = prototype_ce::class_operands(labels, prototypes, temperature, dtype);
-  const auto f = prototype_ce::feature_rows(features, dtype);
+  const auto f = prototype_ce::feature_rows(features, norm, dtype);
   const auto r = prototype_ce::row_grads(o, grad_rows, lse);
   auto normalise = [&](const at::Tensor& zb, int64_t i0, at::Tensor& g) {
     prototype_ce::through_normalisation_(f, zb, i0, g);

@@ -15,7 +15,8 @@ namespace nce {
 
 constexpr int kRowsPerBlock = kThreads / kWarp;
 
-// logits_r = z_r . unit_p_{r % c} / max(|z_r|, eps) * inv_t (the CPU kernel's formula).
+// logits_r = z_r . unit_p_{r % c} / max(|z_r|, eps) * inv_t (the CPU kernel's formula), and
+// norm_r = max(|z_r|, eps).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) logits_kernel(const PrototypeNceFwdParams p) {
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -34,6 +35,7 @@ __global__ void __launch_bounds__(kThreads) logits_kernel(const PrototypeNceFwdP
   if (lane == 0) {
     const Acc clamped = max(acc_sqrt(sq), static_cast<Acc>(p.eps));
     static_cast<Acc*>(p.logits)[row] = dot / clamped * static_cast<Acc>(p.inv_temperature);
+    static_cast<Acc*>(p.norm)[row] = clamped;
   }
 }
 

@@ -29,14 +29,17 @@ at::Tensor kernel_features(const at::Tensor& features, at::ScalarType dtype) {
   return z.contiguous();
 }
 
-// [B, C] logits z_bc . unit_p_c / max(|z_bc|, eps) / t in the compute dtype.
-at::Tensor logits_of(const at::Tensor& z, const at::Tensor& unit_p, at::ScalarType dtype, double inv_t) {
+// [B, C] logits z_bc . unit_p_c / max(|z_bc|, eps) / t and norms max(|z_bc|, eps), in the compute dtype.
+std::tuple<at::Tensor, at::Tensor> logits_of(const at::Tensor& z, const at::Tensor& unit_p, at::ScalarType dtype,
+                                             double inv_t) {
   const int64_t b = z.size(0), c = z.size(1), d = z.size(2);
   auto logits = at::empty({b, c}, z.options().dtype(dtype));
+  auto norm = at::empty({b, c}, z.options().dtype(dtype));
   PrototypeNceFwdParams p;
   p.z = z.data_ptr();
   p.unit_p = unit_p.data_ptr();
   p.logits = logits.data_ptr();
+  p.norm = norm.data_ptr();
   p.rows = b * c;
   p.c = c;
   p.d = d;
@@ -45,45 +48,57 @@ at::Tensor logits_of(const at::Tensor& z, const at::Tensor& unit_p, at::ScalarTy
   p.dtype = dtype_of(z.scalar_type());
   run_prototype_nce_fwd(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return logits;
+  return {logits, norm};
 }
 
-std::tuple<at::Tensor, at::Tensor> prototype_nce_cuda(const at::Tensor& features, const at::Tensor& prototypes,
-                                                      const at::Tensor& targets, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prototype_nce_cuda(const at::Tensor& features,
+                                                                              const at::Tensor& prototypes,
+                                                                              const at::Tensor& targets,
+                                                                              double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
   const c10::cuda::CUDAGuard device_guard(features.device());
   const auto dtype = compute_dtype(features, prototypes);
   const auto z = kernel_features(features, dtype);
   const auto unit_p = unit_rows(to_compute(prototypes, dtype)).unit.contiguous();
-  return prototype_nce::loss_and_stats(logits_of(z, unit_p, dtype, 1.0 / temperature), targets);
+  auto [logits, norm] = logits_of(z, unit_p, dtype, 1.0 / temperature);
+  auto [loss, stats] = prototype_nce::loss_and_stats(logits, targets);
+  return {loss, stats, logits, norm};
 }
 
+// The backward takes the forward's logits (no second logits pass); its row kernel re-reads each row,
+// which it needs for the gradient anyway, and recomputes the norms on the way into its scratch.
 std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
                                                                const at::Tensor& prototypes, const at::Tensor& targets,
-                                                               const at::Tensor& stats, double temperature) {
+                                                               const at::Tensor& stats, const at::Tensor& logits,
+                                                               const at::Tensor& norm, double temperature) {
   MLC_KERNEL_GUARD();
   check_inputs(features, prototypes, targets);
   MLC_CHECK_CUDA(grad);
   MLC_CHECK_CUDA(stats);
+  MLC_CHECK_CUDA(logits);
+  MLC_CHECK_CUDA(norm);
   MLC_CHECK_SAME_DEVICE(features, grad);
   MLC_CHECK_SAME_DEVICE(features, stats);
+  MLC_CHECK_SAME_DEVICE(features, logits);
+  MLC_CHECK_SAME_DEVICE(features, norm);
+  const int64_t b = features.size(0), c = features.size(1), d = features.size(2);
+  prototype_nce::check_saved(stats, logits, norm, b, c);
   const c10::cuda::CUDAGuard device_guard(features.device());
   const auto dtype = compute_dtype(features, prototypes);
-  const int64_t b = features.size(0), c = features.size(1), d = features.size(2);
   const double inv_t = 1.0 / temperature;
   const auto z = kernel_features(features, dtype);
   const auto pu = unit_rows(to_compute(prototypes, dtype));
   const auto unit_p = pu.unit.contiguous();
-  const auto dlogits = prototype_nce::dlogits(grad, logits_of(z, unit_p, dtype, inv_t), targets, stats);
+  const auto dlogits = prototype_nce::dlogits(grad, to_compute(logits, dtype), targets, stats);
   auto grad_z = at::empty_like(z);
   auto grad_unit_p = at::zeros({c, d}, z.options().dtype(dtype));
-  auto norm = at::empty({b * c}, z.options().dtype(dtype));
+  auto norm_scratch = at::empty({b * c}, z.options().dtype(dtype));
   PrototypeNceBwdParams p;
   p.z = z.data_ptr();
   p.unit_p = unit_p.data_ptr();
   p.dlogits = dlogits.data_ptr();
-  p.norm = norm.data_ptr();
+  p.norm = norm_scratch.data_ptr();
   p.grad_z = grad_z.data_ptr();
   p.grad_unit_p = grad_unit_p.data_ptr();
   p.rows = b * c;

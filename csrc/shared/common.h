@@ -38,11 +38,12 @@ inline at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {
 #define MLC_CHECK_INDEX(x) TORCH_CHECK((x).scalar_type() == at::kLong, #x " must be int64")
 #define MLC_CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must have " #d " dimensions, got ", (x).dim())
 
-// The per-row inputs of a backward (the incoming gradient and the statistics saved by the
-// forward) must cover the N rows of the features.
-inline void check_row_inputs(const at::Tensor& grad_rows, const at::Tensor& lse, int64_t n) {
-  TORCH_CHECK(grad_rows.numel() == n && lse.numel() == n, "grad_rows and lse must have N = ", n, " entries, got ",
-              grad_rows.numel(), " and ", lse.numel());
+// The per-row inputs of a backward (the incoming gradient and the two statistics saved by the
+// forward, e.g. the row LSE and the positive counts) must cover the N rows of the features.
+inline void check_row_inputs(const at::Tensor& grad_rows, const at::Tensor& lse, const at::Tensor& stat,
+                             const char* stat_name, int64_t n) {
+  TORCH_CHECK(grad_rows.numel() == n && lse.numel() == n && stat.numel() == n, "grad_rows, lse and ", stat_name,
+              " must have N = ", n, " entries, got ", grad_rows.numel(), ", ", lse.numel(), " and ", stat.numel());
 }
 
 // Checked before anything is written or indexed: a label >= C would index past the C prototypes.

@@ -58,10 +58,11 @@ inline Anchors valid_anchors(const at::Tensor& labels, const at::Tensor& index, 
   return {before(args.start), before(stop)};
 }
 
-// The forward's outputs when every row is ignored: no loss, and an LSE that backward never reads.
-inline std::tuple<at::Tensor, at::Tensor> outputs_without_valid_rows(const at::Tensor& features) {
+// The forward's outputs (loss, lse, n_pos) when every row is ignored: no loss, no positives, and an
+// LSE that backward never reads.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs_without_valid_rows(const at::Tensor& features) {
   auto zeros = at::zeros({features.size(0)}, features.options().dtype(compute_dtype(features)));
-  return {zeros, zeros.clone()};
+  return {zeros, zeros.clone(), zeros.clone()};
 }
 
 // |P(i)| of each valid row: the other rows of its class.
@@ -69,13 +70,14 @@ inline at::Tensor positives(const ClassSums& s, at::ScalarType dtype) {
   return s.counts.index_select(0, s.inverse).sub_(1).to(dtype);
 }
 
-// The forward's outputs for all n rows (0 on the rows that `index` leaves out and on the valid rows
-// outside the anchors) from the LSE of the anchors, lse[a.begin : a.end] (compute dtype), the valid
-// rows' features z (compute dtype, or 16-bit: the ops promote) and class sums; rows without
-// positives have no loss.
-inline std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& lse, const at::Tensor& z, const ClassSums& s,
-                                                  const Anchors& a, const at::Tensor& index, int64_t n,
-                                                  double temperature, double base_temperature) {
+// The forward's outputs (loss, lse, n_pos) for all n rows (0 on the rows that `index` leaves out and
+// on the valid rows outside the anchors) from the LSE of the anchors, lse[a.begin : a.end] (compute
+// dtype), the valid rows' features z (compute dtype, or 16-bit: the ops promote) and class sums; rows
+// without positives have no loss.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs(const at::Tensor& lse, const at::Tensor& z,
+                                                              const ClassSums& s, const Anchors& a,
+                                                              const at::Tensor& index, int64_t n, double temperature,
+                                                              double base_temperature) {
   const int64_t count = a.end - a.begin;
   const auto n_pos = positives(s, lse.scalar_type()).narrow(0, a.begin, count);
   const auto z_a = z.narrow(0, a.begin, count);
@@ -88,10 +90,13 @@ inline std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& lse, const a
       at::where(n_pos.gt(0), (lse_a - pos_logit_sum / n_pos.clamp_min(1)) * scale, at::zeros_like(lse_a));
   auto loss = at::zeros_like(lse);
   loss.narrow(0, a.begin, count).copy_(loss_a);
-  return {scatter_rows(loss, index, n), scatter_rows(lse, index, n)};
+  auto positives_out = at::zeros_like(lse);
+  positives_out.narrow(0, a.begin, count).copy_(n_pos);
+  return {scatter_rows(loss, index, n), scatter_rows(lse, index, n), scatter_rows(positives_out, index, n)};
 }
 
-// A per-row input of the backward (grad_rows, the saved LSE) on the valid rows, in the compute dtype.
+// A per-row input of the backward (grad_rows, the saved LSE and positive counts) on the valid rows, in
+// the compute dtype.
 inline at::Tensor valid_values(const at::Tensor& t, const at::Tensor& index, at::ScalarType dtype) {
   return gather_rows(t.detach().to(dtype).reshape({-1}), index);
 }
@@ -113,10 +118,10 @@ struct BackwardWeights {
   at::Tensor lse;  // the LSE, +inf where w_i = 0 so that the softmax part's terms of row i vanish exactly
 };
 
-inline BackwardWeights backward_weights(const at::Tensor& g, const at::Tensor& lse, const ClassSums& s,
+// n_pos: the forward's positive counts of the valid rows (0 outside the anchors, where g is 0 too).
+inline BackwardWeights backward_weights(const at::Tensor& g, const at::Tensor& lse, const at::Tensor& n_pos,
                                         double temperature, double base_temperature) {
   const double inv_t = 1.0 / temperature, scale = temperature / base_temperature;
-  const auto n_pos = positives(s, g.scalar_type());
   const auto has_pos = n_pos.gt(0);
   const auto zero = at::zeros_like(g);
   BackwardWeights out;

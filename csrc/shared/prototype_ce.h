@@ -4,8 +4,8 @@
 // chain rule of the normalisation in the backward.
 //
 // u_ic = cos(z_i, p_c) / t,  l_i = LSE_c u_ic - u_{i,y_i}  for rows with y_i >= 0 (0 otherwise).
-// Only a block of logits exists at a time, and only the row LSE is saved for backward, which
-// recomputes the logits.
+// Only a block of logits exists at a time, and only the row LSE and the clamped row norm are saved
+// for backward, which recomputes the logits.
 #pragma once
 
 #include <tuple>
@@ -50,6 +50,7 @@ inline ClassOperands class_operands(const at::Tensor& labels, const at::Tensor& 
 // in the forward and, in the backward, the unit rows and the [N, D] temporaries of their chain rule.
 struct FeatureRows {
   at::Tensor z;          // [N, D] the features in their own dtype, contiguous
+  at::Tensor norm;       // [N, 1] compute dtype: max(|z_i|, eps), the forward's third output
   at::Tensor inv_norm;   // [N, 1] compute dtype: 1 / max(|z_i|, eps)
   at::Tensor above;      // [N, 1] compute dtype: |z_i| > eps, where the norm depends on z_i
   at::ScalarType dtype;  // the compute dtype
@@ -59,14 +60,22 @@ struct FeatureRows {
   at::Tensor block(int64_t i0, int64_t rows) const { return z.narrow(0, i0, rows).to(dtype); }
 };
 
-inline FeatureRows feature_rows(const at::Tensor& features, at::ScalarType dtype) {
+// From the clamped norms max(|z_i|, eps) ([N] or [N, 1]): the forward computes them, the backward
+// takes the ones the forward saved (no pass over the features). max(|z|, eps) > eps exactly where
+// |z| > eps.
+inline FeatureRows feature_rows(const at::Tensor& features, const at::Tensor& clamped_norm, at::ScalarType dtype) {
   FeatureRows f;
   f.z = features.detach().contiguous();
   f.dtype = dtype;
-  const auto norm = at::linalg_vector_norm(f.z, 2, {-1}, /*keepdim=*/true, dtype);
-  f.inv_norm = norm.clamp_min(kNormEps).reciprocal_();
-  f.above = norm.gt(kNormEps).to(dtype);
+  f.norm = clamped_norm.detach().to(dtype).reshape({-1, 1}).contiguous();
+  f.inv_norm = f.norm.reciprocal();
+  f.above = f.norm.gt(kNormEps).to(dtype);
   return f;
+}
+
+inline FeatureRows feature_rows(const at::Tensor& features, at::ScalarType dtype) {
+  const auto norm = at::linalg_vector_norm(features.detach(), 2, {-1}, /*keepdim=*/true, dtype);
+  return feature_rows(features, norm.clamp_min(kNormEps), dtype);
 }
 
 // The logits of rows i0 .. i0 + out.size(0), whose compute-dtype block is zb, into `out`.

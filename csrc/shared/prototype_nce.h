@@ -4,8 +4,9 @@
 //
 // s_bc = cos(z_bc, p_c) / t. For each class c, with known rows K_c = {b : t_bc >= 0} and positives
 // P_c = {b : t_bc = 1}:  L = -(1 / sum_c |P_c|) sum_{c : K_c not empty} (LSE_{P_c} s - LSE_{K_c} s),
-// an LSE over an empty set being 0, and L = 0 without positives. The per-class LSEs are saved for
-// backward, which recomputes the logits.
+// an LSE over an empty set being 0, and L = 0 without positives. The per-class LSEs, the [B, C]
+// logits and the clamped norms max(|z_bc|, eps) are saved for backward (O(B C)), which then needs
+// one pass over the features.
 #pragma once
 
 #include <limits>
@@ -28,6 +29,17 @@ inline void check_inputs(const at::Tensor& features, const at::Tensor& prototype
               prototypes.sizes());
   TORCH_CHECK(targets.size(0) == b && targets.size(1) == c, "targets must be [", b, ", ", c, "], got ",
               targets.sizes());
+}
+
+// The statistics a backward gets back from the forward: stats [2, C], logits and norm [B, C].
+inline void check_saved(const at::Tensor& stats, const at::Tensor& logits, const at::Tensor& norm, int64_t b,
+                        int64_t c) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == c, "stats must be [2, ", c, "], got ",
+              stats.sizes());
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == b && logits.size(1) == c, "logits must be [", b, ", ", c,
+              "], got ", logits.sizes());
+  TORCH_CHECK(norm.dim() == 2 && norm.size(0) == b && norm.size(1) == c, "norm must be [", b, ", ", c, "], got ",
+              norm.sizes());
 }
 
 // Column-wise LSE over the rows where `mask` holds, 0 for a column without such rows.

@@ -3,7 +3,7 @@
 //
 //   emulate_kernels supcon_fwd  DTYPE TC N D INV_T BEGIN END SHIFT          z lse
 //   emulate_kernels supcon_bwd  DTYPE TC N D INV_T BEGIN END G_SCALE SHIFT  z w lse alpha dz
-//   emulate_kernels nce_fwd     DTYPE ROWS C D INV_T                  z unit_p logits
+//   emulate_kernels nce_fwd     DTYPE ROWS C D INV_T                  z unit_p logits norm
 //   emulate_kernels nce_bwd     DTYPE ROWS C D INV_T                  z unit_p dlogits grad_z grad_unit_p
 //   emulate_kernels segment_sum DTYPE ROWS D SEGMENTS WEIGHTED        x weight order offsets out
 //
@@ -172,11 +172,12 @@ int run(int argc, char** argv) {
     Buffer z = Buffer::from_file(argv[7], rows * d * es), unit_p = Buffer::from_file(argv[8], c * d * as);
     const dim3 grid_rows = nce::rows_grid(rows);
     if (op == "nce_fwd") {
-      Buffer logits(rows * as);
+      Buffer logits(rows * as), norm(rows * as);
       PrototypeNceFwdParams p;
       p.z = z.get();
       p.unit_p = unit_p.get();
       p.logits = logits.get();
+      p.norm = norm.get();
       p.rows = rows;
       p.c = c;
       p.d = d;
@@ -186,6 +187,7 @@ int run(int argc, char** argv) {
         emu::launch(grid_rows, kThreads, nce::logits_kernel<T, acc_t<T>>, p);
       });
       logits.save(argv[9]);
+      norm.save(argv[10]);
     } else {
       Buffer dlogits = Buffer::from_file(argv[9], rows * as), norm(rows * as), grad_z(rows * d * es),
              grad_p(c * d * as);
