@@ -33,11 +33,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks import utils
+from benchmarks.harness.case import CaseSetup, loss_case, provider_function
+from benchmarks.harness.devices import torch_dtype
+from benchmarks.harness.spec import BenchSpec
+from benchmarks.harness.sweep import bench_main
 
 OP = "label_supcon"
 MODULE = "benchmarks.bench_label_supcon"
-REFERENCE_PROVIDERS = utils.REFERENCE_PROVIDERS
 MODES = ("fwd", "bwd", "full")
 
 DEFAULT_N = (1024, 4096, 16384, 65536)
@@ -67,18 +69,18 @@ def make_inputs(n: int, d: int, dtype: str, device: str, num_classes: int = NUM_
     g = torch.Generator(device="cpu").manual_seed(seed)
     features = F.normalize(torch.randn(n, d, generator=g), dim=1)
     labels = torch.randint(0, num_classes, (n,), generator=g)
-    features = features.to(device=device, dtype=utils.torch_dtype(dtype)).requires_grad_()
+    features = features.to(device=device, dtype=torch_dtype(dtype)).requires_grad_()
     return features, labels.to(device)
 
 
-def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
+def setup(case: dict[str, Any], mlcontrast) -> CaseSetup:
     """One case (in the child): inputs and the fwd / bwd phases."""
     features, labels = make_inputs(case["n"], case["d"], case["dtype"], case["device"], case["num_classes"],
                                    case["seed"])
-    loss_fn = utils.provider_function(
+    loss_fn = provider_function(
         case["provider"], mlcontrast, "label_supcon_loss", temperature=case["temperature"], reduction="mean"
     )
-    return utils.loss_case(lambda: loss_fn(features, labels), {"grad": features})
+    return loss_case(lambda: loss_fn(features, labels), {"grad": features})
 
 
 def flops(record: dict[str, Any]) -> dict[str, float]:
@@ -92,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.1)
 
 
-SPEC = utils.BenchSpec(
+SPEC = BenchSpec(
     op=OP,
     module=MODULE,
     description=__doc__.split("\n\n")[0],
@@ -113,7 +115,7 @@ SPEC = utils.BenchSpec(
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    return utils.bench_main(SPEC, argv)
+    return bench_main(SPEC, argv)
 
 
 if __name__ == "__main__":

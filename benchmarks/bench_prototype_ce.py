@@ -24,7 +24,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks import utils
+from benchmarks.harness.case import CaseSetup, loss_case, provider_function
+from benchmarks.harness.devices import torch_dtype
+from benchmarks.harness.spec import BenchSpec, row_feature_bytes
+from benchmarks.harness.sweep import bench_main
 
 OP = "prototype_ce"
 MODULE = "benchmarks.bench_prototype_ce"
@@ -39,7 +42,7 @@ def make_inputs(n: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     import torch.nn.functional as F
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    dt = utils.torch_dtype(dtype)
+    dt = torch_dtype(dtype)
     features = F.normalize(torch.randn(n, d, generator=g), dim=-1)
     labels = torch.randint(0, c, (n,), generator=g)
     prototypes = F.normalize(torch.randn(c, d, generator=g), dim=-1)
@@ -48,13 +51,13 @@ def make_inputs(n: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     return features, labels.to(device), prototypes
 
 
-def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
+def setup(case: dict[str, Any], mlcontrast) -> CaseSetup:
     features, labels, prototypes = make_inputs(case["n"], case["num_classes"], case["d"], case["dtype"],
                                                case["device"], case["seed"])
-    loss_fn = utils.provider_function(
+    loss_fn = provider_function(
         case["provider"], mlcontrast, "prototype_ce_loss", temperature=case["temperature"]
     )
-    return utils.loss_case(lambda: loss_fn(features, labels, prototypes),
+    return loss_case(lambda: loss_fn(features, labels, prototypes),
                            {"grad": features, "prototypes_grad": prototypes})
 
 
@@ -64,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.1)
 
 
-SPEC = utils.BenchSpec(
+SPEC = BenchSpec(
     op=OP,
     module=MODULE,
     description=__doc__.split("\n\n")[0],
@@ -74,12 +77,12 @@ SPEC = utils.BenchSpec(
     add_arguments=add_arguments,
     case_fields=lambda a: {"d": a.d, "num_classes": a.num_classes, "temperature": a.temperature},
     params=lambda a: f"C={a.num_classes}, D={a.d}, temperature {a.temperature:g}",
-    feature_bytes=utils.row_feature_bytes,
+    feature_bytes=row_feature_bytes,
 )
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    return utils.bench_main(SPEC, argv)
+    return bench_main(SPEC, argv)
 
 
 if __name__ == "__main__":

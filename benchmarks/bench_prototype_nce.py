@@ -26,7 +26,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks import utils
+from benchmarks.harness.case import CaseSetup, loss_case, provider_function
+from benchmarks.harness.devices import torch_dtype
+from benchmarks.harness.spec import BenchSpec
+from benchmarks.harness.sweep import bench_main
 
 OP = "prototype_nce"
 MODULE = "benchmarks.bench_prototype_nce"
@@ -41,7 +44,7 @@ def make_inputs(b: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     import torch.nn.functional as F
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    dt = utils.torch_dtype(dtype)
+    dt = torch_dtype(dtype)
     features = F.normalize(torch.randn(b, c, d, generator=g), dim=-1)
     prototypes = F.normalize(torch.randn(c, d, generator=g), dim=-1)
     targets = torch.randint(-1, 2, (b, c), generator=g)
@@ -50,13 +53,13 @@ def make_inputs(b: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     return features, prototypes, targets.to(device)
 
 
-def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
+def setup(case: dict[str, Any], mlcontrast) -> CaseSetup:
     features, prototypes, targets = make_inputs(case["b"], case["num_classes"], case["d"], case["dtype"],
                                                 case["device"], case["seed"])
-    loss_fn = utils.provider_function(
+    loss_fn = provider_function(
         case["provider"], mlcontrast, "prototype_nce_loss", temperature=case["temperature"]
     )
-    return utils.loss_case(lambda: loss_fn(features, prototypes, targets),
+    return loss_case(lambda: loss_fn(features, prototypes, targets),
                            {"grad": features, "prototypes_grad": prototypes})
 
 
@@ -66,7 +69,7 @@ def size_fields(args: argparse.Namespace, n: int) -> dict[str, Any]:
 
 
 def feature_bytes(record: dict[str, Any]) -> int:
-    return record["b"] * record["num_classes"] * record["d"] * utils.torch_dtype(record["dtype"]).itemsize
+    return record["b"] * record["num_classes"] * record["d"] * torch_dtype(record["dtype"]).itemsize
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.07)
 
 
-SPEC = utils.BenchSpec(
+SPEC = BenchSpec(
     op=OP,
     module=MODULE,
     description=__doc__.split("\n\n")[0],
@@ -93,7 +96,7 @@ SPEC = utils.BenchSpec(
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    return utils.bench_main(SPEC, argv)
+    return bench_main(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks import utils
+from benchmarks.harness.case import CaseSetup, provider_function
+from benchmarks.harness.devices import torch_dtype
+from benchmarks.harness.spec import BenchSpec, row_feature_bytes
+from benchmarks.harness.sweep import bench_main
 
 OP = "update_prototypes"
 MODULE = "benchmarks.bench_update_prototypes"
@@ -40,18 +43,18 @@ def make_inputs(n: int, c: int, d: int, dtype: str, device: str, seed: int = 0):
     import torch.nn.functional as F
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    dt = utils.torch_dtype(dtype)
+    dt = torch_dtype(dtype)
     prototypes = F.normalize(torch.randn(c, d, generator=g), dim=-1)
     features = F.normalize(torch.randn(n, d, generator=g), dim=-1)
     labels = torch.randint(0, c, (n,), generator=g)
     return prototypes.to(device=device, dtype=dt), features.to(device=device, dtype=dt), labels.to(device)
 
 
-def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
+def setup(case: dict[str, Any], mlcontrast) -> CaseSetup:
     prototypes, features, labels = make_inputs(case["n"], case["num_classes"], case["d"], case["dtype"],
                                                case["device"], case["seed"])
     initial = prototypes.clone()
-    update = utils.provider_function(
+    update = provider_function(
         case["provider"], mlcontrast, "update_prototypes_", momentum=case["momentum"], normalize=True
     )
 
@@ -61,7 +64,7 @@ def setup(case: dict[str, Any], mlcontrast) -> utils.CaseSetup:
     def call(_: Any) -> None:
         update(prototypes, features, labels)
 
-    return utils.CaseSetup(phases=[("full", call)], reset=reset, outputs=lambda: {"prototypes": prototypes})
+    return CaseSetup(phases=[("full", call)], reset=reset, outputs=lambda: {"prototypes": prototypes})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, default=0.99)
 
 
-SPEC = utils.BenchSpec(
+SPEC = BenchSpec(
     op=OP,
     module=MODULE,
     description=__doc__.split("\n\n")[0],
@@ -82,12 +85,12 @@ SPEC = utils.BenchSpec(
     config_fields=lambda a: {"d": a.d, "num_classes": a.num_classes, "momentum": a.momentum, "normalize": True},
     params=lambda a: f"C={a.num_classes}, D={a.d}, momentum {a.momentum:g}",
     modes=("full",),
-    feature_bytes=utils.row_feature_bytes,
+    feature_bytes=row_feature_bytes,
 )
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    return utils.bench_main(SPEC, argv)
+    return bench_main(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from benchmarks.harness.constants import RESULTS_DIR
+from benchmarks.harness.metadata import metadata
+from benchmarks.harness.output import write_results
 from benchmarks.report import write_readme
-from benchmarks.utils import RESULTS_DIR, metadata, write_results
 
 START, END = "<!-- distributed:start -->", "<!-- distributed:end -->"
 TEMPERATURE = 0.1

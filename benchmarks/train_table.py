@@ -25,8 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.harness.metadata import metadata
 from benchmarks.report import README, write_readme
-from benchmarks.utils import metadata
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -33,7 +33,9 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.utils import RESULTS_DIR, metadata, write_results
+from benchmarks.harness.constants import RESULTS_DIR
+from benchmarks.harness.metadata import metadata
+from benchmarks.harness.output import write_results
 
 PHASES = ("fwd", "fwd-atomic", "bwd", "bwd-atomic")
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}

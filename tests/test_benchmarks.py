@@ -123,7 +123,8 @@ def test_report_renders_quick_results(quick_run):
 
 
 def test_throughput_fractions():
-    from benchmarks import bench_label_supcon, bench_prototype_ce, utils
+    from benchmarks import bench_label_supcon, bench_prototype_ce
+    from benchmarks.harness.analysis import add_throughput, summarize_ratios
 
     stats = lambda s: {"n": 1, "median": s, "min": s, "max": s, "mean": s}  # noqa: E731
     meta = {"matmul_peak": {"tflops": 100.0}, "copy_bandwidth": {"gb_s": 1000.0}}
@@ -133,7 +134,7 @@ def test_throughput_fractions():
               "time_s": {"fwd": stats(flops_full / 4 / 50e12), "bwd": stats(flops_full * 3 / 4 / 50e12),
                          "full": stats(flops_full / 50e12)},
               "memory": {"extra_peak_bytes": 1}}
-    utils.add_throughput([record], bench_label_supcon.SPEC, meta)
+    add_throughput([record], bench_label_supcon.SPEC, meta)
     tp = record["throughput"]
     assert tp["flops"] == {"fwd": 2 * n * n * d, "bwd": 6 * n * n * d, "full": flops_full}
     for mode in ("fwd", "bwd", "full"):
@@ -145,15 +146,15 @@ def test_throughput_fractions():
     record = {"status": "ok", "provider": "cuda", "n": n, "d": 256, "dtype": "bfloat16",
               "time_s": {m: stats(nbytes / 250e9) for m in ("fwd", "bwd", "full")},
               "memory": {"extra_peak_bytes": 1}}
-    utils.add_throughput([record], bench_prototype_ce.SPEC, meta)
+    add_throughput([record], bench_prototype_ce.SPEC, meta)
     assert record["bandwidth"]["feature_bytes"] == nbytes
     assert record["bandwidth"]["feature_read_gb_s"]["full"] == pytest.approx(250.0)
     assert record["bandwidth"]["fraction_of_copy"]["full"] == pytest.approx(0.25)
     assert "throughput" not in record
 
-    utils.add_throughput([record], bench_prototype_ce.SPEC, {})  # no device rates: no fractions
+    add_throughput([record], bench_prototype_ce.SPEC, {})  # no device rates: no fractions
     assert "fraction_of_copy" not in record["bandwidth"]
-    summary = utils.summarize_ratios([record], ["cuda"], bench_prototype_ce.SPEC.modes)
+    summary = summarize_ratios([record], ["cuda"], bench_prototype_ce.SPEC.modes)
     assert summary[0]["feature_read_gb_s_full"] == pytest.approx(250.0)
 
 
@@ -185,7 +186,7 @@ def test_results_name_marks_non_default_d_and_dtype():
     import argparse
 
     from benchmarks.bench_label_supcon import SPEC
-    from benchmarks.utils import results_name
+    from benchmarks.harness.spec import results_name
 
     def name(**kw):
         return results_name(SPEC, argparse.Namespace(**{"d": 128, "dtype": "float32", "quick": False, **kw}))
@@ -324,7 +325,7 @@ def test_references_skipped_when_they_cannot_fit_on_the_gpu():
     import argparse
 
     from benchmarks.bench_label_supcon import NN_BYTES_LOWER_BOUND
-    from benchmarks.utils import memory_cap, skip_if_too_large
+    from benchmarks.harness.sweep import memory_cap, skip_if_too_large
 
     gpu = {"gpu_memory_bytes": 141 * 10**9}
     cap, what = memory_cap(argparse.Namespace(device="cuda", max_memory_gib=16.0), gpu)
@@ -367,18 +368,19 @@ def test_sweep_budget_and_probe_providers(tmp_path):
 
 def test_no_retry_sleeps_when_told(monkeypatch):
     """MLCONTRAST_BENCH_RETRIES=0 (the GPU scripts): no waiting for a rebuild that cannot happen there."""
-    from benchmarks import utils
+    from benchmarks.harness import processes
+    from benchmarks.harness.retry import retry_count
 
     monkeypatch.setenv("MLCONTRAST_BENCH_RETRIES", "0")
-    assert utils.retry_count(9) == 0
+    assert retry_count(9) == 0
     sleeps = []
-    monkeypatch.setattr(utils.time, "sleep", sleeps.append)
-    monkeypatch.setattr(utils, "run_case_subprocess",
+    monkeypatch.setattr(processes.time, "sleep", sleeps.append)
+    monkeypatch.setattr(processes, "run_case_subprocess",
                         lambda *a, **k: {"status": "unavailable", "message": "mlcontrast._C did not load"})
-    result = utils.run_case_with_retry("m", {"provider": "cpu", "n": 1}, timeout_s=1.0)
+    result = processes.run_case_with_retry("m", {"provider": "cpu", "n": 1}, timeout_s=1.0)
     assert result["status"] == "unavailable" and sleeps == []
     monkeypatch.delenv("MLCONTRAST_BENCH_RETRIES")
-    assert utils.retry_count(9) == 9
+    assert retry_count(9) == 9
 
 
 def test_interrupted_parent_kills_its_case_process(monkeypatch):
@@ -386,7 +388,8 @@ def test_interrupted_parent_kills_its_case_process(monkeypatch):
     runs in its own session and would otherwise hold the GPU during the next phase."""
     import signal as signal_module
 
-    from benchmarks import utils
+    from benchmarks.harness.processes import run_case_subprocess
+    from benchmarks.harness.rates import RATES_MODULE
 
     started = []
     real_communicate = subprocess.Popen.communicate
@@ -400,6 +403,6 @@ def test_interrupted_parent_kills_its_case_process(monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "communicate", interrupted)
     case = {"device": "cpu", "dtype": "float32", "matmul_size": 4096, "copy_bytes": None, "runs": 50}
     with pytest.raises(KeyboardInterrupt):
-        utils.run_case_subprocess("benchmarks.utils", case, timeout_s=600)
+        run_case_subprocess(RATES_MODULE, case, timeout_s=600)
     (proc,) = started
     assert proc.wait(timeout=30) == -signal_module.SIGKILL
