@@ -51,7 +51,6 @@ def test_compiled_schema_is_the_contract(name):
     assert str(getattr(torch.ops.mlcontrast, name).default._schema) == f"mlcontrast::{contract.schema(name)}"
 
 
-@pytest.mark.xfail(strict=False, reason="Triton side aligned at merge")
 @pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))
 @pytest.mark.parametrize("name", NAMES)
 def test_triton_schema_is_the_contract(name):
@@ -128,7 +127,6 @@ def _import_triton_ops():
 
 
 @needs_extension
-@pytest.mark.xfail(strict=False, reason="Triton side aligned at merge")
 @pytest.mark.skipif(triton_unavailable_reason() is not None, reason=str(triton_unavailable_reason()))
 def test_both_libraries_return_the_same_outputs():
     # Every output, statistics included, so that either library's statistics can feed either backward.

@@ -70,6 +70,7 @@ import os
 import torch
 import triton
 
+from mlcontrast.ops import contract
 from mlcontrast.ops.label_supcon_kernels import (
     _label_supcon_bwd_atomic_kernel,
     _label_supcon_bwd_kernel,
@@ -78,6 +79,7 @@ from mlcontrast.ops.label_supcon_kernels import (
     _label_supcon_lse_kernel,
 )
 from mlcontrast.ops.utils import (
+    LIBRARY,
     compute_dtype,
     dot_precision,
     interpreting,
@@ -218,14 +220,7 @@ def _class_ids(labels: torch.Tensor, anchors: torch.Tensor, dtype: torch.dtype) 
     return ids, torch.where(valid & anchors, members - 1, 0).to(dtype)
 
 
-def _fake_label_supcon(
-    features, labels, temperature, base_temperature, anchor_start=0, anchor_stop=None, atomic=False
-):
-    n, dtype = features.shape[0], compute_dtype(features.dtype)
-    return features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype), features.new_empty(n, dtype=dtype)
-
-
-@triton_library_op("label_supcon", fake=_fake_label_supcon)
+@triton_library_op("label_supcon", fake=contract.fake("label_supcon"))
 def label_supcon(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -250,8 +245,9 @@ def label_supcon(
     Returns:
         ``(loss, lse, n_pos)``, each ``[N]`` in fp32 (fp64 for fp64 features): :math:`\ell_i` (0 on
         ignored rows, rows without positives and rows outside the anchors), :math:`\mathrm{LSE}_i`
-        (-inf for a row with nothing to contrast with, ignored rows included) and :math:`n_i` (both 0
-        outside the anchors). Only ``loss`` is differentiable.
+        (0 on ignored rows, -inf for a valid anchor with nothing to contrast with) and :math:`n_i` (both
+        0 outside the anchors), as :data:`mlcontrast.ops.contract.FUSED_OPS` states for every backend.
+        Only ``loss`` is differentiable.
     """
     z = features.contiguous()
     n, d = z.shape
@@ -285,20 +281,16 @@ def label_supcon(
             LSE2=lse2, SUMS=sums, FLOOR=SHIFTED_SUM_FLOOR, **common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             **_chunks(d, cfg, z), **cfg["options"],
         )  # fmt: skip
-    lse = lse2 * _LN2
+    # The contract's LSE: 0 on ignored rows (and outside the anchors), -inf only for an anchor with nothing to
+    # contrast with.
+    lse = torch.where(labels >= 0, lse2 * _LN2, torch.zeros((), dtype=dtype, device=z.device))
     scale = temperature / base_temperature
     mean_positive = pos_dots / (temperature * n_pos.clamp(min=1))
     loss = torch.where(n_pos > 0, (lse - mean_positive) * scale, torch.zeros((), dtype=dtype, device=z.device))
     return loss, lse, n_pos
 
 
-def _fake_label_supcon_backward(
-    grad_rows, features, labels, lse, n_pos, temperature, base_temperature, atomic, anchor_start=0, anchor_stop=None
-):
-    return torch.empty_like(features, memory_format=torch.contiguous_format)
-
-
-@triton_library_op("label_supcon_backward", fake=_fake_label_supcon_backward)
+@triton_library_op("label_supcon_backward", fake=contract.fake("label_supcon_backward"))
 def label_supcon_backward(
     grad_rows: torch.Tensor,
     features: torch.Tensor,
@@ -307,9 +299,9 @@ def label_supcon_backward(
     n_pos: torch.Tensor,
     temperature: float,
     base_temperature: float,
-    atomic: bool,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
+    atomic: bool = False,
 ) -> torch.Tensor:
     r"""Gradient of :math:`\sum_i g_i \ell_i` with respect to the features (backward launcher).
 
@@ -364,30 +356,7 @@ def label_supcon_backward(
     return grad.to(features.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    features, labels, ctx.temperature, ctx.base_temperature, ctx.anchor_start, ctx.anchor_stop, ctx.atomic = inputs
-    _, lse, n_pos = output
-    ctx.save_for_backward(features, labels, lse, n_pos)
-
-
-def _backward(ctx, grad_loss, grad_lse, grad_n_pos):
-    features, labels, lse, n_pos = ctx.saved_tensors
-    grad = label_supcon_backward(
-        grad_loss,
-        features,
-        labels,
-        lse,
-        n_pos,
-        ctx.temperature,
-        ctx.base_temperature,
-        ctx.atomic,
-        ctx.anchor_start,
-        ctx.anchor_stop,
-    )
-    return grad, None, None, None, None, None, None
-
-
-label_supcon.register_autograd(_backward, setup_context=_setup_context)
+contract.register_autograd(LIBRARY, "label_supcon")
 
 
 def label_supcon_rows(

@@ -35,7 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from mlcontrast.ops import contract
 from mlcontrast.ops.utils import (
+    LIBRARY,
     KERNEL_NORM_EPS,
     NORM_EPS,
     compute_dtype,
@@ -391,12 +393,7 @@ def _unit_backward(grad_unit: torch.Tensor, unit: torch.Tensor, clamped: torch.T
     return (grad_unit - unit * radial) / clamped
 
 
-def _fake_prototype_ce(features, labels, prototypes, temperature):
-    n, dtype = features.shape[0], compute_dtype(features.dtype)
-    return tuple(features.new_empty(n, dtype=dtype) for _ in range(3))
-
-
-@triton_library_op("prototype_ce", fake=_fake_prototype_ce)
+@triton_library_op("prototype_ce", fake=contract.fake("prototype_ce"))
 def prototype_ce(
     features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -445,14 +442,7 @@ def prototype_ce(
     return loss, lse, norm
 
 
-def _fake_prototype_ce_backward(grad_rows, features, labels, prototypes, lse, norm, temperature):
-    return (
-        torch.empty_like(features, memory_format=torch.contiguous_format),
-        torch.empty_like(prototypes, memory_format=torch.contiguous_format),
-    )
-
-
-@triton_library_op("prototype_ce_backward", fake=_fake_prototype_ce_backward)
+@triton_library_op("prototype_ce_backward", fake=contract.fake("prototype_ce_backward"))
 def prototype_ce_backward(
     grad_rows: torch.Tensor,
     features: torch.Tensor,
@@ -523,19 +513,7 @@ def prototype_ce_backward(
     return grad_z, grad_p.to(prototypes.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    features, labels, prototypes, ctx.temperature = inputs
-    _, lse, norm = output
-    ctx.save_for_backward(features, labels, prototypes, lse, norm)
-
-
-def _backward(ctx, grad_loss, grad_lse, grad_norm):
-    features, labels, prototypes, lse, norm = ctx.saved_tensors
-    grad_z, grad_p = prototype_ce_backward(grad_loss, features, labels, prototypes, lse, norm, ctx.temperature)
-    return grad_z, None, grad_p, None
-
-
-prototype_ce.register_autograd(_backward, setup_context=_setup_context)
+contract.register_autograd(LIBRARY, "prototype_ce")
 
 
 def prototype_ce_rows(

@@ -31,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from mlcontrast.ops import contract
 from mlcontrast.ops.utils import (
+    LIBRARY,
     KERNEL_NORM_EPS,
     NORM_EPS,
     compute_dtype,
@@ -179,18 +181,7 @@ def _masked_column_lse(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return torch.where(mask.any(0), lse, torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 
-def _fake_prototype_nce(features, prototypes, targets, temperature):
-    b, c, _ = features.shape
-    dtype = compute_dtype(features.dtype)
-    return (
-        features.new_empty((), dtype=dtype),
-        features.new_empty((2, c), dtype=dtype),
-        features.new_empty((b, c), dtype=dtype),
-        features.new_empty((b, c), dtype=dtype),
-    )
-
-
-@triton_library_op("prototype_nce", fake=_fake_prototype_nce)
+@triton_library_op("prototype_nce", fake=contract.fake("prototype_nce"))
 def prototype_nce_forward(
     features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,14 +230,7 @@ def prototype_nce_forward(
     return loss, stats, logits, norm
 
 
-def _fake_prototype_nce_backward(grad, features, prototypes, targets, stats, logits, norm, temperature):
-    return (
-        torch.empty_like(features, memory_format=torch.contiguous_format),
-        torch.empty_like(prototypes, memory_format=torch.contiguous_format),
-    )
-
-
-@triton_library_op("prototype_nce_backward", fake=_fake_prototype_nce_backward)
+@triton_library_op("prototype_nce_backward", fake=contract.fake("prototype_nce_backward"))
 def prototype_nce_backward(
     grad: torch.Tensor,
     features: torch.Tensor,
@@ -300,21 +284,7 @@ def prototype_nce_backward(
     return grad_z.view(b, c, d).to(features.dtype), grad_p.to(prototypes.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    features, prototypes, targets, ctx.temperature = inputs
-    _, stats, logits, norm = output
-    ctx.save_for_backward(features, prototypes, targets, stats, logits, norm)
-
-
-def _backward(ctx, grad_loss, grad_stats, grad_logits, grad_norm):
-    features, prototypes, targets, stats, logits, norm = ctx.saved_tensors
-    grad_z, grad_p = prototype_nce_backward(
-        grad_loss, features, prototypes, targets, stats, logits, norm, ctx.temperature
-    )
-    return grad_z, grad_p, None, None
-
-
-prototype_nce_forward.register_autograd(_backward, setup_context=_setup_context)
+contract.register_autograd(LIBRARY, "prototype_nce")
 
 
 def prototype_nce(

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlcontrast.ops import contract
 from mlcontrast.ops.utils import (
     KERNEL_NORM_EPS,
     compute_dtype,
@@ -183,11 +184,7 @@ def _config(c: int, d: int, dtype: torch.dtype) -> dict:
     }
 
 
-def _fake_update_prototypes(prototypes, features, labels, momentum, normalize):
-    return None
-
-
-@triton_library_op("update_prototypes_", mutates_args=("prototypes",), fake=_fake_update_prototypes)
+@triton_library_op("update_prototypes_", mutates_args=("prototypes",), fake=contract.fake("update_prototypes_"))
 def _update_prototypes_op(
     prototypes: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, momentum: float, normalize: bool
 ) -> None:
