@@ -18,30 +18,14 @@ import torch
 
 from mlcontrast import _first_use, _measured
 from mlcontrast._base import BACKENDS, dtype_name, interpreting
+from mlcontrast._extension import EXTENSION_ERROR, HAS_CUDA_KERNELS  # EXTENSION_ERROR: also read from here
+from mlcontrast._triton_status import triton_unavailable_reason
+from mlcontrast._validation import check_backend
 
-__all__ = ["BACKENDS", "available_backends", "dtype_name", "measured_fastest", "why_unavailable"]
-
-
-def _load_extension() -> str | None:
-    """Loads the compiled extension; None on success, otherwise why it is missing."""
-    try:
-        from mlcontrast import _C  # noqa: F401  (loading it registers the torch.ops.mlcontrast kernels)
-    except ImportError as error:
-        return (
-            f"the compiled extension mlcontrast._C did not load ({error}); reinstall with "
-            "`pip install --no-build-isolation .` from a source checkout"
-        )
-    return None
-
-
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mlcontrast::{op}", dispatch_key)
-
-
-# Decided once at import, so that resolving a backend is plain Python over constants, which
-# torch.compile traces without a graph break.
-EXTENSION_ERROR = _load_extension()
-HAS_CUDA_KERNELS = EXTENSION_ERROR is None and _has_kernel("label_supcon", "CUDA")
+__all__ = [
+    "BACKENDS", "EXTENSION_ERROR", "HAS_CUDA_KERNELS", "available_backends", "dtype_name", "measured_fastest",
+    "resolve", "why_unavailable",
+]
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:
@@ -67,15 +51,13 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             )
         return None
     if backend == "triton":
-        from mlcontrast import ops
-
         if device.type == "cpu" and not interpreting():
             return 'backend "triton" runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1)'
         if device.type not in ("cpu", "cuda"):
             return f'backend "triton" does not run on {device}'
         if device.type == "cuda" and not torch.cuda.is_available():
             return "no CUDA GPU is available to torch"
-        return ops.triton_unavailable_reason()
+        return triton_unavailable_reason()
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -150,8 +132,7 @@ def resolve(backend: str, device: torch.device, op: str | None = None, features:
     ``op`` (the fused op's name), ``features`` and ``rows`` (the rows the op sees, features.shape[0]
     when None) let ``"auto"`` on CUDA follow the measured table.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         forced = os.environ.get("MLCONTRAST_BACKEND", "").strip()
         if forced and forced != "auto":

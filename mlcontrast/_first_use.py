@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import warnings
+from typing import Callable
 
 import torch
 
@@ -28,7 +29,7 @@ from mlcontrast import _measured
 from mlcontrast._base import dtype_name, tf32_allowed
 from mlcontrast._tolerances import TOLERANCES
 
-__all__ = ["BackendMismatchWarning", "device_kind", "reset", "trusted"]
+__all__ = ["BackendMismatchWarning", "device_kind", "reset", "set_runner", "trusted"]
 
 ENV = "MLCONTRAST_FIRST_USE_CHECK"
 REPORT_TO = "the mlcontrast issue tracker"
@@ -51,6 +52,20 @@ _FAILED_ON_DEVICE: dict[tuple[str, str, int | None, str], frozenset[str]] = {}
 _SEEN: dict[tuple[str, str, int | None, str], dict[str, str]] = {}
 _LOCK = threading.RLock()
 _STATE = threading.local()  # .running: this thread is inside a check (its explicit calls must not recurse)
+# (device, backend, dtype) -> the check's results (with .op, .passed, .error, .loss_rel_err, .grad_rel_err).
+_RUNNER: Callable[[torch.device, str, torch.dtype], list] | None = None
+
+
+def set_runner(runner: Callable[[torch.device, str, torch.dtype], list] | None) -> None:
+    """Sets what runs the check of one backend and dtype on a device (mlcontrast's ``__init__`` passes
+    :func:`mlcontrast.check.run_checks`).
+
+    Passed in rather than imported: the check calls the public functions, which resolve their backend
+    here, so an import of the check from this module would close an import cycle
+    (``_backends -> _first_use -> check -> functional -> _backends``).
+    """
+    global _RUNNER
+    _RUNNER = runner
 
 
 def reset() -> None:
@@ -121,11 +136,11 @@ def _verdict(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str
     with _LOCK:
         if key in _VERDICTS:
             return _VERDICTS[key]
-        from mlcontrast import check  # here: check imports functional, which imports _backends
-
+        if _RUNNER is None:  # nothing to check with (mlcontrast's __init__ sets it): nothing is checked
+            return {}
         _STATE.running = True
         try:
-            results = check.run_checks(device, backends=[backend], dtypes=[dtype])
+            results = _RUNNER(device, backend, dtype)
         finally:
             _STATE.running = False
         failed = {r.op: _describe(r) for r in results if not r.passed}

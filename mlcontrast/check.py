@@ -11,7 +11,8 @@ status 1 if any case fails.
     python -m mlcontrast.check --device cpu --backends cpu --json check.json
 
 The same check, for one backend and dtype, is what the first-use check (:mod:`mlcontrast._first_use`)
-runs before ``"auto"`` trusts a GPU backend.
+runs before ``"auto"`` trusts a GPU backend (``mlcontrast/__init__.py`` hands it :func:`run_checks`: this
+module imports the public functions, so the first-use check, under them, cannot import it).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mlcontrast import _backends, functional
-from mlcontrast._first_use import BackendMismatchWarning
+from mlcontrast import _backends, _extension, functional
 from mlcontrast._base import dtype_name, interpreting, tf32_allowed
+from mlcontrast._first_use import BackendMismatchWarning
 from mlcontrast._tolerances import TOLERANCES, reference_dtype, relative_error, within_tolerance
 
 __all__ = [
@@ -266,8 +267,8 @@ def environment(device: torch.device | str | None = None) -> dict:
         "device": str(device),
         "device_name": platform.processor() or platform.machine(),
         "capability": None,
-        "extension": "loaded" if _backends.EXTENSION_ERROR is None else _backends.EXTENSION_ERROR,
-        "cuda_kernels_built": _backends.HAS_CUDA_KERNELS,
+        "extension": "loaded" if _extension.EXTENSION_ERROR is None else _extension.EXTENSION_ERROR,
+        "cuda_kernels_built": _extension.HAS_CUDA_KERNELS,
         "triton_interpret": interpreting(),
         "backends": {name: _backends.why_unavailable(name, device) for name in ("torch", *FUSED)},
     }

@@ -1,4 +1,6 @@
-"""The public loss functions: validation, normalisation and backend dispatch.
+"""The public loss functions. Each validates its arguments (:mod:`mlcontrast._validation`), resolves the
+backend once, calls the dense reference (``"torch"``) or the fused op that :mod:`mlcontrast.ops.registry`
+gives for the backend, and reduces.
 
 Encodings everywhere: ``labels`` ``[N]`` int64 class ids with ``-1`` for a row that takes no part;
 ``targets`` ``[B, C]`` integers with ``1`` positive, ``0`` negative, ``-1`` unknown. Every function
@@ -9,13 +11,27 @@ features). Bad input raises before any work: ``ValueError`` for shapes, sizes, v
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from mlcontrast import _backends, distributed, reference
-from mlcontrast.reference import NORM_EPS, reduce_rows
+from mlcontrast._base import NORM_EPS
+from mlcontrast._layout import legacy_sadcl_gate, multilabel_rows
+from mlcontrast._validation import (
+    check_features,
+    check_int,
+    check_label_values,
+    check_labels,
+    check_momentum,
+    check_positive,
+    check_reduction,
+    check_same_device,
+    check_target_values,
+    check_targets,
+    check_temperatures,
+)
+from mlcontrast.ops import registry
+from mlcontrast.reference import reduce_rows
 
 __all__ = [
     "label_supcon_loss",
@@ -26,103 +42,9 @@ __all__ = [
     "update_prototypes_",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
-
 
 # ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
-
-
-def _checking_values() -> bool:
-    # Value checks read tensor data (a host sync); torch.compile traces without them.
-    return not torch.compiler.is_compiling()
-
-
-def _check_features(x: torch.Tensor, name: str, dims: tuple[int, ...], shape: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point (fp32, fp16, bf16 or fp64), got {x.dtype}")
-    if x.dim() not in dims:
-        raise ValueError(f"{name} must be {shape}, got shape {tuple(x.shape)}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name} must have at least one feature dimension, got shape {tuple(x.shape)}")
-
-
-def _check_int(x: torch.Tensor, name: str, shape: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor {shape}, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex():
-        raise TypeError(f"{name} must be an integer tensor {shape}, got {x.dtype}")
-    return x.long()
-
-
-# Type and shape checks come first, then the device check, then the checks of values (which read
-# the tensors, and so need them on one readable device).
-
-
-def _check_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
-    if isinstance(labels, torch.Tensor) and labels.dtype == torch.bool:
-        raise TypeError("labels must hold int64 class ids, got torch.bool")
-    labels = _check_int(labels, "labels", f"[N={n}]")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must be [N={n}], got shape {tuple(labels.shape)}")
-    return labels
-
-
-def _check_label_values(labels: torch.Tensor, num_classes: int | None = None) -> None:
-    if not _checking_values() or labels.numel() == 0:
-        return
-    if labels.min() < -1:
-        raise ValueError("labels must be class ids >= 0, or -1 for a row that takes no part")
-    if num_classes is not None and labels.max() >= num_classes:
-        raise ValueError(f"labels must be < C = {num_classes} (the number of prototypes), got {labels.max()}")
-
-
-def _check_targets(targets: torch.Tensor, b: int, c: int) -> torch.Tensor:
-    targets = _check_int(targets, "targets", f"[B={b}, C={c}]")
-    if targets.shape != (b, c):
-        raise ValueError(f"targets must be [B={b}, C={c}], got shape {tuple(targets.shape)}")
-    return targets
-
-
-def _check_target_values(targets: torch.Tensor) -> None:
-    if _checking_values() and targets.numel() > 0 and ((targets < -1) | (targets > 1)).any():
-        raise ValueError("targets must hold 1 (positive), 0 (negative) or -1 (unknown)")
-
-
-def _check_positive(value: float, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-
-
-def _check_temperatures(temperature: float, base_temperature: float | None) -> float:
-    _check_positive(temperature, "temperature")
-    if base_temperature is None:
-        return float(temperature)
-    _check_positive(base_temperature, "base_temperature")
-    return float(base_temperature)
-
-
-def _check_same_device(**tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        found = ", ".join(f"{name} on {d}" for name, d in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {found}")
-    return first
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-row kernels of the fused backends
+# The fused backends' calls (the ops and their backends: mlcontrast.ops.registry)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -131,7 +53,7 @@ def _unit(x: torch.Tensor, backend: str) -> torch.Tensor:
     # the caller's dtype: 16-bit rows keep the tensor cores' 16-bit rate and half the traffic, at one more
     # rounding of the kind the caller's features already carry. The CPU kernels compute in fp32 anyway.
     unit = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=NORM_EPS)
-    return unit.to(x.dtype) if backend in ("triton", "cuda") else unit
+    return unit.to(x.dtype) if registry.rows_in_input_dtype(backend) else unit
 
 
 def _label_supcon_rows(
@@ -144,15 +66,8 @@ def _label_supcon_rows(
     anchor_stop: int | None = None,
 ) -> torch.Tensor:
     """The ``[N]`` per-row losses of the fused ``backend``: those of the anchor rows, 0 elsewhere."""
-    if backend == "triton":
-        from mlcontrast.ops import label_supcon as triton_label_supcon
-
-        return triton_label_supcon.label_supcon_rows(
-            features, labels, temperature, base_temperature, anchor_start, anchor_stop
-        )
-    return torch.ops.mlcontrast.label_supcon(
-        features, labels, temperature, base_temperature, anchor_start, anchor_stop
-    )[0]
+    label_supcon = registry.op("label_supcon", backend)
+    return label_supcon(features, labels, float(temperature), float(base_temperature), anchor_start, anchor_stop)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,12 +178,12 @@ def label_supcon_loss(
         >>> loss = label_supcon_loss(z, y, temperature=0.1, normalize=True)
         >>> loss.backward()
     """
-    _check_features(features, "features", (2,), "[N, D]")
-    labels = _check_labels(labels, features.shape[0])
-    base_temperature = _check_temperatures(temperature, base_temperature)
-    _check_reduction(reduction)
-    device = _check_same_device(features=features, labels=labels)
-    _check_label_values(labels)
+    check_features(features, "features", (2,), "[N, D]")
+    labels = check_labels(labels, features.shape[0])
+    base_temperature = check_temperatures(temperature, base_temperature)
+    check_reduction(reduction)
+    device = check_same_device(features=features, labels=labels)
+    check_label_values(labels)
     if process_group is not None:
         world_size = distributed.check_process_group(process_group)[1]
     backend = _backends.resolve(backend, device, "label_supcon", features)
@@ -326,16 +241,16 @@ def supcon_loss(
     """
     if isinstance(features, torch.Tensor) and features.dim() > 3:
         features = features.reshape(features.shape[0], features.shape[1], -1)
-    _check_features(features, "features", (3,), "[B, V, D]")
+    check_features(features, "features", (3,), "[B, V, D]")
     b, v, _ = features.shape
     if contrast_mode not in ("all", "one"):
         raise ValueError(f'contrast_mode must be "all" or "one", got {contrast_mode!r}')
-    base_temperature = _check_temperatures(temperature, base_temperature)
+    base_temperature = check_temperatures(temperature, base_temperature)
     if labels is not None:
-        labels = _check_int(labels, "labels", f"[B={b}]")
+        labels = check_int(labels, "labels", f"[B={b}]")
         if labels.shape != (b,):
             raise ValueError(f"labels must be [B={b}], got shape {tuple(labels.shape)}")
-        device = _check_same_device(features=features, labels=labels)
+        device = check_same_device(features=features, labels=labels)
     else:
         device = features.device
     if process_group is not None:
@@ -413,50 +328,35 @@ def multilabel_supcon_loss(
         >>> t = torch.randint(0, 2, (4, 5))
         >>> multilabel_supcon_loss(z, t).backward()
     """
-    _check_features(features, "features", (3, 4), "[B, C, D] or [B, V, C, D]")
+    check_features(features, "features", (3, 4), "[B, C, D] or [B, V, C, D]")
     if features.dim() == 3:
         features = features.unsqueeze(1)
     b, v, c, _ = features.shape
-    targets = _check_targets(targets, b, c)
-    base_temperature = _check_temperatures(temperature, base_temperature)
-    device = _check_same_device(features=features, targets=targets)
-    _check_target_values(targets)
+    targets = check_targets(targets, b, c)
+    base_temperature = check_temperatures(temperature, base_temperature)
+    device = check_same_device(features=features, targets=targets)
+    check_target_values(targets)
     if process_group is not None:
         world_size = distributed.check_process_group(process_group)[1]
     backend = _backends.resolve(backend, device, "label_supcon", features, v * b * c)
     if process_group is not None:
         everything, sizes, start = distributed.gather_with_sizes(features, process_group)  # [B_total, V, C, D]
         all_targets = distributed.all_gather_no_grad(targets, sizes, process_group)
-        total = everything.shape[0]
-        # Rows in (b, v, c) order, so that this rank's anchors, the rows of its samples, are contiguous.
-        positive = (all_targets == 1).repeat_interleave(v, 0).reshape(-1)
-        classes = torch.arange(c, device=device).repeat(total * v)
+        # Sample-major rows: this rank's anchors, the rows of its samples, are contiguous.
+        rows, labels = multilabel_rows(everything, all_targets, sample_major=True)
         anchors = (start * v * c, (start + b) * v * c)
-        losses = _anchor_losses(
-            backend,
-            everything.reshape(total * v * c, -1),
-            torch.where(positive, classes, -1),
-            temperature,
-            base_temperature,
-            True,
-            anchors,
-        )
-        if legacy_sadcl:  # the released mask is indexed in (v, b, c) order: take this rank's (b, v, c) rows of it
-            sample = (torch.arange(v * total, device=device) // v).repeat_interleave(c)
-            mask = (all_targets[sample, classes] == 1).view(v, total, c).transpose(0, 1)
-            losses = losses * mask[start : start + b].reshape(-1)
-        count = positive.sum().clamp(min=1).to(losses.dtype)
+        losses = _anchor_losses(backend, rows, labels, temperature, base_temperature, True, anchors)
+        if legacy_sadcl:  # the global batch's mask, at this rank's rows
+            losses = losses * legacy_sadcl_gate(all_targets, v, sample_major=True)[start : start + b].reshape(-1)
+        count = (labels >= 0).sum().clamp(min=1).to(losses.dtype)
         return _shard_result(losses, count, "mean", process_group, world_size)
     if backend == "torch":
         return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
-    rows = _unit(features, backend).transpose(0, 1).reshape(v * b * c, -1)  # (v, b, c) order
-    positive = (targets == 1).repeat(v, 1).reshape(-1)
-    classes = torch.arange(c, device=device).repeat(v * b)
-    losses = _label_supcon_rows(backend, rows, torch.where(positive, classes, -1), float(temperature), base_temperature)
+    rows, labels = multilabel_rows(features, targets, sample_major=False)  # SADCL's (v, b, c) order
+    losses = _label_supcon_rows(backend, _unit(rows, backend), labels, temperature, base_temperature)
     if legacy_sadcl:
-        sample = (torch.arange(v * b, device=device) // v).repeat_interleave(c)
-        losses = losses * (targets[sample, classes] == 1)
-    return reduce_rows(losses, positive.sum(), "mean")
+        losses = losses * legacy_sadcl_gate(targets, v, sample_major=False).reshape(-1)
+    return reduce_rows(losses, (labels >= 0).sum(), "mean")
 
 
 def prototype_nce_loss(
@@ -492,23 +392,19 @@ def prototype_nce_loss(
         >>> z, p = torch.randn(8, 5, 32, requires_grad=True), torch.randn(5, 32)
         >>> prototype_nce_loss(z, p, torch.randint(-1, 2, (8, 5))).backward()
     """
-    _check_features(features, "features", (3,), "[B, C, D]")
+    check_features(features, "features", (3,), "[B, C, D]")
     b, c, d = features.shape
-    _check_features(prototypes, "prototypes", (2,), f"[C={c}, D={d}]")
+    check_features(prototypes, "prototypes", (2,), f"[C={c}, D={d}]")
     if prototypes.shape != (c, d):
         raise ValueError(f"prototypes must be [C={c}, D={d}], got shape {tuple(prototypes.shape)}")
-    targets = _check_targets(targets, b, c)
-    _check_positive(temperature, "temperature")
-    device = _check_same_device(features=features, prototypes=prototypes, targets=targets)
-    _check_target_values(targets)
+    targets = check_targets(targets, b, c)
+    check_positive(temperature, "temperature")
+    device = check_same_device(features=features, prototypes=prototypes, targets=targets)
+    check_target_values(targets)
     backend = _backends.resolve(backend, device, "prototype_nce", features, b * c)
     if backend == "torch":
         return reference.prototype_nce_loss(features, prototypes, targets, temperature)
-    if backend == "triton":
-        from mlcontrast.ops import prototype_nce as triton_prototype_nce
-
-        return triton_prototype_nce.prototype_nce(features, prototypes, targets, float(temperature))
-    return torch.ops.mlcontrast.prototype_nce(features, prototypes, targets, float(temperature))[0]
+    return registry.op("prototype_nce", backend)(features, prototypes, targets, float(temperature))[0]
 
 
 def prototype_ce_loss(
@@ -541,24 +437,19 @@ def prototype_ce_loss(
         >>> z, p = torch.randn(10, 16, requires_grad=True), torch.randn(4, 16)
         >>> prototype_ce_loss(z, torch.randint(0, 4, (10,)), p).backward()
     """
-    _check_features(features, "features", (2,), "[N, D]")
+    check_features(features, "features", (2,), "[N, D]")
     n, d = features.shape
-    _check_features(prototypes, "prototypes", (2,), f"[C, D={d}]")
+    check_features(prototypes, "prototypes", (2,), f"[C, D={d}]")
     if prototypes.shape[1] != d or prototypes.shape[0] == 0:
         raise ValueError(f"prototypes must be [C >= 1, D={d}], got shape {tuple(prototypes.shape)}")
-    labels = _check_labels(labels, n)
-    _check_positive(temperature, "temperature")
-    device = _check_same_device(features=features, labels=labels, prototypes=prototypes)
-    _check_label_values(labels, num_classes=prototypes.shape[0])
+    labels = check_labels(labels, n)
+    check_positive(temperature, "temperature")
+    device = check_same_device(features=features, labels=labels, prototypes=prototypes)
+    check_label_values(labels, num_classes=prototypes.shape[0])
     backend = _backends.resolve(backend, device, "prototype_ce", features)
     if backend == "torch":
         return reference.prototype_ce_loss(features, labels, prototypes, temperature)
-    if backend == "triton":
-        from mlcontrast.ops import prototype_ce as triton_prototype_ce
-
-        rows = triton_prototype_ce.prototype_ce_rows(features, labels, prototypes, float(temperature))
-    else:
-        rows = torch.ops.mlcontrast.prototype_ce(features, labels, prototypes, float(temperature))[0]
+    rows = registry.op("prototype_ce", backend)(features, labels, prototypes, float(temperature))[0]
     return reduce_rows(rows, (labels >= 0).sum(), "mean")
 
 
@@ -595,36 +486,28 @@ def update_prototypes_(
         >>> protos = F.normalize(torch.randn(3, 8), dim=1)
         >>> _ = update_prototypes_(protos, torch.randn(5, 8), torch.tensor([0, 0, 2, -1, 2]), momentum=0.9)
     """
-    _check_features(prototypes, "prototypes", (2,), "[C, D]")
+    check_features(prototypes, "prototypes", (2,), "[C, D]")
     c, d = prototypes.shape
-    _check_features(features, "features", (2, 3), f"[N, D={d}] or [B, C={c}, D={d}]")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"momentum must be a number, got {type(momentum).__name__}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    check_features(features, "features", (2, 3), f"[N, D={d}] or [B, C={c}, D={d}]")
+    check_momentum(momentum)
     if features.dim() == 3:
         if features.shape[1:] != (c, d):
             raise ValueError(f"features must be [B, C={c}, D={d}], got shape {tuple(features.shape)}")
-        targets = _check_targets(labels, features.shape[0], c)
-        device = _check_same_device(prototypes=prototypes, features=features, targets=targets)
-        _check_target_values(targets)
-        classes = torch.arange(c, device=device).expand_as(targets)
-        labels = torch.where(targets == 1, classes, -1).reshape(-1)
-        features = features.reshape(-1, d)
+        targets = check_targets(labels, features.shape[0], c)
+        device = check_same_device(prototypes=prototypes, features=features, targets=targets)
+        check_target_values(targets)
+        features, labels = multilabel_rows(features.unsqueeze(1), targets, sample_major=True)
     else:
         if features.shape[1] != d:
             raise ValueError(f"features must be [N, D={d}], got shape {tuple(features.shape)}")
-        labels = _check_labels(labels, features.shape[0])
-        device = _check_same_device(prototypes=prototypes, features=features, labels=labels)
-        _check_label_values(labels, num_classes=c)
+        labels = check_labels(labels, features.shape[0])
+        device = check_same_device(prototypes=prototypes, features=features, labels=labels)
+        check_label_values(labels, num_classes=c)
     backend = _backends.resolve(backend, device, "update_prototypes", features)
     with torch.no_grad():
         if backend == "torch":
             reference.update_prototypes_(prototypes, features, labels, momentum, normalize)
-        elif backend == "triton":
-            from mlcontrast.ops import update_prototypes as triton_update_prototypes
-
-            triton_update_prototypes.update_prototypes_(prototypes, features, labels, float(momentum), normalize)
         else:
-            torch.ops.mlcontrast.update_prototypes_(prototypes, features.detach(), labels, float(momentum), normalize)
+            update = registry.op("update_prototypes_", backend)
+            update(prototypes, features.detach(), labels, float(momentum), bool(normalize))
     return prototypes

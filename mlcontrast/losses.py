@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlcontrast import functional
-from mlcontrast._backends import BACKENDS
-from mlcontrast.functional import _check_positive, _check_reduction, _check_temperatures
+from mlcontrast._validation import check_backend, check_positive, check_reduction, check_temperatures
 
 __all__ = [
     "LabelSupConLoss",
@@ -19,12 +18,6 @@ __all__ = [
     "PrototypeCELoss",
     "PrototypeBank",
 ]
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 class LabelSupConLoss(nn.Module):
@@ -48,10 +41,10 @@ class LabelSupConLoss(nn.Module):
         process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        _check_temperatures(temperature, base_temperature)
-        _check_reduction(reduction)
+        check_temperatures(temperature, base_temperature)
+        check_reduction(reduction)
         self.temperature, self.base_temperature = temperature, base_temperature
-        self.reduction, self.normalize, self.backend = reduction, normalize, _check_backend(backend)
+        self.reduction, self.normalize, self.backend = reduction, normalize, check_backend(backend)
         self.process_group = process_group
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,11 +83,11 @@ class SupConLoss(nn.Module):
         process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        _check_temperatures(temperature, base_temperature)
+        check_temperatures(temperature, base_temperature)
         if contrast_mode not in ("all", "one"):
             raise ValueError(f'contrast_mode must be "all" or "one", got {contrast_mode!r}')
         self.temperature, self.contrast_mode, self.base_temperature = temperature, contrast_mode, base_temperature
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.process_group = process_group
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,9 +125,9 @@ class MultiLabelSupConLoss(nn.Module):
         process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        _check_temperatures(temperature, base_temperature)
+        check_temperatures(temperature, base_temperature)
         self.temperature, self.base_temperature = temperature, base_temperature
-        self.backend, self.legacy_sadcl = _check_backend(backend), legacy_sadcl
+        self.backend, self.legacy_sadcl = check_backend(backend), legacy_sadcl
         self.process_group = process_group
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -162,8 +155,8 @@ class PrototypeNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.07, backend: str = "auto") -> None:
         super().__init__()
-        _check_positive(temperature, "temperature")
-        self.temperature, self.backend = temperature, _check_backend(backend)
+        check_positive(temperature, "temperature")
+        self.temperature, self.backend = temperature, check_backend(backend)
 
     def forward(self, features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return functional.prototype_nce_loss(features, prototypes, targets, self.temperature, self.backend)
@@ -182,8 +175,8 @@ class PrototypeCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, backend: str = "auto") -> None:
         super().__init__()
-        _check_positive(temperature, "temperature")
-        self.temperature, self.backend = temperature, _check_backend(backend)
+        check_positive(temperature, "temperature")
+        self.temperature, self.backend = temperature, check_backend(backend)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         return functional.prototype_ce_loss(features, labels, prototypes, self.temperature, self.backend)
@@ -235,7 +228,7 @@ class PrototypeBank(nn.Module):
         elif tuple(init.shape) != (num_classes, dim):
             raise ValueError(f"init must be [C={num_classes}, D={dim}], got shape {tuple(init.shape)}")
         self.register_buffer("prototypes", init.detach().clone())
-        self.momentum, self.normalize, self.backend = momentum, normalize, _check_backend(backend)
+        self.momentum, self.normalize, self.backend = momentum, normalize, check_backend(backend)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels_or_targets: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "mlcontrast"
 
@@ -184,11 +182,6 @@ def test_train_package_has_no_import_cycles():
 def test_no_import_cycles():
     graph = import_graph()
     cycles = import_cycles(graph)
-    outside_train = [c for c in cycles if not any(m.startswith(f"{PACKAGE}.train") for m in c)]
-    if cycles and len(outside_train) == len(cycles):
-        # Not fixed yet (issue 14, outside mlcontrast.train); remove this skip once they are gone.
-        pytest.skip("import cycles outside mlcontrast.train remain: "
-                    + " | ".join(_describe(graph, c) for c in outside_train))
     assert not cycles, "\n".join(_describe(graph, c) for c in cycles)
 
 

@@ -9,7 +9,7 @@ ops rather than wrapped in ``autograd.Function``, which keeps them composable wi
 
 from __future__ import annotations
 
-from mlcontrast._backends import EXTENSION_ERROR
+from mlcontrast._extension import EXTENSION_ERROR
 from mlcontrast.ops import contract
 
 LIBRARY = "mlcontrast"
