@@ -422,17 +422,7 @@ def prototype_ce(
     if n > 0:
         cfg = _config(c, d, dtype)
         launch(_prototype_ce_fwd_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),))(
-            loss,
-            lse,
-            norm,
-            z,
-            z.stride(0),
-            y,
-            p,
-            p.stride(0),
-            n,
-            c,
-            d,
+            LOSS=loss, LSE=lse, NORM=norm, Z=z, stride_z=z.stride(0), Y=y, P=p, stride_p=p.stride(0), N=n, C=c, D=d,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_C=cfg["BLOCK_C"],
             BLOCK_D=cfg["BLOCK_D"],
@@ -489,21 +479,8 @@ def prototype_ce_backward(
         splits, per_split = split_count(blocks, c * d * torch.finfo(dtype).bits // 8)
         partials = torch.zeros((splits, c, d), dtype=dtype, device=z.device)
         launch(_prototype_ce_bwd_dp_kernel, (triton.cdiv(c, classes_cfg["BLOCK_C"]), splits))(
-            partials,
-            partials.stride(0),
-            partials.stride(1),
-            z,
-            z.stride(0),
-            y,
-            p,
-            p.stride(0),
-            lse,
-            norm,
-            g,
-            n,
-            c,
-            d,
-            per_split,
+            DPU=partials, stride_split=partials.stride(0), stride_dpu=partials.stride(1), Z=z, stride_z=z.stride(0),
+            Y=y, P=p, stride_p=p.stride(0), LSE=lse, NORM=norm, G=g, N=n, C=c, D=d, BLOCKS_PER_SPLIT=per_split,
             **_launch_meta(classes_cfg, dtype),
         )
         grad_unit_p = partials.sum(0) * inv_t

@@ -207,16 +207,8 @@ def prototype_nce_forward(
     if b * c > 0:
         cfg = _config(c, d)
         launch(_prototype_nce_fwd_kernel, (triton.cdiv(b * c, cfg["BLOCK_R"]),))(
-            logits,
-            norm,
-            z,
-            z.stride(0),
-            p_unit,
-            b * c,
-            c,
-            d,
-            scalar(1.0 / temperature, dtype, z.device),
-            BLOCK_R=cfg["BLOCK_R"],
+            LOGITS=logits, NORM=norm, Z=z, stride_z=z.stride(0), P=p_unit, R=b * c, C=c, D=d,
+            INV_T=scalar(1.0 / temperature, dtype, z.device), BLOCK_R=cfg["BLOCK_R"],
             BLOCK_D=cfg["BLOCK_D"],
             **cfg["options"],
         )

@@ -217,18 +217,12 @@ def _update_prototypes_op(
         sums = torch.zeros((c, d), dtype=dtype, device=z.device)
         counts = torch.zeros(c, dtype=dtype, device=z.device)
         launch(_class_sums_atomic_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"])))(
-            sums, counts, z, z.stride(0), y, n, c, d, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], **cfg["options"]
-        )
+            SUMS=sums, COUNTS=counts, Z=z, stride_z=z.stride(0), Y=y, N=n, C=c, D=d,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], **cfg["options"],
+        )  # fmt: skip
     launch(_ema_kernel, (triton.cdiv(c, cfg["BLOCK_C"]),))(
-        prototypes,
-        prototypes.stride(0),
-        prototypes.stride(1),
-        sums,
-        counts,
-        c,
-        d,
-        scalar(momentum, dtype, z.device),
-        NORMALIZE=normalize,
+        PROTOS=prototypes, stride_pc=prototypes.stride(0), stride_pd=prototypes.stride(1), SUMS=sums, COUNTS=counts,
+        C=c, D=d, MOMENTUM=scalar(momentum, dtype, z.device), NORMALIZE=normalize,
         BLOCK_C=cfg["BLOCK_C"],
         BLOCK_D=cfg["BLOCK_D"],
         **cfg["options"],
