@@ -10,7 +10,7 @@
 #
 # Phases, in order, each stopped by SIGINT at its budget (benchmarks/gpu_lib.sh says how):
 #   preflight      GPU (nvidia-smi), python/torch/triton/nvcc versions, tools (compute-sanitizer, ncu)
-#   triton_tests   tests/test_triton_ops.py on the GPU, while the CUDA extension builds for sm_90 in the
+#   triton_tests   the Triton backend's tests on the GPU, while the CUDA extension builds for sm_90 in the
 #                  background (or a carried .device_build is used)
 #   cuda_tests     tests/test_gpu.py, 8 processes, without compute-sanitizer and opcheck (no expecttest
 #                  there unless carried: both are in the second call)
@@ -33,12 +33,15 @@ BUDGET_BENCH_PROTOTYPES=75
 check_budgets
 
 if tiny; then  # tiny problems on the CPU (Triton under its interpreter)
-  TRITON_TESTS=(tests/test_triton_ops.py -k "test_backend_is_available or test_label_supcon_mean_of_nothing_is_zero")
+  TRITON_TESTS=(tests/test_triton_compile.py tests/test_label_supcon_triton.py -k "test_backend_is_available or test_label_supcon_mean_of_nothing_is_zero")
   SUPCON=(--device cpu --n 128 --d 16 --dtype float32 --providers cpu torch --same-process --repeats 1)
   PROTOS=(--device cpu --dtypes float32 -- --n 640 --d 16 --num-classes 8 --providers cpu torch --same-process
     --repeats 1)
 else
-  TRITON_TESTS=(tests/test_triton_ops.py -k "not opcheck")  # opcheck needs expecttest: second call
+  # Every test of the Triton backend: its own files, and the op files' cases whose backend parameter is triton.
+  TRITON_TESTS=(tests/test_label_supcon_triton.py tests/test_triton_compile.py tests/test_label_supcon.py
+    tests/test_prototype_ce.py tests/test_prototype_nce.py tests/test_update_prototypes.py tests/test_supcon.py
+    tests/test_multilabel_supcon.py tests/test_gradcheck.py -k "triton and not opcheck")  # opcheck: second call
   SUPCON=(--device cuda --n 32768 --d 256 --dtype bfloat16 --providers triton cuda torch triton_atomic torch_compile
     --repeats 10 --case-budget-s 3 --warmup 3 --case-timeout-s 100)
   PROTOS=(--device cuda --dtypes bfloat16 -- --n 262144 --providers triton cuda torch --same-process --repeats 20

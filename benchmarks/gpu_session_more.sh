@@ -17,7 +17,7 @@
 #                    (gVisor machines refuse it; Firecracker ones work)
 #   sanitizer        tests/test_gpu.py -k sanitizer (memcheck, racecheck, synccheck, initcheck), only after
 #                    a probe that caught the planted error; otherwise skipped with the probe's reason
-#   opcheck          torch.library.opcheck on CUDA tensors (tests/test_gpu.py, tests/test_triton_ops.py),
+#   opcheck          torch.library.opcheck on CUDA tensors (tests/test_gpu.py, tests/test_opcheck.py),
 #                    only when expecttest imports (carried as a wheel)
 #   sweep            label_supcon N = 32768, D in {128, 512} x {bf16, fp32}: triton, cuda, eager, atomic
 #   max_n            label_supcon bf16 D = 256 at N = 65536, then the largest N (262144 .. 1048576) of the
@@ -110,7 +110,7 @@ else
 fi
 
 if [ "$MODE" = print ] || "$PY" -c "import expecttest" 2>/dev/null; then
-  pytest_cmd -n 4 --timeout 60 --junitxml "$LOGS/opcheck.xml" tests/test_gpu.py tests/test_triton_ops.py -k opcheck
+  pytest_cmd -n 4 --timeout 60 --junitxml "$LOGS/opcheck.xml" tests/test_gpu.py tests/test_opcheck.py -k opcheck
   phase opcheck "$BUDGET_OPCHECK" "${PYTEST[@]}"
 else
   skip_phase opcheck "expecttest does not import: carry its wheel in .whl (benchmarks/README.md)"

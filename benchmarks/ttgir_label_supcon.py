@@ -13,7 +13,7 @@ and on sm_90 asynchronous wgmma (``ttng.warp_group_dot`` and ``ttng.warp_group_d
 ``pendings``). A loop without async copies loads its tiles synchronously: ``num_stages`` has no effect.
 
 ``launch_source`` (a recorded launch as an ``ASTSource`` and its options) also serves the compile check
-of ``tests/test_triton_ops.py``.
+of ``tests/test_triton_compile.py``.
 """
 
 from __future__ import annotations

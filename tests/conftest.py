@@ -5,7 +5,7 @@ import torch
 # Without a GPU, the Triton kernels run in Triton's interpreter. It must be chosen before triton is
 # first imported anywhere in this process (triton.language's own helpers are decorated at import), and
 # collecting some test modules imports triton; so it is set here, before any test module is imported.
-# The general tests leave the (slow) interpreted backend to tests/test_triton_ops.py.
+# The op tests give the (slow) interpreted backend small sizes only (tests/utils.py: backend_table).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

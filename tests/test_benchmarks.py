@@ -27,7 +27,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("MLCONTRAST_BACKEND", None)
-    env.pop("TRITON_INTERPRET", None)  # set in this process by test_triton_ops.py; not for the benchmarks
+    env.pop("TRITON_INTERPRET", None)  # set in this process by conftest.py; not for the benchmarks
     return env
 
 

@@ -445,7 +445,7 @@ def test_available_backends_on_cpu():
         from mlcontrast import _C  # noqa: F401
     except ImportError:
         pytest.skip("the extension is not built")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # set by tests/test_triton_ops.py
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # set by tests/conftest.py without a GPU
     assert backends == (["cpu", "triton", "torch"] if interpreting else ["cpu", "torch"])
 
 

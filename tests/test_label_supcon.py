@@ -1,18 +1,38 @@
-"""label_supcon_loss: every fused CPU backend against reference.py, loss and gradients."""
+"""label_supcon_loss on every fused backend (tests/utils.py: backend_table) against reference.py.
+
+The backend is a parameter. The ``"full"`` backends run every size; the interpreted Triton backend runs
+the small cases, in both of its kernel pairs (deterministic and atomic: utils.VARIANTS). Its own
+mechanisms (launch configurations, the fixed shift, the D loop, atomics) are in
+tests/test_label_supcon_triton.py.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_close_by_norm, assert_matches, cpu_backends, grads, loss_and_grads, make_labels
+from utils import (
+    assert_close_by_norm,
+    assert_matches,
+    backends,
+    cases,
+    device_of,
+    grads,
+    loss_and_grads,
+    make_labels,
+    use_variant,
+)
 
 import mlcontrast
 from mlcontrast import functional, reference
+from mlcontrast.ops import registry
 
-BACKENDS = cpu_backends()
+BACKENDS = [p.values[0] for p in backends(sizes="full")]
 # The CPU kernel tiles rows by 128 and columns by 512: these sizes sit on both sides of the boundaries.
+# The interpreted Triton kernels' tiles shrink to 16 (mlcontrast.ops.utils): N = 33, 70 and D = 40 cross
+# them, N = 5 and D = 7 leave partial tiles.
 SIZES_N = [1, 2, 7, 31, 127, 257, 1031]
 SIZES_D = [1, 3, 64, 127]
+SIZES = {"full": [(n, d) for n in SIZES_N for d in SIZES_D], "small": [(1, 7), (5, 1), (33, 40), (70, 7)]}
 
 
 def check(backend, z, y, upstream=None, temperature=0.1, base_temperature=None, reduction="mean", normalize=False):
@@ -27,23 +47,29 @@ def check(backend, z, y, upstream=None, temperature=0.1, base_temperature=None, 
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("d", SIZES_D)
-@pytest.mark.parametrize("n", SIZES_N)
-def test_matches_reference_across_sizes(backend, n, d):
-    z = torch.randn(n, d) / d**0.5
-    y = make_labels(n, max(1, n // 8), ignore_fraction=0.1, singleton=True)
-    check(backend, z, y, temperature=0.1)
+@pytest.mark.parametrize("backend,variant,n,d,dtype", cases(SIZES, op="label_supcon"))
+def test_matches_reference_across_sizes(backend, variant, n, d, dtype, monkeypatch):
+    use_variant(monkeypatch, "label_supcon", backend, variant)
+    dev = device_of(backend)
+    z = (torch.randn(n, d) / d**0.5).to(dev, dtype)
+    y = make_labels(n, max(1, n // 8), ignore_fraction=0.1, singleton=True).to(dev)
+    upstream = torch.randn(n, dtype=torch.float64, device=dev)  # per-row weights: "not the last layer"
+    out, (grad,) = check(backend, z, y, upstream, temperature=0.1, base_temperature=0.07, reduction="none")
+    assert out.dtype == torch.float32 and out.shape == (n,)
+    assert torch.all(out[y < 0] == 0)
+    assert torch.all(grad[y < 0] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("n,d", [(31, 64), (257, 3)])
-def test_reductions_match_reference(backend, n, d, reduction, normalize):
-    z = torch.randn(n, d)
-    y = make_labels(n, 5, ignore_fraction=0.2, singleton=True)
-    upstream = torch.randn(n, dtype=torch.float64) if reduction == "none" else None
+@pytest.mark.parametrize(
+    "backend,n,d,dtype", cases({"full": [(31, 64), (257, 3)], "small": [(21, 9)]}, dtypes=[torch.float32])
+)
+def test_reductions_match_reference(backend, n, d, dtype, reduction, normalize):
+    dev = device_of(backend)
+    z = torch.randn(n, d).to(dev, dtype)
+    y = make_labels(n, 5, ignore_fraction=0.2, singleton=True).to(dev)
+    upstream = torch.randn(n, dtype=torch.float64, device=dev) if reduction == "none" else None
     out, _ = check(backend, z, y, upstream, temperature=0.5, reduction=reduction, normalize=normalize)
     assert out.shape == ((n,) if reduction == "none" else ())
 
@@ -132,16 +158,16 @@ def test_no_positives_at_all_gives_zero_loss_and_zero_grad(backend, n, reduction
     assert torch.equal(g, torch.zeros_like(g))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("n", [1, 5, 300])
-def test_all_rows_ignored_gives_zero_loss_and_zero_grad(backend, n, reduction):
-    z = torch.randn(n, 8, requires_grad=True)
-    y = torch.full((n,), -1)
+@pytest.mark.parametrize("backend,n,dtype", cases({"full": [1, 5, 300], "small": [4]}, dtypes=[torch.float32]))
+def test_all_rows_ignored_gives_zero_loss_and_zero_grad(backend, n, dtype, reduction):
+    dev = device_of(backend)
+    z = torch.randn(n, 8, device=dev, requires_grad=True)
+    y = torch.full((n,), -1, device=dev)
     out = mlcontrast.label_supcon_loss(z, y, reduction=reduction, normalize=True, backend=backend)
     assert out.dtype == torch.float32
     assert torch.equal(out, torch.zeros_like(out))
-    (g,) = grads(out, z, torch.randn(n) if reduction == "none" else None)
+    (g,) = grads(out, z, torch.randn(n, device=dev) if reduction == "none" else None)
     assert torch.equal(g, torch.zeros_like(g))
 
 
@@ -155,13 +181,47 @@ def test_single_valid_row_gives_zero_loss_and_finite_zero_grad(backend):
     assert torch.equal(g, torch.zeros_like(g))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch_gives_zero(backend):
-    z = torch.randn(0, 4, requires_grad=True)
-    out = mlcontrast.label_supcon_loss(z, torch.zeros(0, dtype=torch.long), backend=backend)
-    assert out.item() == 0.0
-    (g,) = grads(out, z)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", backends())
+def test_empty_batch_gives_zero(backend, reduction):
+    dev = device_of(backend)
+    z = torch.randn(0, 4, device=dev, requires_grad=True)
+    out = mlcontrast.label_supcon_loss(z, torch.zeros(0, dtype=torch.long, device=dev), reduction=reduction,
+                                       backend=backend)  # fmt: skip
+    assert out.shape == ((0,) if reduction == "none" else ())
+    assert out.sum().item() == 0.0
+    (g,) = grads(out.sum(), z)
     assert g.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend,variant", backends("label_supcon"))
+def test_int64_class_ids(backend, variant, monkeypatch):
+    # Class ids are int64 (hashed or dataset ids): 2^32 + 5 and 5 are equal modulo 2^32 but different
+    # classes, 2^31 and 2^40 + 3 do not fit 32 bits (2^31 would read as a negative, ignored, id). The
+    # rows cross the interpreted Triton tiles (N = 37 > 16) and each class has positives.
+    use_variant(monkeypatch, "label_supcon", backend, variant)
+    dev = device_of(backend)
+    ids = torch.tensor([2**40 + 3, 2**32 + 5, 5, 2**31, -1, 2**63 - 1])
+    y = ids[torch.arange(37) % len(ids)].to(dev)
+    z = (torch.randn(37, 8) * 8**-0.5).to(dev)
+    out, _ = check(backend, z, y, torch.randn(37, dtype=torch.float64, device=dev), reduction="none")
+    assert torch.isfinite(out).all() and (out[y >= 0] != 0).all()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_statistics_follow_the_contract(backend):
+    # The op's (loss, lse, n_pos): n_pos counts the positives, lse is the row LSE over j != i of the valid
+    # rows, and an ignored row's lse is 0 (mlcontrast.ops.contract), on every backend.
+    dev = device_of(backend)
+    z = torch.randn(9, 4, device=dev)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, -1, 3, 3], device=dev)
+    loss, lse, n_pos = registry.op("label_supcon", backend)(z, y, 0.5, 0.5)
+    assert n_pos.tolist() == [2, 2, 2, 1, 1, 0, 0, 1, 1]
+    valid = (y >= 0).nonzero().squeeze(1)
+    s = z[valid] @ z[valid].T / 0.5
+    s.fill_diagonal_(float("-inf"))
+    torch.testing.assert_close(lse[valid], torch.logsumexp(s, 1))
+    assert lse[6] == 0 and loss[6] == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,10 +236,13 @@ def test_low_precision_input_matches_fp32_reference(backend, dtype, normalize):
     assert g.dtype == dtype
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_features_and_labels(backend):
-    base = torch.randn(64, 300)  # features = base.T[::2]: transposed and strided
-    y_base = make_labels(300, 5, ignore_fraction=0.1)
+@pytest.mark.parametrize(
+    "backend,d,n,dtype", cases({"full": [(64, 300)], "small": [(12, 40)]}, dtypes=[torch.float32])
+)
+def test_non_contiguous_features_and_labels(backend, d, n, dtype):
+    dev = device_of(backend)
+    base = torch.randn(d, n, device=dev)  # features = base.T[::2]: transposed and strided
+    y_base = make_labels(n, 5, ignore_fraction=0.1).to(dev)
 
     def fused(b):
         return mlcontrast.label_supcon_loss(b.t()[::2], y_base[::2], normalize=True, backend=backend)

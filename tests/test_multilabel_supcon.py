@@ -1,15 +1,25 @@
-"""multilabel_supcon_loss (SADCL's SSCL): every fused CPU backend against reference.py."""
+"""multilabel_supcon_loss (SADCL's SSCL) on every fused backend (tests/utils.py: backend_table; the
+interpreted Triton backend in small sizes) against reference.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_close_by_norm, assert_matches, cpu_backends, grads, loss_and_grads, make_targets
+from utils import (
+    assert_close_by_norm,
+    assert_matches,
+    backends,
+    cases,
+    device_of,
+    grads,
+    loss_and_grads,
+    make_targets,
+)
 
 import mlcontrast
 from mlcontrast import reference
 
-BACKENDS = cpu_backends()
+BACKENDS = [p.values[0] for p in backends(sizes="full")]
 
 
 def check(backend, z, targets, temperature=0.2, base_temperature=None, legacy_sadcl=False):
@@ -23,16 +33,19 @@ def check(backend, z, targets, temperature=0.2, base_temperature=None, legacy_sa
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+SHAPES = {
+    "full": [((1, 1, 3),), ((2, 3, 1),), ((7, 5, 16),), ((4, 2, 3, 8),), ((5, 3, 7, 31),), ((32, 2, 20, 64),),
+             ((3, 1, 2, 4),)],  # fmt: skip
+    "small": [((5, 2, 4, 8),)],
+}
+
+
 @pytest.mark.parametrize("legacy_sadcl", [False, True])
-@pytest.mark.parametrize(
-    "shape",
-    [(1, 1, 3), (2, 3, 1), (7, 5, 16), (4, 2, 3, 8), (5, 3, 7, 31), (32, 2, 20, 64), (3, 1, 2, 4)],
-    ids=str,
-)
-def test_matches_reference(backend, shape, legacy_sadcl):
-    z = torch.randn(*shape)
-    targets = make_targets(shape[0], shape[-2], p_positive=0.4)
+@pytest.mark.parametrize("backend,shape,dtype", cases(SHAPES, dtypes=[torch.float32]))
+def test_matches_reference(backend, shape, dtype, legacy_sadcl):
+    dev = device_of(backend)
+    z = torch.randn(*shape).to(dev)
+    targets = make_targets(shape[0], shape[-2], p_positive=0.4).to(dev)
     check(backend, z, targets, legacy_sadcl=legacy_sadcl)
 
 

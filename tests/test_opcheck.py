@@ -1,91 +1,85 @@
-"""torch.library.opcheck of every op of torch.ops.mlcontrast, and torch.compile(fullgraph=True)."""
+"""torch.library.opcheck of every fused op of the contract (mlcontrast.ops.contract.FUSED_OPS) and its
+backward op, in every library under test (tests/utils.py: backend_table, sample_inputs); then
+torch.compile(fullgraph=True) of the public functions on CPU tensors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_close_by_norm
+from utils import assert_close_by_norm, backend_table, backward_inputs, sample_inputs
 
 import mlcontrast
+from mlcontrast.ops import registry
+from mlcontrast.ops.contract import FUSED_OPS
 
-pytestmark = pytest.mark.skipif("cpu" not in mlcontrast.available_backends("cpu"), reason="extension not built")
 OPS = torch.ops.mlcontrast
-DTYPES = [torch.float32, torch.float64]
+needs_cpu = pytest.mark.skipif(backend_table()["cpu"].reason is not None, reason="extension not built")
+# test_aot_dispatch_dynamic re-traces with symbolic shapes: slow in the interpreter, left out there.
+FAST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
-def _float(*shape, dtype, requires_grad=False):
-    return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
+def _param(*values, backend, ident):
+    marks = [pytest.mark.skip(reason=backend.reason)] if backend.reason else []
+    return pytest.param(*values, marks=marks, id=ident)
 
 
-def test_the_library_has_exactly_the_documented_ops():
-    for name in (
-        "label_supcon",
-        "label_supcon_backward",
-        "prototype_nce",
-        "prototype_nce_backward",
-        "prototype_ce",
-        "prototype_ce_backward",
-        "update_prototypes_",
-    ):
-        assert hasattr(OPS, name), name
+def _forward_cases():
+    # Every dtype of the backend's checks; with and without inputs that require grad on the fast backends.
+    for name, fused in FUSED_OPS.items():
+        for b in backend_table().values():
+            for dtype in b.check_dtypes:
+                for grad in (False, True) if fused.grads and not b.slow else (bool(fused.grads),):
+                    ident = f"{name}-{b.name}-{str(dtype).removeprefix('torch.')}{'-grad' if grad else ''}"
+                    yield _param(name, b.name, dtype, grad, backend=b, ident=ident)
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_label_supcon(dtype, requires_grad):
-    z = _float(11, 5, dtype=dtype, requires_grad=requires_grad)
-    y = torch.tensor([0, 0, 1, 1, 2, -1, 0, 3, 1, -1, 2])
-    torch.library.opcheck(OPS.label_supcon.default, (z, y, 0.2, 0.3))
-    torch.library.opcheck(OPS.label_supcon.default, (z, y, 0.2, 0.3, 3, 9))  # anchor rows 3 .. 9
+def _backward_cases():
+    for name, fused in FUSED_OPS.items():
+        for b in backend_table().values():
+            for dtype in b.check_dtypes if fused.backward else ():
+                ident = f"{fused.backward}-{b.name}-{str(dtype).removeprefix('torch.')}"
+                yield _param(name, b.name, dtype, backend=b, ident=ident)
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_prototype_nce(dtype, requires_grad):
-    z = _float(5, 3, 4, dtype=dtype, requires_grad=requires_grad)
-    p = _float(3, 4, dtype=dtype, requires_grad=requires_grad)
-    t = torch.tensor([[1, 0, -1], [0, 1, -1], [1, -1, 0], [0, 0, -1], [-1, 1, 0]])
-    torch.library.opcheck(OPS.prototype_nce.default, (z, p, t, 0.1))
+def _library(backend: str):
+    registry.op("label_supcon", backend)  # loads the backend's library
+    return getattr(torch.ops, registry.FUSED_BACKENDS[backend].library)
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_prototype_ce(dtype, requires_grad):
-    z = _float(10, 4, dtype=dtype, requires_grad=requires_grad)
-    p = _float(3, 4, dtype=dtype, requires_grad=requires_grad)
-    y = torch.tensor([0, 1, 2, -1, 2, 2, 0, -1, 1, 0])
-    torch.library.opcheck(OPS.prototype_ce.default, (z, y, p, 0.1))
+@pytest.mark.parametrize("backend", list(backend_table()))
+def test_the_library_has_exactly_the_documented_ops(backend):
+    if backend_table()[backend].reason:
+        pytest.skip(backend_table()[backend].reason)
+    library = _library(backend)
+    for fused in FUSED_OPS.values():
+        for name in filter(None, (fused.name, fused.backward)):
+            assert hasattr(library, name), name
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_update_prototypes_(dtype, normalize):
-    p = _float(4, 5, dtype=dtype)
-    z = _float(9, 5, dtype=dtype)
-    y = torch.tensor([0, 0, 1, -1, 3, 3, 3, -1, 0])
-    torch.library.opcheck(OPS.update_prototypes_.default, (p, z, y, 0.9, normalize))
+@pytest.mark.parametrize("name,backend,dtype,requires_grad", list(_forward_cases()))
+def test_opcheck(name, backend, dtype, requires_grad):
+    op = getattr(_library(backend), name).default
+    utils = FAST_UTILS if backend_table()[backend].slow else None
+    device = backend_table()[backend].device
+    for args in sample_inputs(name, dtype, device, requires_grad):
+        if utils is None:
+            torch.library.opcheck(op, args)
+        else:
+            torch.library.opcheck(op, args, test_utils=utils)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_backward_ops(dtype):
-    z = _float(8, 3, dtype=dtype)
-    y = torch.tensor([0, 0, 1, 1, -1, 2, 2, 2])
-    rows, lse, n_pos = OPS.label_supcon(z, y, 0.5, 0.5)
-    torch.library.opcheck(OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, n_pos, 0.5, 0.5))
-    rows, lse, n_pos = OPS.label_supcon(z, y, 0.5, 0.5, 2, 5)
-    torch.library.opcheck(
-        OPS.label_supcon_backward.default, (torch.randn_like(rows), z, y, lse, n_pos, 0.5, 0.5, 2, 5)
-    )
-
-    p = _float(3, 3, dtype=dtype)
-    rows, lse, norm = OPS.prototype_ce(z, y, p, 0.5)
-    torch.library.opcheck(OPS.prototype_ce_backward.default, (torch.randn_like(rows), z, y, p, lse, norm, 0.5))
-
-    zb = _float(4, 3, 3, dtype=dtype)
-    t = torch.tensor([[1, 0, -1], [0, 1, 1], [1, -1, 0], [0, 0, 1]])
-    loss, *saved = OPS.prototype_nce(zb, p, t, 0.5)  # saved: stats, logits, norm
-    torch.library.opcheck(OPS.prototype_nce_backward.default, (torch.ones_like(loss), zb, p, t, *saved, 0.5))
+@pytest.mark.parametrize("name,backend,dtype", list(_backward_cases()))
+def test_opcheck_backward_op(name, backend, dtype):
+    library = _library(backend)
+    forward, backward = getattr(library, name), getattr(library, FUSED_OPS[name].backward).default
+    utils = FAST_UTILS if backend_table()[backend].slow else None
+    for args in sample_inputs(name, dtype, backend_table()[backend].device):
+        inputs = backward_inputs(name, args, forward(*args))
+        if utils is None:
+            torch.library.opcheck(backward, inputs)
+        else:
+            torch.library.opcheck(backward, inputs, test_utils=utils)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +97,7 @@ def _all_losses(z, zb, zv, protos, y, targets):
     )
 
 
+@needs_cpu
 def test_compile_fullgraph_matches_eager_with_backward(monkeypatch):
     monkeypatch.delenv("MLCONTRAST_BACKEND", raising=False)
     torch._dynamo.reset()
@@ -129,6 +124,7 @@ def test_compile_fullgraph_matches_eager_with_backward(monkeypatch):
         assert_close_by_norm(a, e, torch.float32, f"compiled grad of {name}")
 
 
+@needs_cpu
 def test_compile_fullgraph_update_prototypes(monkeypatch):
     monkeypatch.delenv("MLCONTRAST_BACKEND", raising=False)
     torch._dynamo.reset()
@@ -150,6 +146,7 @@ def test_compile_fullgraph_update_prototypes(monkeypatch):
     assert not torch.equal(compiled[0], protos[0]), "the compiled update happened in place"
 
 
+@needs_cpu
 def test_compile_fullgraph_backward_ops_with_non_contiguous_inputs():
     # The kernels return contiguous tensors whatever the inputs' strides; the fake kernels must say so,
     # or inductor's size/stride assertions fail on transposed or permuted views (a saved activation

@@ -1,15 +1,31 @@
-"""prototype_ce_loss: every fused CPU backend against reference.py."""
+"""prototype_ce_loss on every fused backend (tests/utils.py: backend_table) against reference.py.
+
+The backend is a parameter: the ``"full"`` backends run every size, the interpreted Triton backend the
+small cases. The Triton kernels' own checks (the traced backward, its barriers) are in
+tests/test_triton_compile.py; its GPU-only case closes this file.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_close_by_norm, assert_matches, cpu_backends, grads, loss_and_grads, make_labels
+import torch.nn.functional as F
+from utils import (
+    assert_close_by_norm,
+    assert_matches,
+    backends,
+    cases,
+    device_of,
+    grads,
+    loss_and_grads,
+    make_labels,
+)
 
 import mlcontrast
 from mlcontrast import reference
+from mlcontrast.ops import registry
 
-BACKENDS = cpu_backends()
+BACKENDS = [p.values[0] for p in backends(sizes="full")]
 NAMES = ["features", "prototypes"]
 
 
@@ -22,13 +38,19 @@ def check(backend, z, y, p, temperature=0.1):
     )
 
 
-# The CPU kernel processes rows in blocks of 256.
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("c", [1, 2, 5, 80])
-@pytest.mark.parametrize("n,d", [(1, 1), (2, 3), (7, 64), (31, 127), (257, 3), (1031, 64)])
-def test_matches_reference(backend, n, d, c):
-    z, p = torch.randn(n, d), torch.randn(c, d)
-    check(backend, z, make_labels(n, c, ignore_fraction=0.1), p)
+# The CPU kernel processes rows in blocks of 256; the interpreted Triton kernels tile by 16 (N = 33, 70
+# and D = 40 cross the tiles, C = 17, 20 the class tiles).
+SIZES = {
+    "full": [(n, c, d) for n, d in [(1, 1), (2, 3), (7, 64), (31, 127), (257, 3), (1031, 64)] for c in [1, 2, 5, 80]],
+    "small": [(1, 1, 1), (5, 3, 7), (33, 17, 40), (70, 20, 9)],
+}
+
+
+@pytest.mark.parametrize("backend,n,c,d,dtype", cases(SIZES))
+def test_matches_reference(backend, n, c, d, dtype):
+    dev = device_of(backend)
+    z, p = torch.randn(n, d).to(dev, dtype), torch.randn(c, d).to(dev, dtype)
+    check(backend, z, make_labels(n, c, ignore_fraction=0.1).to(dev), p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,12 +82,12 @@ def test_ignored_rows_get_no_gradient(backend):
     assert torch.equal(gz[1::2], torch.zeros_like(gz[1::2]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n", [1, 300])
-def test_all_rows_ignored_gives_zero_loss_and_zero_grad(backend, n):
-    z = torch.randn(n, 8, requires_grad=True)
-    p = torch.randn(3, 8, requires_grad=True)
-    out = mlcontrast.prototype_ce_loss(z, torch.full((n,), -1), p, backend=backend)
+@pytest.mark.parametrize("backend,n,dtype", cases({"full": [1, 300], "small": [6]}, dtypes=[torch.float32]))
+def test_all_rows_ignored_gives_zero_loss_and_zero_grad(backend, n, dtype):
+    dev = device_of(backend)
+    z = torch.randn(n, 8, device=dev, requires_grad=True)
+    p = torch.randn(3, 8, device=dev, requires_grad=True)
+    out = mlcontrast.prototype_ce_loss(z, torch.full((n,), -1, device=dev), p, backend=backend)
     assert out.dtype == torch.float32 and out.item() == 0.0
     gz, gp = grads(out, (z, p))
     assert torch.equal(gz, torch.zeros_like(gz)) and torch.equal(gp, torch.zeros_like(gp))
@@ -129,3 +151,56 @@ def test_fp64_mixed_with_fp32_matches_reference_or_is_a_type_error(backend, feat
         return
     expected = reference.prototype_ce_loss(z.double(), y, p.double())
     assert_close_by_norm(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_op_rows_and_ignored_rows(backend):
+    # The op's per-row losses (the contract's first output) with per-row weights: ignored rows get 0 and
+    # no gradient.
+    dev = device_of(backend)
+    z, p = torch.randn(10, 5, device=dev), torch.randn(4, 5, device=dev)
+    y = torch.tensor([0, 1, 2, 3, -1, 0, -1, 1, 2, 3], device=dev)
+    rows, (grad_z, _) = assert_matches(
+        lambda a, b: registry.op("prototype_ce", backend)(a, y, b, 0.2)[0],
+        lambda a, b: (
+            F.cross_entropy(reference._unit(a) @ reference._unit(b).T / 0.2, y.clamp(min=0), reduction="none")
+            * (y >= 0)
+        ),
+        [z, p],
+        torch.rand(10, dtype=torch.float64, device=dev),
+    )
+    assert torch.all(rows[y < 0] == 0) and torch.all(grad_z[y < 0] == 0)
+
+
+@pytest.mark.parametrize("d", [11, 40])  # Triton: one D chunk, or three (the scratch path of the dz kernel)
+@pytest.mark.parametrize("backend", backends())
+def test_zero_rows_and_deterministic(backend, d):
+    dev = device_of(backend)
+    z, p = torch.randn(40, d, device=dev), torch.randn(6, d, device=dev)
+    z[3] = 0  # a zero row: its norm is clamped to eps
+    y = torch.randint(0, 6, (40,)).to(dev)
+    runs = []
+    for _ in range(2):
+        a, b = z.clone().requires_grad_(), p.clone().requires_grad_()
+        mlcontrast.prototype_ce_loss(a, y, b, backend=backend).backward()
+        runs.append((a.grad, b.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    check(backend, z, y, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton on a GPU only: 16-bit inputs at the targets' sizes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_triton_low_precision(dtype):
+    z, p = torch.randn(2053, 256, device="cuda").to(dtype), torch.randn(80, 256, device="cuda").to(dtype)
+    y = torch.randint(-1, 80, (2053,), device="cuda")
+    assert_matches(
+        lambda a, b: mlcontrast.prototype_ce_loss(a, y, b, 0.1, backend="triton"),
+        lambda a, b: reference.prototype_ce_loss(a, y, b, 0.1),
+        [z, p],
+    )

@@ -1,15 +1,33 @@
-"""prototype_nce_loss (SADCL's PSCL): every fused CPU backend against reference.py."""
+"""prototype_nce_loss (SADCL's PSCL) on every fused backend (tests/utils.py: backend_table) against
+reference.py.
+
+The backend is a parameter: the ``"full"`` backends run every size, the interpreted Triton backend the
+small cases. The Triton backward's split over the samples closes the file, in its own section.
+"""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from utils import assert_close_by_norm, assert_matches, cpu_backends, grads, loss_and_grads, make_targets
+from utils import (
+    assert_close_by_norm,
+    assert_matches,
+    backends,
+    cases,
+    device_of,
+    grads,
+    loss_and_grads,
+    make_targets,
+    record_launches,
+    triton_module,
+)
 
 import mlcontrast
 from mlcontrast import reference
 
-BACKENDS = cpu_backends()
+BACKENDS = [p.values[0] for p in backends(sizes="full")]
 NAMES = ["features", "prototypes"]
 
 
@@ -28,12 +46,22 @@ def _targets_with_a_positive(b, c, **kw):
     return t
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("d", [1, 3, 64, 127])
-@pytest.mark.parametrize("b,c", [(1, 1), (2, 3), (7, 5), (31, 20), (127, 3), (257, 7)])
-def test_matches_reference(backend, b, c, d):
-    z, p = torch.randn(b, c, d), torch.randn(c, d)
-    check(backend, z, p, _targets_with_a_positive(b, c), temperature=0.1)
+# The interpreted Triton kernels tile by 16: C = 17 and D = 40 cross the tiles.
+SIZES = {
+    "full": [(b, c, d) for b, c in [(1, 1), (2, 3), (7, 5), (31, 20), (127, 3), (257, 7)] for d in [1, 3, 64, 127]],
+    "small": [(1, 1, 1), (5, 3, 7), (9, 17, 40), (20, 5, 9)],
+}
+
+
+@pytest.mark.parametrize("backend,b,c,d,dtype", cases(SIZES))
+def test_matches_reference(backend, b, c, d, dtype):
+    dev = device_of(backend)
+    z, p = torch.randn(b, c, d).to(dev, dtype), torch.randn(c, d).to(dev, dtype)
+    t = _targets_with_a_positive(b, c).to(dev)
+    if c > 1:
+        t[:, 1] = 0  # a class with known rows but no positive
+    out, _ = check(backend, z, p, t, temperature=0.1)
+    assert out.dtype == torch.float32 and out.dim() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -71,13 +99,14 @@ def test_unknown_targets_and_columns_without_positives(backend):
     assert gp[1].abs().sum() > 0, "a class without positives still pushes its known rows away"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("fill", [0, -1])
 def test_no_positive_at_all_gives_exactly_zero(backend, fill):
-    z = torch.randn(6, 3, 4, requires_grad=True)
-    p = torch.randn(3, 4, requires_grad=True)
+    dev = device_of(backend)
+    z = torch.randn(6, 3, 4, device=dev, requires_grad=True)
+    p = torch.randn(3, 4, device=dev, requires_grad=True)
     targets = make_targets(6, 3, p_positive=0.0, p_unknown=0.5) if fill == 0 else torch.full((6, 3), -1)
-    out = mlcontrast.prototype_nce_loss(z, p, targets, backend=backend)
+    out = mlcontrast.prototype_nce_loss(z, p, targets.to(dev), backend=backend)
     assert out.dtype == torch.float32 and out.item() == 0.0
     gz, gp = grads(out, (z, p))
     assert torch.equal(gz, torch.zeros_like(gz)) and torch.equal(gp, torch.zeros_like(gp))
@@ -148,3 +177,60 @@ def test_fp64_mixed_with_fp32_matches_reference_or_is_a_type_error(backend, feat
         return
     expected = reference.prototype_nce_loss(z.double(), p.double(), t)
     assert_close_by_norm(got, expected, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton backward's programs: splits over the samples
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [64, 512])
+def test_prototype_nce_backward_fills_a_gpu(b, monkeypatch):
+    # The backward's programs at a typical shape (C = 80, D = 256) with a GPU's configuration: one per
+    # (class block, D chunk) would be 40 for 132 SMs, each serial over B; the splits over B make more.
+    triton_prototype_nce = triton_module("prototype_nce")
+    ops_utils = triton_module("utils")
+    monkeypatch.setattr(triton_prototype_nce, "interpreting", lambda: False)
+    monkeypatch.setattr(ops_utils, "interpreting", lambda: False)  # split_count's
+    launched = record_launches(triton_prototype_nce, monkeypatch, run=False)
+    z, p = torch.zeros(b, 80, 256), torch.ones(80, 256)
+    t = torch.ones(b, 80, dtype=torch.long)
+    stats, logits, norm = torch.zeros(2, 80), torch.zeros(b, 80), torch.ones(b, 80)
+    triton_prototype_nce.prototype_nce_backward(torch.tensor(1.0), z, p, t, stats, logits, norm, 0.1)
+    ((name, grid, kwargs),) = launched
+    assert name == "_prototype_nce_bwd_kernel" and math.prod(grid) >= 4 * 132, grid
+    assert grid[2] * kwargs["SAMPLES_PER_SPLIT"] >= b > (grid[2] - 1) * kwargs["SAMPLES_PER_SPLIT"]
+
+
+@pytest.mark.parametrize("per_split", [1, 3, 4])  # B = 11: 11, 4 or 3 splits, the last one shorter
+def test_prototype_nce_backward_splits_over_samples(per_split, monkeypatch):
+    triton_prototype_nce = triton_module("prototype_nce")
+    monkeypatch.setattr(
+        triton_prototype_nce, "split_count", lambda blocks, *_, **__: (-(-blocks // per_split), per_split)
+    )
+    launched = record_launches(triton_prototype_nce, monkeypatch)
+    dev = device_of("triton")
+    z, p = torch.randn(11, 5, 20, device=dev), torch.randn(5, 20, device=dev)
+    t = make_targets(11, 5).to(dev)
+    t[0, 0] = 1
+    assert_matches(
+        lambda a, q: mlcontrast.prototype_nce_loss(a, q, t, 0.1, backend="triton"),
+        lambda a, q: reference.prototype_nce_loss(a, q, t, 0.1),
+        [z, p],
+        names=["features", "prototypes"],
+    )
+    assert launched[-1][1][2] == -(-11 // per_split)  # the backward's splits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_triton_low_precision(dtype):
+    p = torch.randn(80, 256, device="cuda").to(dtype)
+    z3 = torch.randn(64, 80, 256, device="cuda").to(dtype)
+    t = make_targets(64, 80).cuda()
+    assert_matches(
+        lambda a, b: mlcontrast.prototype_nce_loss(a, b, t, 0.07, backend="triton"),
+        lambda a, b: reference.prototype_nce_loss(a, b, t, 0.07),
+        [z3, p],
+    )

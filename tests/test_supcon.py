@@ -1,4 +1,5 @@
-"""supcon_loss: a drop-in for SupContrast's SupConLoss, on every fused CPU backend."""
+"""supcon_loss: a drop-in for SupContrast's SupConLoss, on every fused backend (tests/utils.py:
+backend_table; the interpreted Triton backend in small sizes)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import loops
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_close_by_norm, assert_matches, cpu_backends, grads, loss_and_grads
+from utils import assert_close_by_norm, assert_matches, backends, cases, device_of, grads, loss_and_grads
 
 import mlcontrast
 from mlcontrast import reference
 
-BACKENDS = cpu_backends()
+BACKENDS = [p.values[0] for p in backends(sizes="full")]
 
 
 def supcontrast_supcon(features, labels=None, temperature=0.07, base_temperature=0.07, contrast_mode="all"):
@@ -72,12 +73,15 @@ def test_matches_supcontrast(backend, b, v, d, with_labels, contrast_mode):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("contrast_mode", ["all", "one"])
 @pytest.mark.parametrize("with_labels", [False, True])
-def test_matches_reference(backend, with_labels, contrast_mode):
-    z = _unit(67, 3, 20)
-    labels = torch.randint(0, 9, (67,)) if with_labels else None
+@pytest.mark.parametrize(
+    "backend,b,v,d,dtype", cases({"full": [(67, 3, 20)], "small": [(6, 2, 10)]}, dtypes=[torch.float32])
+)
+def test_matches_reference(backend, b, v, d, dtype, with_labels, contrast_mode):
+    dev = device_of(backend)
+    z = _unit(b, v, d).to(dev)
+    labels = torch.randint(0, 9, (b,)).to(dev) if with_labels else None
     assert_matches(
         lambda x: mlcontrast.supcon_loss(x, labels, 0.2, 0.3, contrast_mode, backend=backend),
         lambda x: reference.supcon_loss(x, labels, 0.2, 0.3, contrast_mode),

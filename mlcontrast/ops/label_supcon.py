@@ -145,7 +145,7 @@ def _default_config(d: int, dtype: torch.dtype, phase: str = "fwd") -> dict:
     (split operands) within registers; its chunks of 32 (64 with TF32) are pipelined up to D = 128
     and looped at run time beyond. fp64 (gradcheck only) gets small tiles that fit any GPU. Register
     use and spills (ptxas, sm_90, D = 256, triton 3.6 and 3.8): ``MLCONTRAST_COMPILE_CHECK=1`` in
-    tests/test_triton_ops.py; ``benchmarks.tune_triton`` measures better configurations.
+    tests/test_triton_compile.py; ``benchmarks.tune_triton`` measures better configurations.
     """
     if interpreting():
         config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "options": {}}
