@@ -18,6 +18,7 @@ from utils import assert_close_by_norm, assert_matches, make_labels, make_target
 
 import mlcontrast
 from mlcontrast import reference
+from mlcontrast.ops import registry
 
 TRITON = backend_table()["triton"]
 if TRITON.reason is not None:
@@ -61,7 +62,7 @@ def test_label_supcon_anchor_rows(n, anchors, dtype, mode):
     (y,) = _to_device(make_labels(n, 5, ignore_fraction=0.2, singleton=True))
     upstream = torch.randn(n, dtype=torch.float64, device=DEVICE)
     out, (grad,) = assert_matches(
-        lambda x: triton_label_supcon.label_supcon_rows(x, y, 0.1, 0.07, start, stop),
+        lambda x: registry.op("label_supcon", "triton")(x, y, 0.1, 0.07, start, stop)[0],
         lambda x: torch.nn.functional.pad(
             reference.label_supcon_anchor_rows(x, y, 0.1, 0.07, False, start, stop), (start, n - stop)
         ),
@@ -229,7 +230,7 @@ def test_label_supcon_atomic_and_deterministic_agree(monkeypatch):
     for atomic in (False, True):
         monkeypatch.setattr(triton_label_supcon, "ATOMIC", atomic)
         x = z.clone().requires_grad_()
-        rows = triton_label_supcon.label_supcon_rows(x, y, 0.1, 0.1)
+        rows = registry.op("label_supcon", "triton")(x, y, 0.1, 0.1)[0]
         (rows * upstream).sum().backward()
         results[atomic] = (rows.detach(), x.grad)
     assert_close_by_norm(results[True][0], results[False][0], torch.float32, "atomic vs deterministic loss")
@@ -262,7 +263,7 @@ def test_label_supcon_every_row_through_the_online_max(monkeypatch, mode):
     z = _rand(50, 20, scale=20**-0.5)
     (y,) = _to_device(make_labels(50, 5, ignore_fraction=0.2, singleton=True))
     assert_matches(
-        lambda x: triton_label_supcon.label_supcon_rows(x, y, 0.05, 0.07, 10, 44),
+        lambda x: registry.op("label_supcon", "triton")(x, y, 0.05, 0.07, 10, 44)[0],
         lambda x: torch.nn.functional.pad(
             reference.label_supcon_anchor_rows(x, y, 0.05, 0.07, False, 10, 44), (10, 50 - 44)
         ),

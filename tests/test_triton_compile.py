@@ -83,7 +83,7 @@ _TRACE_TRITON_OPS = textwrap.dedent(
         l2, lse2, norm2 = pc.prototype_ce(z, y, p, 0.1)
         g3 = pc.prototype_ce_backward(l2, z, y, p, lse2, norm2, 0.1)
         z3, p3 = z.view(4, 5, 8), p[:5]
-        l3, st, lg, nm = pn.prototype_nce_forward(z3, p3, t, 0.1)
+        l3, st, lg, nm = pn.prototype_nce(z3, p3, t, 0.1)
         g4 = pn.prototype_nce_backward(l3, z3, p3, t, st, lg, nm, 0.1)
         q = p.clone()
         up.update_prototypes_(q, z, y, 0.9, True)
@@ -273,7 +273,7 @@ _COMPILE_CHECK = textwrap.dedent(
         l2, lse2, norm2 = pc.prototype_ce(z, y, p, 0.1)
         pc.prototype_ce_backward(l2, z, y, p, lse2, norm2, 0.1)
         z3 = z[:192].reshape(4, 48, 256)
-        l3, st, lg, nm = pn.prototype_nce_forward(z3, p, t, 0.1)
+        l3, st, lg, nm = pn.prototype_nce(z3, p, t, 0.1)
         pn.prototype_nce_backward(l3, z3, p, t, st, lg, nm, 0.1)
         up.update_prototypes_(p, z, y, 0.9, True)
         up.ONE_HOT_MAX_CLASSES = 0  # and the atomic class sums

@@ -89,7 +89,7 @@ from mlcontrast.ops.utils import (
     with_overrides,
 )
 
-__all__ = ["ATOMIC", "SHIFTED_SUM_FLOOR", "label_supcon", "label_supcon_backward", "label_supcon_rows"]
+__all__ = ["ATOMIC", "SHIFTED_SUM_FLOOR", "label_supcon", "label_supcon_backward"]
 
 #: True: the symmetric-tile forward and backward with atomic accumulation; False: the deterministic
 #: pair; None: decided by the environment variable ``MLCONTRAST_TRITON_ATOMIC`` ("1" selects atomics).
@@ -357,37 +357,3 @@ def label_supcon_backward(
 
 
 contract.register_autograd(LIBRARY, "label_supcon")
-
-
-def label_supcon_rows(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    base_temperature: float,
-    anchor_start: int = 0,
-    anchor_stop: int | None = None,
-) -> torch.Tensor:
-    r"""Per-row label-level SupCon loss :math:`\ell` on the Triton backend, differentiable w.r.t. ``features``.
-
-    The forward and backward kernels are the deterministic pair, or the atomic one when :data:`ATOMIC`
-    (or ``MLCONTRAST_TRITON_ATOMIC=1``) says so.
-
-    Args:
-        features: ``[N, D]`` rows (used as given; normalise them first if the loss asks for it).
-        labels: ``[N]`` int64 class ids, -1 for a row that takes no part.
-        temperature: :math:`\tau > 0`.
-        base_temperature: :math:`\tau_{base} > 0`.
-        anchor_start, anchor_stop: the rows that get a loss (``None``: up to N); all rows are contrasted.
-
-    Shape:
-        features ``[N, D]``, labels ``[N]`` → ``[N]`` in fp32 (fp64 for fp64 features), 0 on ignored rows,
-        on rows without positives and outside the anchors.
-
-    Example:
-        >>> z = torch.nn.functional.normalize(torch.randn(256, 128, device="cuda"), dim=1).requires_grad_()
-        >>> rows = label_supcon_rows(z, torch.randint(0, 8, (256,), device="cuda"), 0.1, 0.1)
-        >>> rows.mean().backward()
-    """
-    return label_supcon(
-        features, labels, float(temperature), float(base_temperature), anchor_start, anchor_stop, _use_atomics()
-    )[0]

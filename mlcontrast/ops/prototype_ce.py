@@ -49,7 +49,7 @@ from mlcontrast.ops.utils import (
     triton_library_op,
 )
 
-__all__ = ["prototype_ce", "prototype_ce_backward", "prototype_ce_rows"]
+__all__ = ["prototype_ce", "prototype_ce_backward"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,22 +491,3 @@ def prototype_ce_backward(
 
 
 contract.register_autograd(LIBRARY, "prototype_ce")
-
-
-def prototype_ce_rows(
-    features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    r"""Per-row cross-entropy of :math:`\mathrm{softmax}_c(\cos(z_i, p_c)/\tau)` at :math:`y_i`, on the Triton backend.
-
-    Differentiable w.r.t. ``features`` and ``prototypes``.
-
-    Args:
-        features: ``[N, D]`` rows.
-        labels: ``[N]`` int64 class ids in ``[0, C)``, -1 for an ignored row.
-        prototypes: ``[C, D]``, C >= 1.
-        temperature: :math:`\tau > 0`.
-
-    Shape:
-        ``[N]`` in fp32 (fp64 for fp64 features), 0 on rows with label -1.
-    """
-    return prototype_ce(features, labels, prototypes, float(temperature))[0]

@@ -45,7 +45,7 @@ from mlcontrast.ops.utils import (
     triton_library_op,
 )
 
-__all__ = ["prototype_nce", "prototype_nce_backward", "prototype_nce_forward"]
+__all__ = ["prototype_nce", "prototype_nce_backward"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def _masked_column_lse(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 @triton_library_op("prototype_nce", fake=contract.fake("prototype_nce"))
-def prototype_nce_forward(
+def prototype_nce(
     features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""PSCL loss and the statistics its backward needs (forward launcher).
@@ -237,8 +237,8 @@ def prototype_nce_backward(
 
     Args:
         grad: scalar upstream gradient.
-        features, prototypes, targets, temperature: as given to :func:`prototype_nce_forward`.
-        stats, logits, norm: saved by :func:`prototype_nce_forward`.
+        features, prototypes, targets, temperature: as given to :func:`prototype_nce`.
+        stats, logits, norm: saved by :func:`prototype_nce`.
 
     Returns:
         ``(grad_features [B, C, D], grad_prototypes [C, D])`` in the input dtypes; deterministic.
@@ -277,20 +277,3 @@ def prototype_nce_backward(
 
 
 contract.register_autograd(LIBRARY, "prototype_nce")
-
-
-def prototype_nce(
-    features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    r"""SADCL's PSCL loss on the Triton backend, differentiable w.r.t. ``features`` and ``prototypes``.
-
-    Args:
-        features: ``[B, C, D]``.
-        prototypes: ``[C, D]``.
-        targets: ``[B, C]`` int64 with 1 positive, 0 negative, -1 unknown.
-        temperature: :math:`\tau > 0`.
-
-    Shape:
-        scalar, fp32 (fp64 for fp64 features).
-    """
-    return prototype_nce_forward(features, prototypes, targets.long(), float(temperature))[0]

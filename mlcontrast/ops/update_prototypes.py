@@ -185,9 +185,27 @@ def _config(c: int, d: int, dtype: torch.dtype) -> dict:
 
 
 @triton_library_op("update_prototypes_", mutates_args=("prototypes",), fake=contract.fake("update_prototypes_"))
-def _update_prototypes_op(
+def update_prototypes_(
     prototypes: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, momentum: float, normalize: bool
 ) -> None:
+    r"""Moves each present class's prototype towards the mean of its rows, in place, on the Triton backend.
+
+    Args:
+        prototypes: ``[C, D]`` floating tensor (fp32, fp16, bf16 or fp64), updated in place; the
+            arithmetic runs in fp32 (fp64 for fp64 prototypes).
+        features: ``[N, D]`` rows (no gradient is recorded).
+        labels: ``[N]`` int64 class ids in ``[0, C)``, -1 for a row that takes no part.
+        momentum: m in [0, 1].
+        normalize: L2-normalise the updated prototypes (eps 1e-8).
+
+    Shape:
+        prototypes ``[C, D]``, features ``[N, D]``, labels ``[N]``; returns None.
+
+    Example:
+        >>> protos = torch.nn.functional.normalize(torch.randn(80, 256, device="cuda"), dim=1)
+        >>> rows, labels = torch.randn(4096, 256, device="cuda"), torch.randint(0, 80, (4096,), device="cuda")
+        >>> update_prototypes_(protos, rows, labels, 0.99, True)
+    """
     z = features.detach().contiguous()
     y = labels.contiguous()
     n, d = z.shape
@@ -227,27 +245,3 @@ def _update_prototypes_op(
         BLOCK_D=cfg["BLOCK_D"],
         **cfg["options"],
     )
-
-
-def update_prototypes_(
-    prototypes: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, momentum: float, normalize: bool
-) -> None:
-    r"""Moves each present class's prototype towards the mean of its rows, in place, on the Triton backend.
-
-    Args:
-        prototypes: ``[C, D]`` floating tensor (fp32, fp16, bf16 or fp64), updated in place; the
-            arithmetic runs in fp32 (fp64 for fp64 prototypes).
-        features: ``[N, D]`` rows (no gradient is recorded).
-        labels: ``[N]`` int64 class ids in ``[0, C)``, -1 for a row that takes no part.
-        momentum: m in [0, 1].
-        normalize: L2-normalise the updated prototypes (eps 1e-8).
-
-    Shape:
-        prototypes ``[C, D]``, features ``[N, D]``, labels ``[N]``; returns None.
-
-    Example:
-        >>> protos = torch.nn.functional.normalize(torch.randn(80, 256, device="cuda"), dim=1)
-        >>> rows, labels = torch.randn(4096, 256, device="cuda"), torch.randint(0, 80, (4096,), device="cuda")
-        >>> update_prototypes_(protos, rows, labels, 0.99, True)
-    """
-    _update_prototypes_op(prototypes, features.detach(), labels, float(momentum), bool(normalize))
