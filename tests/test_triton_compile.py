@@ -338,3 +338,37 @@ def test_gpu_torch_compile_traces_into_the_kernels():
     compiled = torch.compile(loss_fn, fullgraph=True)
     assert_matches(compiled, loss_fn, [z])
 
+
+
+_LABEL_SUPCON_STORES = textwrap.dedent(
+    """
+    import os, re, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    from benchmarks.ttgir_label_supcon import label_supcon_ttgir
+
+    for kernel, ttgir in label_supcon_ttgir(getattr(torch, sys.argv[1]), int(sys.argv[2]), arch=90).items():
+        lines = [line.strip() for line in ttgir.splitlines()]
+        loaded = {m.group(1) for line in lines for m in [re.search(r"= tt.load (%[\\w.]+)", line)] if m}
+        stored = [m.group(1) for line in lines for m in [re.match(r"tt.store (%[\\w.]+)", line)] if m]
+        print(kernel, "stores", len(stored), "read-modify-writes", sum(pointer in loaded for pointer in stored))
+    """
+)
+
+
+@pytest.mark.parametrize("dtype,dim", [("bfloat16", 256), ("float32", 256)])
+def test_label_supcon_kernels_never_read_back_what_they_store(dtype, dim):
+    # A read-modify-write of a gradient chunk through global memory reads rows that other warps stored
+    # (load and store get different layouts) and is safe only behind a barrier. The deterministic backward
+    # keeps its dZ slab in registers and stores each element once; fp32 at D = 256 takes the run-time D
+    # loop, where the old kernel added chunks past the first into DZ. Checked in the TTGIR for sm_90.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _LABEL_SUPCON_STORES, dtype, str(dim)], env=env, capture_output=True, text=True,
+        cwd=_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert "_label_supcon_bwd_kernel" in found, result.stdout
+    assert int(found["_label_supcon_bwd_kernel"][2]) > 0, found  # it does store the gradient
+    assert all(int(words[-1]) == 0 for words in found.values()), found
