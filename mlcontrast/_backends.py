@@ -28,11 +28,16 @@ __all__ = [
 ]
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run on ``device``, otherwise the reason and the remedy."""
+def why_unavailable(backend: str, device: torch.device, op: str | None = None) -> str | None:
+    """None when ``backend`` can run on ``device`` (and has kernels for fused ``op``, when given), otherwise
+    the reason and the remedy."""
     device = torch.device(device)
     if backend == "torch":
         return None
+    if op is not None:
+        missing = _missing_kernels(op, backend)
+        if missing is not None:
+            return missing
     if backend == "cpu":
         if device.type != "cpu":
             return f'backend "cpu" runs on CPU tensors only, these are on {device}'
@@ -59,6 +64,15 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             return "no CUDA GPU is available to torch"
         return triton_unavailable_reason()
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _missing_kernels(op: str, backend: str) -> str | None:
+    from mlcontrast.ops.contract import FUSED_OPS
+
+    fused = FUSED_OPS.get(op)
+    if fused is None or backend not in BACKENDS or backend in fused.backends:
+        return None
+    return f'op "{op}" has no "{backend}" kernels yet; its fused backends are {", ".join(fused.backends)}'
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
@@ -141,7 +155,7 @@ def resolve(backend: str, device: torch.device, op: str | None = None, features:
             backend = forced
         else:
             return _auto(device, op, features, rows)
-    reason = why_unavailable(backend, device)
+    reason = why_unavailable(backend, device, op)
     if reason is not None:
         raise RuntimeError(f'mlcontrast backend "{backend}" is unavailable: {reason}')
     if features is not None:
@@ -159,7 +173,7 @@ def _auto(device: torch.device, op: str | None, features: torch.Tensor | None, r
     # The first available (and, where checked on first use, correct) backend in that order, without
     # probing the ones after it; "torch", the reference, always qualifies.
     for name in order:
-        if (name == choice or why_unavailable(name, device) is None) and (
+        if (name == choice or why_unavailable(name, device, op) is None) and (
             features is None or _first_use.trusted(name, device, features.dtype, op)
         ):
             return name

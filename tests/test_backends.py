@@ -65,7 +65,7 @@ def test_auto_on_cuda_traces_with_dynamic_shapes(monkeypatch, fullgraph):
 
 def test_auto_without_a_measurement_takes_the_first_available(monkeypatch):
     _fake_cuda(monkeypatch, TABLE)
-    monkeypatch.setattr(_backends, "why_unavailable", lambda name, device: None if name != "cuda" else "no GPU")
+    monkeypatch.setattr(_backends, "why_unavailable", lambda name, device, op=None: None if name != "cuda" else "no GPU")
     z = torch.empty(100, 64, dtype=torch.float16, device="meta")  # fp16: not in the table
     assert _backends.resolve("auto", torch.device("cuda"), "label_supcon", z) == "triton"
 
@@ -161,3 +161,21 @@ def test_one_reading_of_triton_interpret(monkeypatch, value, expected):
         assert reason is None or "TRITON_INTERPRET=1 was set after" in reason, reason
     else:
         assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+def test_an_op_without_kernels_on_a_backend_is_skipped_by_auto_and_refused_when_asked(monkeypatch):
+    # A fused op new to the package may have kernels on some fused backends only (contract.FusedOp.backends).
+    import dataclasses
+
+    from mlcontrast.ops import contract
+
+    narrowed = dataclasses.replace(contract.FUSED_OPS["label_supcon"], backends=("triton",))
+    monkeypatch.setitem(contract.FUSED_OPS, "label_supcon", narrowed)
+    monkeypatch.delenv("MLCONTRAST_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    reason = _backends.why_unavailable("cpu", cpu, "label_supcon")
+    assert reason is not None and 'no "cpu" kernels' in reason
+    assert _backends.why_unavailable("cpu", cpu, "prototype_ce") is None
+    assert _backends.resolve("auto", cpu, "label_supcon", torch.randn(4, 3)) != "cpu"
+    with pytest.raises(RuntimeError, match='no "cpu" kernels'):
+        _backends.resolve("cpu", cpu, "label_supcon", torch.randn(4, 3))

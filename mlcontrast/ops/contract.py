@@ -85,6 +85,8 @@ class FusedOp:
         grad_name: the name of the backward's incoming-gradient argument.
         dtype_of: the floating inputs whose dtypes decide the compute dtype of the outputs.
         doc: what the op computes.
+        backends: the fused backends that have its kernels (an op new to the package may reach the others
+            later; ``"auto"`` skips a backend without them and an explicit request raises saying so).
     """
 
     name: str
@@ -94,6 +96,7 @@ class FusedOp:
     grad_name: str
     dtype_of: tuple[str, ...]
     doc: str
+    backends: tuple[str, ...] = ("cpu", "cuda", "triton")
 
     @property
     def saved(self) -> tuple[Output, ...]:
