@@ -144,6 +144,9 @@ def _rel(path: Path) -> str:
 def _params(config: dict) -> str:
     """``D=128, float32, 80 classes, temperature 0.1`` and the like, from what the config has."""
     parts = []
+    if "positives" in config:  # multihot_supcon: one results file per positives mode
+        threshold = f" (threshold {config['threshold']})" if config["positives"] == "jaccard" else ""
+        parts.append(f"positives={config['positives']}{threshold}")
     if "d" in config:
         parts.append(f"D={config['d']}")
     parts.append(config.get("dtype", "float32"))

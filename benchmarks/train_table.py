@@ -1,6 +1,6 @@
 """The training table: every method on the embedded digits dataset at several known-label ratios.
 
-    python -m benchmarks.train_table                           # bce, sadcl, hst, trmml x ratios 0.1, 0.5, 1.0
+    python -m benchmarks.train_table                           # bce, msupcon, sadcl, hst, trmml x ratios 0.1, 0.5, 1.0
     python -m benchmarks.train_table --methods hst --ratios 0.5 --jobs 1
     python -m benchmarks.train_table --write-readme            # README's training table from the results file
     python -m benchmarks.train_table --quick --out /tmp/t.json # a smoke run (tests)
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "train" / "digits.json"
 START, END = "<!-- train:start -->", "<!-- train:end -->"
-METHOD_ORDER = ("bce", "sadcl", "hst", "trmml")
+METHOD_ORDER = ("bce", "msupcon", "sadcl", "hst", "trmml")
 QUICK = ["--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16", "--hidden-dim", "32",
          "--proj-dim", "16", "--backbone", "test_resnet", "--feature-index", "2"]
 KEYS = ("mAP", "CF1", "OF1", "pseudo_precision", "pseudo_recall", "pseudo_positives")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-               torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
+               torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}  # fmt: skip
 EVIDENCE = ("async_copy_global_to_local", "async_tma_copy_global_to_local", "async_wait", "warp_group_dot ")
 
 

@@ -32,6 +32,19 @@ TORCH_LIBRARY(mlcontrast, m) {
   m.def("label_supcon_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor lse, Tensor n_pos,"
         " float temperature, float base_temperature, int anchor_start=0, int? anchor_stop=None) -> Tensor");
 
+  // Multi-hot (image-level) SupCon over the R rows of the contrast set, targets [R, C] uint8 (1 = label
+  // present), positives "jaccard" | "any" | "all" | "mulsupcon" (threshold: jaccard's): (loss, lse, coef,
+  // count), each [R]: the per-row loss (0 outside the anchors and on rows without positives), the row
+  // log-sum-exp over all other rows (-inf for an anchor with nothing to contrast with), the mean positive
+  // weight (mulsupcon: the number of label anchors) and the number of positives (mulsupcon: of label
+  // anchors); lse, coef and count are 0 outside the anchors.
+  m.def("multihot_supcon(Tensor features, Tensor targets, float temperature, float base_temperature,"
+        " str positives, float threshold, int anchor_start=0, int? anchor_stop=None)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("multihot_supcon_backward(Tensor grad_rows, Tensor features, Tensor targets, Tensor lse, Tensor coef,"
+        " Tensor count, float temperature, float base_temperature, str positives, float threshold,"
+        " int anchor_start=0, int? anchor_stop=None) -> Tensor");
+
   // Sample-to-prototype cross-entropy: (loss, lse, norm), each [N]: the per-row loss (0 on ignored
   // rows), the row log-sum-exp over the C classes and max(|z_i|, eps).
   m.def("prototype_ce(Tensor features, Tensor labels, Tensor prototypes, float temperature)"

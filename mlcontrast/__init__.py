@@ -11,6 +11,7 @@ from mlcontrast._backends import available_backends
 from mlcontrast.distributed import all_gather_with_grad
 from mlcontrast.functional import (
     label_supcon_loss,
+    multihot_supcon_loss,
     multilabel_supcon_loss,
     prototype_ce_loss,
     prototype_nce_loss,
@@ -19,6 +20,7 @@ from mlcontrast.functional import (
 )
 from mlcontrast.losses import (
     LabelSupConLoss,
+    MultiHotSupConLoss,
     MultiLabelSupConLoss,
     PrototypeBank,
     PrototypeCELoss,
@@ -48,12 +50,14 @@ __all__ = [
     "label_supcon_loss",
     "supcon_loss",
     "multilabel_supcon_loss",
+    "multihot_supcon_loss",
     "prototype_nce_loss",
     "prototype_ce_loss",
     "update_prototypes_",
     "LabelSupConLoss",
     "SupConLoss",
     "MultiLabelSupConLoss",
+    "MultiHotSupConLoss",
     "PrototypeNCELoss",
     "PrototypeCELoss",
     "PrototypeBank",

@@ -1,5 +1,7 @@
 """How a multi-label batch of label-level features becomes the rows of label-level SupCon.
 
+Also the normalisation of rows for a fused backend (:func:`unit_rows`).
+
 Features ``[B, V, C, D]`` (V views of B samples, one feature per class c) give V*B*C rows. The row of
 (sample b, view v, class c) takes part with class c as its label when ``targets[b, c] == 1``, and is
 ignored (label -1) otherwise. Rows come in one of two orders: view-major (v, b, c), the order of SADCL
@@ -11,8 +13,24 @@ on the order of the others.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["legacy_sadcl_gate", "multilabel_rows"]
+from mlcontrast._base import NORM_EPS
+from mlcontrast.ops import registry
+
+__all__ = ["legacy_sadcl_gate", "multilabel_rows", "unit_rows"]
+
+
+def unit_rows(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``x``'s rows L2-normalised for fused ``backend``: in fp32 (fp16/bf16 sums of squares lose precision),
+    then in the caller's dtype for a backend that wants its rows so (:func:`registry.rows_in_input_dtype`).
+
+    The GPU kernels then get unit rows in the caller's dtype: 16-bit rows keep the tensor cores' 16-bit
+    rate and half the traffic, at one more rounding of the kind the caller's features already carry. The
+    CPU kernels compute in fp32 anyway.
+    """
+    unit = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=NORM_EPS)
+    return unit.to(x.dtype) if registry.rows_in_input_dtype(backend) else unit
 
 
 def multilabel_rows(

@@ -15,6 +15,7 @@ import torch
 from mlcontrast._base import BACKENDS
 
 __all__ = [
+    "MULTIHOT_POSITIVES",
     "REDUCTIONS",
     "check_backend",
     "check_features",
@@ -22,15 +23,20 @@ __all__ = [
     "check_label_values",
     "check_labels",
     "check_momentum",
+    "check_multihot_targets",
+    "check_multihot_values",
     "check_positive",
+    "check_positives",
     "check_reduction",
     "check_same_device",
     "check_target_values",
     "check_targets",
     "check_temperatures",
+    "check_threshold",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
+MULTIHOT_POSITIVES = ("jaccard", "any", "all", "mulsupcon")
 
 
 def _checking_values() -> bool:
@@ -91,6 +97,39 @@ def check_target_values(targets: torch.Tensor) -> None:
     """Targets in {1, 0, -1}."""
     if _checking_values() and targets.numel() > 0 and ((targets < -1) | (targets > 1)).any():
         raise ValueError("targets must hold 1 (positive), 0 (negative) or -1 (unknown)")
+
+
+def check_multihot_targets(targets: torch.Tensor, name: str, rows: int, c: int | None, shape: str) -> torch.Tensor:
+    """``[rows, C]`` integer or bool multi-hot targets with C >= 1 (``C = c`` when given), ``shape``
+    describing them; returned as they are if bool, else as int64."""
+    if not (isinstance(targets, torch.Tensor) and targets.dtype == torch.bool):
+        targets = check_int(targets, name, shape)
+    if targets.dim() != 2 or targets.shape[0] != rows or (c is not None and targets.shape[1] != c):
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(targets.shape)}")
+    if targets.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one class column, got shape {tuple(targets.shape)}")
+    return targets
+
+
+def check_multihot_values(targets: torch.Tensor, name: str) -> None:
+    """Multi-hot targets in {1, 0, -1} (bool targets always are)."""
+    if targets.dtype == torch.bool or not _checking_values() or targets.numel() == 0:
+        return
+    if ((targets < -1) | (targets > 1)).any():
+        raise ValueError(f"{name} must hold 1 (label present), 0 (absent) or -1 (unknown: absent)")
+
+
+def check_threshold(threshold: float) -> None:
+    """A number in (0, 1] (not a bool)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+
+
+def check_positives(positives: str) -> None:
+    if positives not in MULTIHOT_POSITIVES:
+        raise ValueError(f"positives must be one of {MULTIHOT_POSITIVES}, got {positives!r}")
 
 
 def check_positive(value: float, name: str) -> None:

@@ -40,12 +40,13 @@ __all__ = [
 ]
 
 #: The fused ops, by the names that ``mlcontrast._measured`` and the first-use check use.
-OPS = ("label_supcon", "prototype_nce", "prototype_ce", "update_prototypes")
+OPS = ("label_supcon", "prototype_nce", "prototype_ce", "update_prototypes", "multihot_supcon")
 FUSED = ("cpu", "triton", "cuda")
 
 # Small on purpose (the interpreted Triton path runs them on CPUs), and odd: no size is a multiple of a
-# tile, some rows are ignored, one class has a single row and one prototype's class is absent.
-_N, _D, _C, _B = 37, 33, 7, 11
+# tile, some rows are ignored, one class has a single row and one prototype's class is absent; the
+# multi-hot case has rows without labels, unknown (-1) entries and _M reference rows.
+_N, _D, _C, _B, _M = 37, 33, 7, 11, 13
 _SEED = 1234
 
 
@@ -97,6 +98,9 @@ def _targets(gen: torch.Generator, b: int, c: int) -> torch.Tensor:
 
 def _problem(op: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(_SEED)
+    if op == "multihot_supcon":  # features and ref rows; targets and ref targets (some rows without labels)
+        floats = [torch.randn(_N, _D, generator=gen), torch.randn(_M, _D, generator=gen)]
+        return floats, [_targets(gen, _N, _C), _targets(gen, _M, _C)]
     if op == "label_supcon":
         return [torch.randn(_N, _D, generator=gen)], [_labels(gen, _N, _C)]
     if op == "prototype_nce":
@@ -115,6 +119,9 @@ def _call(op: str, backend: str, floats: list[torch.Tensor], ints: list[torch.Te
         return functional.prototype_nce_loss(floats[0], floats[1], ints[0], 0.07, backend=backend)
     if op == "prototype_ce":
         return functional.prototype_ce_loss(floats[0], ints[0], floats[1], 0.1, backend=backend)
+    if op == "multihot_supcon":
+        return functional.multihot_supcon_loss(floats[0], ints[0], 0.1, 0.07, normalize=True, ref_features=floats[1],
+                                               ref_targets=ints[1], backend=backend)  # fmt: skip
     return functional.update_prototypes_(floats[0], floats[1], ints[0], momentum=0.9, backend=backend)
 
 
@@ -225,7 +232,8 @@ def run_checks(
     both_tf32: bool = False,
 ) -> list[CheckResult]:
     """Every op × backend × dtype case (default: the available fused backends of ``device`` and their
-    :func:`default_dtypes`); raises ``RuntimeError`` for a requested backend that is unavailable.
+    :func:`default_dtypes`); raises ``RuntimeError`` for a requested backend that is unavailable. An op
+    whose contract has no kernels of a backend (``FUSED_OPS[op].backends``) is not run on it.
 
     fp32 runs with TF32 as the process has it; ``both_tf32`` runs fp32 on CUDA twice instead, TF32 off
     and on (the kernels have a separate path for each).
@@ -242,10 +250,11 @@ def run_checks(
         reason = _backends.why_unavailable(backend, device)
         if reason is not None:
             raise RuntimeError(f'backend "{backend}" is unavailable on {device}: {reason}')
+        with_kernels = [op for op in ops if _backends.why_unavailable(backend, device, op) is None]
         for dtype in dtypes or default_dtypes(backend, device):
             both = both_tf32 and dtype == torch.float32 and device.type == "cuda"
             for tf32 in (False, True) if both else (None,):
-                results += [run_check(op, backend, device, dtype, tf32) for op in ops]
+                results += [run_check(op, backend, device, dtype, tf32) for op in with_kernels]
     return results
 
 

@@ -11,7 +11,8 @@ This module holds the collective pieces they use:
 - :func:`gather_sizes` (every rank's row count, checking dtypes and trailing shapes agree),
   :func:`gather_with_sizes`, :func:`all_gather_no_grad` (labels and targets, with known sizes),
   :func:`rank_offset`, :func:`all_reduce_sum` (global counts and sums, no host sync),
-  :func:`check_process_group` and :func:`local_result` (global value, ``world_size`` × local gradient).
+  :func:`check_process_group`, :func:`local_result` (global value, ``world_size`` × local gradient) and
+  :func:`shard_result` (a loss's result on each rank from its anchors' losses).
 
 Each rank computes only its own anchors' losses, against all gathered rows (the ops' anchor rows):
 O(N_rank N D) work per rank instead of O(N^2 D). Its anchors' gradients with respect to the other
@@ -36,6 +37,7 @@ __all__ = [
     "all_reduce_sum",
     "check_process_group",
     "local_result",
+    "shard_result",
 ]
 
 # The per-rank header gathered before the data: [ndim, dtype code, *shape padded with zeros].
@@ -233,3 +235,23 @@ def local_result(local: torch.Tensor, total: torch.Tensor | None, world_size: in
     """
     scaled = world_size * local
     return (local.detach() if total is None else total) + (scaled - scaled.detach())
+
+
+def shard_result(
+    local_rows: torch.Tensor, count: torch.Tensor | int, reduction: str, group, world_size: int
+) -> torch.Tensor:
+    """This rank's result from the losses of its own anchors, ``local_rows`` (functions of all ranks' rows);
+    ``count`` is the global count that ``"mean"`` divides by (>= 1).
+
+    Why the gradients come out as the contract says: let ``l_r`` be rank r's share (its anchors' sum,
+    divided by the global count for "mean"), so the global loss is ``L = sum_r l_r``. The result has the
+    value of ``all_reduce(l_r) = L`` and the gradient of ``world_size * l_r`` (:func:`local_result`).
+    Backward on rank r sends ``world_size * dl_r/dX`` to the gathered rows X; the gather's backward
+    sums these over ranks, ``world_size * d(sum_r l_r)/dX = world_size * dL/dX``, and keeps rank r's slice:
+    ``features.grad = world_size * dL/dx_r``, and DDP's average over ranks of the parameter gradients is
+    then dL/dθ, as in single-process training. "none" keeps the local rows with the same scaling.
+    """
+    if reduction == "none":
+        return local_result(local_rows, None, world_size)
+    local = local_rows.sum() if reduction == "sum" else local_rows.sum() / count
+    return local_result(local, all_reduce_sum(local, group), world_size)

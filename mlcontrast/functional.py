@@ -1,6 +1,6 @@
-"""The public loss functions. Each validates its arguments (:mod:`mlcontrast._validation`), resolves the
-backend once, calls the dense reference (``"torch"``) or the fused op that :mod:`mlcontrast.ops.registry`
-gives for the backend, and reduces.
+"""The public loss functions (:func:`multihot_supcon_loss` is defined in :mod:`mlcontrast._multihot`). Each
+validates its arguments (:mod:`mlcontrast._validation`), resolves the backend once, calls the dense reference
+(``"torch"``) or the fused op that :mod:`mlcontrast.ops.registry` gives for the backend, and reduces.
 
 Encodings everywhere: ``labels`` ``[N]`` int64 class ids with ``-1`` for a row that takes no part;
 ``targets`` ``[B, C]`` integers with ``1`` positive, ``0`` negative, ``-1`` unknown. Every function
@@ -12,11 +12,10 @@ features). Bad input raises before any work: ``ValueError`` for shapes, sizes, v
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mlcontrast import _backends, distributed, reference
-from mlcontrast._base import NORM_EPS
-from mlcontrast._layout import legacy_sadcl_gate, multilabel_rows
+from mlcontrast._layout import legacy_sadcl_gate, multilabel_rows, unit_rows
+from mlcontrast._multihot import multihot_supcon_loss
 from mlcontrast._validation import (
     check_features,
     check_int,
@@ -37,6 +36,7 @@ __all__ = [
     "label_supcon_loss",
     "supcon_loss",
     "multilabel_supcon_loss",
+    "multihot_supcon_loss",
     "prototype_nce_loss",
     "prototype_ce_loss",
     "update_prototypes_",
@@ -46,14 +46,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # The fused backends' calls (the ops and their backends: mlcontrast.ops.registry)
 # ----------------------------------------------------------------------------------------------
-
-
-def _unit(x: torch.Tensor, backend: str) -> torch.Tensor:
-    # Normalise in fp32 (fp16/bf16 sums of squares lose precision). The GPU kernels then get unit rows in
-    # the caller's dtype: 16-bit rows keep the tensor cores' 16-bit rate and half the traffic, at one more
-    # rounding of the kind the caller's features already carry. The CPU kernels compute in fp32 anyway.
-    unit = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=NORM_EPS)
-    return unit.to(x.dtype) if registry.rows_in_input_dtype(backend) else unit
 
 
 def _label_supcon_rows(
@@ -94,28 +86,13 @@ def _anchor_losses(
         return reference.label_supcon_anchor_rows(
             features, labels, temperature, base_temperature, normalize, start, stop
         )
-    z = _unit(features, backend) if normalize else features
+    z = unit_rows(features, backend) if normalize else features
     rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature, start, stop)
     return rows[start:stop]
 
 
-def _shard_result(
-    local_rows: torch.Tensor, count: torch.Tensor | int, reduction: str, group, world_size: int
-) -> torch.Tensor:
-    """This rank's result from the losses of its own anchors, ``local_rows`` (functions of all ranks' rows).
-
-    Why the gradients come out as the contract says: let ``l_r`` be rank r's share (its anchors' sum,
-    divided by the global count for "mean"), so the global loss is ``L = sum_r l_r``. The result has the
-    value of ``all_reduce(l_r) = L`` and the gradient of ``world_size * l_r`` (distributed.local_result).
-    Backward on rank r sends ``world_size * dl_r/dX`` to the gathered rows X; the gather's backward
-    sums these over ranks, ``world_size * d(sum_r l_r)/dX = world_size * dL/dX``, and keeps rank r's slice:
-    ``features.grad = world_size * dL/dx_r``, and DDP's average over ranks of the parameter gradients is
-    then dL/dθ, as in single-process training. "none" keeps the local rows with the same scaling.
-    """
-    if reduction == "none":
-        return distributed.local_result(local_rows, None, world_size)
-    local = local_rows.sum() if reduction == "sum" else local_rows.sum() / count
-    return distributed.local_result(local, distributed.all_reduce_sum(local, group), world_size)
+#: This rank's result from its anchors' losses (also read by benchmarks/distributed_table.py).
+_shard_result = distributed.shard_result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +173,7 @@ def label_supcon_loss(
         return _shard_result(rows, count, reduction, process_group, world_size)
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
-    z = _unit(features, backend) if normalize else features
+    z = unit_rows(features, backend) if normalize else features
     rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature)
     return reduce_rows(rows, (labels >= 0).sum(), reduction)
 
@@ -353,7 +330,7 @@ def multilabel_supcon_loss(
     if backend == "torch":
         return reference.multilabel_supcon_loss(features, targets, temperature, base_temperature, legacy_sadcl)
     rows, labels = multilabel_rows(features, targets, sample_major=False)  # SADCL's (v, b, c) order
-    losses = _label_supcon_rows(backend, _unit(rows, backend), labels, temperature, base_temperature)
+    losses = _label_supcon_rows(backend, unit_rows(rows, backend), labels, temperature, base_temperature)
     if legacy_sadcl:
         losses = losses * legacy_sadcl_gate(targets, v, sample_major=False).reshape(-1)
     return reduce_rows(losses, (labels >= 0).sum(), "mean")

@@ -8,12 +8,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlcontrast import functional
-from mlcontrast._validation import check_backend, check_positive, check_reduction, check_temperatures
+from mlcontrast._validation import (
+    check_backend,
+    check_positive,
+    check_positives,
+    check_reduction,
+    check_temperatures,
+    check_threshold,
+)
 
 __all__ = [
     "LabelSupConLoss",
     "SupConLoss",
     "MultiLabelSupConLoss",
+    "MultiHotSupConLoss",
     "PrototypeNCELoss",
     "PrototypeCELoss",
     "PrototypeBank",
@@ -143,6 +151,69 @@ class MultiLabelSupConLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, legacy_sadcl={self.legacy_sadcl}"
+
+
+class MultiHotSupConLoss(nn.Module):
+    """Multi-hot (image-level) SupCon (:func:`mlcontrast.functional.multihot_supcon_loss`).
+
+    ``forward(features, targets, ref_features=None, ref_targets=None)``: ``[N, D]`` rows with ``[N, C]``
+    multi-hot targets, and optional ``[M, D]`` reference rows (e.g. a queue) with their ``[M, C]`` targets,
+    which join the contrast set but are never anchors. ``process_group``: a ``torch.distributed`` group
+    whose ranks' rows all join the contrast set (see the functional docstring); None for a single process.
+
+    Example:
+        >>> loss_fn = MultiHotSupConLoss(temperature=0.1, positives="jaccard", threshold=0.5, normalize=True)
+        >>> loss = loss_fn(torch.randn(6, 16), torch.randint(0, 2, (6, 4)))
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        base_temperature: float | None = None,
+        positives: str = "jaccard",
+        threshold: float = 0.5,
+        reduction: str = "mean",
+        normalize: bool = False,
+        backend: str = "auto",
+        process_group: torch.distributed.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        check_temperatures(temperature, base_temperature)
+        check_positives(positives)
+        check_threshold(threshold)
+        check_reduction(reduction)
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.positives, self.threshold = positives, threshold
+        self.reduction, self.normalize, self.backend = reduction, normalize, check_backend(backend)
+        self.process_group = process_group
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        ref_features: torch.Tensor | None = None,
+        ref_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return functional.multihot_supcon_loss(
+            features,
+            targets,
+            self.temperature,
+            self.base_temperature,
+            self.positives,
+            self.threshold,
+            self.reduction,
+            self.normalize,
+            ref_features,
+            ref_targets,
+            process_group=self.process_group,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, positives={self.positives!r}, threshold={self.threshold}, "
+            f"reduction={self.reduction!r}, normalize={self.normalize}"
+        )
 
 
 class PrototypeNCELoss(nn.Module):

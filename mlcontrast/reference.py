@@ -190,3 +190,98 @@ def update_prototypes_(
             updated = F.normalize(updated, dim=0, eps=NORM_EPS)
         prototypes[c] = updated.to(prototypes.dtype)
     return prototypes
+
+
+def multihot_supcon_loss(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+    positives: str = "jaccard",
+    threshold: float = 0.5,
+    reduction: str = "mean",
+    normalize: bool = False,
+    ref_features: torch.Tensor | None = None,
+    ref_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-hot (image-level) SupCon with the full N x (N + M) similarity matrix (see
+    ``functional.multihot_supcon_loss``). The ref rows join the contrast set and are never anchors."""
+    rows, targets_all = features, targets
+    if ref_features is not None:
+        rows = torch.cat([features, ref_features.to(features.dtype)])
+        targets_all = torch.cat([targets.long(), ref_targets.long()])
+    losses, counts = multihot_supcon_anchor_rows(
+        rows, targets_all, temperature, base_temperature, positives, threshold, normalize, 0, features.shape[0]
+    )
+    return reduce_rows(losses, counts.sum(), reduction)
+
+
+def multihot_supcon_anchor_rows(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+    positives: str = "jaccard",
+    threshold: float = 0.5,
+    normalize: bool = False,
+    start: int = 0,
+    stop: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The losses of the anchor rows ``start .. stop`` of :func:`multihot_supcon_loss`, densely, against every
+    row of ``features`` (the contrast set), and what each adds to the ``"mean"``'s count K: 1 for an anchor
+    with positives (0 without) for jaccard / any / all, its number of label anchors for mulsupcon.
+
+    ``targets`` ``[R, C]``: 1 (or True) = label present, anything else absent.
+    """
+    base_temperature = temperature if base_temperature is None else base_temperature
+    z = _unit(features) if normalize else _compute(features)
+    r = z.shape[0]
+    stop = r if stop is None else stop
+    y = (targets == 1).to(z.dtype)  # [R, C] label sets as 0/1
+    anchors = torch.arange(start, stop, device=z.device)
+    logits = z[start:stop] @ z.T / temperature  # s_ij, [n, R]
+    not_self = anchors[:, None] != torch.arange(r, device=z.device)[None, :]  # A(i): every other row
+    lse = _masked_lse(logits, not_self, dim=1)
+    scale = temperature / base_temperature
+    if positives == "mulsupcon":
+        return _mulsupcon_rows(logits.masked_fill(~not_self, 0.0), lse, y, y[start:stop], scale)
+    weight, positive = _multihot_positives(y[start:stop], y, not_self, positives, threshold)
+    n_pos = positive.sum(1)
+    # (1/|P|) sum_p w_ip (LSE_i - s_ip)
+    per_row = (weight * (lse[:, None] - logits)).sum(1) / n_pos.clamp(min=1)
+    has_pos = n_pos > 0
+    return torch.where(has_pos, scale * per_row, 0.0), has_pos.long()
+
+
+def _multihot_positives(
+    y_anchor: torch.Tensor, y: torch.Tensor, not_self: torch.Tensor, positives: str, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights w_ij (0 off P(i)) and the mask of P(i), ``[n, R]`` each, for jaccard / any / all."""
+    overlap = y_anchor @ y.T  # o_ij = |y_i ∩ y_j| (exact: sums of 0/1)
+    size_i, size_j = y_anchor.sum(1)[:, None], y.sum(1)[None, :]
+    union = size_i + size_j - overlap  # u_ij = |y_i ∪ y_j|
+    if positives == "jaccard":
+        # The ratio of the two counts in fp64, as the threshold is given: an overlap exactly at it counts.
+        jaccard = torch.where(union > 0, overlap.double() / union.double().clamp(min=1), 0.0)
+        positive = not_self & (jaccard > 0) & (jaccard >= threshold)
+        return jaccard.to(y.dtype) * positive, positive
+    if positives == "any":
+        positive = not_self & (overlap > 0)
+    else:  # "all": y_j = y_i ≠ ∅
+        positive = not_self & (overlap == size_i) & (overlap == size_j) & (size_i > 0)
+    return positive.to(y.dtype), positive
+
+
+def _mulsupcon_rows(
+    logits_off_diag: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, y_anchor: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MulSupCon's label anchors: (i, c) for c ∈ y_i with P(i, c) = {p ≠ i : c ∈ y_p} ≠ ∅, i.e. n_c ≥ 2.
+
+    ℓ_i = scale · Σ_c (LSE_i − mean_{p ∈ P(i,c)} s_ip), with Σ_{p ∈ P(i,c)} s_ip = (S with its diagonal
+    zeroed) @ y, and |P(i, c)| = n_c − 1.
+    """
+    n_c = y.sum(0)  # rows of the contrast set with label c
+    valid = (y_anchor > 0) & (n_c >= 2)[None, :]  # [n, C] the label anchors
+    mean_pos = (logits_off_diag @ y) / (n_c - 1).clamp(min=1)  # [n, C]
+    per_label = torch.where(valid, lse[:, None] - mean_pos, 0.0)
+    return scale * per_label.sum(1), valid.sum(1)

@@ -156,6 +156,59 @@ def prototype_ce(features, labels, prototypes, temperature=0.1):
     return _tied(total / max(count, 1), features, prototypes)
 
 
+def multihot_supcon(
+    features,
+    targets,
+    temperature=0.1,
+    base_temperature=None,
+    positives="jaccard",
+    threshold=0.5,
+    reduction="mean",
+    normalize=False,
+    ref_features=None,
+    ref_targets=None,
+):
+    """DESIGN.md §9/§10, row by row: label sets as Python sets, the ref rows appended to the contrast set."""
+    tb = temperature if base_temperature is None else base_temperature
+    rows = list(features.unbind(0)) + ([] if ref_features is None else list(ref_features.unbind(0)))
+    z = [_unit(_f64(r)) if normalize else _f64(r) for r in rows]
+    all_targets = targets.tolist() + ([] if ref_targets is None else ref_targets.tolist())
+    sets = [{c for c, v in enumerate(row) if int(v) == 1} for row in all_targets]
+    out, count = [], 0
+    for i in range(features.shape[0]):
+        others = [j for j in range(len(z)) if j != i]
+        s = {j: torch.dot(z[i], z[j]) / temperature for j in others}
+        lse = _lse([s[j] for j in others]) if others else None
+        if positives == "mulsupcon":
+            row = _zero()
+            for c in sorted(sets[i]):
+                pos = [p for p in others if c in sets[p]]
+                if pos:
+                    row = row + lse - sum((s[p] for p in pos), _zero()) / len(pos)
+                    count += 1
+            out.append((temperature / tb) * row)
+            continue
+        weights = {}
+        for j in others:
+            o, u = len(sets[i] & sets[j]), len(sets[i] | sets[j])
+            if positives == "jaccard":
+                w = o / u if u else 0.0
+                if w > 0 and w >= threshold:
+                    weights[j] = w
+            elif positives == "any" and o > 0:
+                weights[j] = 1.0
+            elif positives == "all" and sets[i] and sets[j] == sets[i]:
+                weights[j] = 1.0
+        if not weights:
+            out.append(_zero())
+            continue
+        count += 1
+        total = sum((w * (lse - s[j]) for j, w in weights.items()), _zero())
+        out.append((temperature / tb) * total / len(weights))
+    inputs = (features,) if ref_features is None else (features, ref_features)
+    return _tied(_reduce(out, count, reduction), *inputs)
+
+
 @torch.no_grad()
 def update_prototypes_(prototypes, features, labels, momentum=0.99, normalize=True):
     """p_c ← m p_c + (1 − m) mean of the rows of class c, for present classes; in place, computed in fp64."""

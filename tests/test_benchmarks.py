@@ -97,6 +97,10 @@ def test_quick_results(quick_run, op):
         assert config["flops"]["full"] == "8*N^2*D"
         r = cpu[0]
         assert r["throughput"]["flops"]["full"] == 8 * r["n"] ** 2 * r["d"]
+    elif op == "multihot_supcon":  # the similarities and the label overlaps (C classes)
+        assert config["flops"]["full"] == "4*N^2*(2*D+C)" and config["positives"] == "jaccard"
+        r = cpu[0]
+        assert r["throughput"]["flops"]["full"] == 4 * r["n"] ** 2 * (2 * r["d"] + r["num_classes"])
     else:
         assert all(r["bandwidth"]["feature_bytes"] > 0 for r in cpu)
 
@@ -194,6 +198,44 @@ def test_results_name_marks_non_default_d_and_dtype():
     assert name() == "label_supcon"
     assert name(d=1024, dtype="bfloat16") == "label_supcon_d1024_bf16"
     assert name(dtype="float16", quick=True) == "label_supcon_fp16_quick"
+
+
+def test_multihot_results_file_per_positives_mode(tmp_path):
+    """bench_multihot_supcon: one results file per --positives mode, the mode in its name unless it is the
+    default (jaccard), after the op and before the harness's D / dtype / quick marks."""
+    from benchmarks.bench_multihot_supcon import SPEC, mode_results_path
+    from benchmarks.harness.spec import parse_bench_args
+
+    def paths(*argv):
+        args = parse_bench_args(SPEC, ["--out-dir", str(tmp_path), *argv])
+        return [mode_results_path(args, mode).name for mode in args.positives]
+
+    assert paths() == ["multihot_supcon_cpu.json"]
+    assert paths("--positives", "jaccard", "mulsupcon", "--d", "64", "--quick") == [
+        "multihot_supcon_d64_quick_cpu.json", "multihot_supcon_mulsupcon_d64_quick_cpu.json"]
+    assert paths("--positives", "any", "all", "--out", str(tmp_path / "r.json")) == ["r_any.json", "r_all.json"]
+    assert paths("--positives", "any", "--out", str(tmp_path / "r.json")) == ["r.json"]
+
+
+def test_backend_without_the_ops_kernels_is_unavailable():
+    """A fused backend the contract gives no kernels for an op (FusedOp.backends) is no default provider of
+    the op's sweep, and a case that asks for it is recorded as unavailable, not as an error."""
+    from types import SimpleNamespace
+
+    from benchmarks.harness.case import unavailable_reason
+    from benchmarks.harness.sweep import missing_kernels
+    from mlcontrast.ops.contract import FUSED_OPS
+
+    missing = [(op, b) for op, f in FUSED_OPS.items() for b in ("cpu", "cuda", "triton") if b not in f.backends]
+    if not missing:
+        pytest.skip("every contract op has every fused backend's kernels")
+    op, backend = missing[0]
+    everything = SimpleNamespace(available_backends=lambda device: ["cpu", "cuda", "triton", "torch"])
+    assert f'no "{backend}" kernels' in unavailable_reason(backend, "cuda", everything, op)
+    assert missing_kernels(op, backend) is not None
+    present = FUSED_OPS[op].backends[0]
+    assert unavailable_reason(present, "cuda", everything, op) is None and missing_kernels(op, present) is None
+    assert missing_kernels("not_a_contract_op", backend) is None
 
 
 def test_backend_variant_runs_in_its_mode(tmp_path):

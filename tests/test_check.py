@@ -90,12 +90,13 @@ def test_broken_kernel_fails_the_check_and_the_exit_status(monkeypatch, tmp_path
     _break_label_supcon(monkeypatch)
     results = check.run_checks("cpu", backends=["cpu"], dtypes=[torch.float32])
     verdicts = {r.op: r.passed for r in results}
-    assert verdicts == {"label_supcon": False, "prototype_nce": True, "prototype_ce": True, "update_prototypes": True}
+    assert verdicts == {"label_supcon": False, "prototype_nce": True, "prototype_ce": True, "update_prototypes": True,
+                        "multihot_supcon": True}  # fmt: skip
     assert abs(next(r for r in results if r.op == "label_supcon").loss_rel_err - 0.1) < 1e-6
     argv = ["--device", "cpu", "--backends", "cpu", "--dtypes", "float32", "--json", str(tmp_path / "c.json")]
     assert check.main(argv) == 1
     out = capsys.readouterr().out
-    assert re.search(r"^label_supcon +cpu +float32 +FAIL", out, re.M) and "3 of 4 cases passed: FAILED" in out
+    assert re.search(r"^label_supcon +cpu +float32 +FAIL", out, re.M) and "4 of 5 cases passed: FAILED" in out
     assert json.loads((tmp_path / "c.json").read_text())["passed"] is False
 
 
@@ -125,9 +126,21 @@ def test_a_kernel_that_raises_fails_its_case_only(monkeypatch):
 
     monkeypatch.setattr(functional, "_label_supcon_rows", raising)
     results = check.run_checks("cpu", backends=["cpu"], dtypes=[torch.bfloat16])
-    assert [r.passed for r in results] == [False, True, True, True]
+    assert [r.passed for r in results] == [False, True, True, True, True]
     assert results[0].error == "RuntimeError: illegal memory access"
     assert "FAIL" in results[0].line() and "illegal memory access" in results[0].line()
+
+
+def test_an_op_without_kernels_of_a_backend_is_not_run_on_it(monkeypatch):
+    import dataclasses
+
+    from mlcontrast.ops.contract import FUSED_OPS
+
+    # As for an op whose CPU kernels do not exist yet (multihot_supcon has no "cuda" kernels: the same path).
+    without_cpu = dataclasses.replace(FUSED_OPS["multihot_supcon"], backends=("triton",))
+    monkeypatch.setitem(FUSED_OPS, "multihot_supcon", without_cpu)
+    results = check.run_checks("cpu", backends=["cpu"], dtypes=[torch.float32])
+    assert [r.op for r in results] == [op for op in check.OPS if op != "multihot_supcon"]
 
 
 def test_unavailable_backend_is_an_error(capsys):

@@ -4,8 +4,9 @@ The extension loads; when it was built with the CUDA sources every op has a CUDA
 GPU the "cuda" backend is reported unavailable and asking for it raises RuntimeError saying why; the
 kernel files keep the api/kernel split (no torch header in a .cu/.cuh, no cuBLAS-pulling header
 anywhere); every op schema has a CUDA implementation in an api file; and, where nvcc is installed,
-every kernel file compiles on its own for sm_80 (all tensor-core paths included).
-The kernels themselves run only in tests/test_gpu.py, on a GPU machine.
+every kernel file compiles on its own for sm_80 (all tensor-core paths included); and the kernel
+templates run on the CPU under an emulation of the CUDA execution model (csrc/cuda/emulation), plain,
+with ThreadSanitizer and with AddressSanitizer. The compiled kernels run in tests/test_gpu.py, on a GPU.
 """
 
 from __future__ import annotations
@@ -235,10 +236,11 @@ class _Emulation:
         raw = torch.from_numpy(np.fromfile(self.folder / name, dtype=np.uint8))
         return raw.view(dtype).reshape(shape).clone()
 
-    def run(self, *args) -> None:
+    def run(self, *args) -> str:
         env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66", ASAN_OPTIONS="detect_leaks=0")
         result = subprocess.run([str(self.binary), *map(str, args)], capture_output=True, text=True, env=env)
         assert result.returncode == 0, f"{args[:7]}\n{result.stderr[-6000:]}"
+        return result.stdout
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -374,11 +376,46 @@ def _check_prototype_nce(emu: _Emulation, dtype, b, c, d, inv_t=1 / 0.07):
     assert _rel(grad_p, expected_p) <= tol
 
 
+def _nce_grid(emu: _Emulation, b: int, c: int, d: int, dtype=torch.float32) -> dict[str, tuple[int, ...]]:
+    """The prototype_nce backward's split and grids as the launcher computes them (nce::split_for,
+    nce::prototypes_grid, nce::partials_grid), printed by the emulator."""
+    words = emu.run("nce_grid", DTYPE_NAMES[dtype], b, c, d).split()
+    values, key = {}, None
+    for word in words:
+        if word.isdigit():
+            values[key] = values.get(key, ()) + (int(word),)
+        else:
+            key = word
+    return values
+
+
+# (B, C, D) of the emulated prototype_nce runs: one of everything; fewer samples than a split needs
+# (one run); odd B in several runs of 5 with a shorter last one (13 = 5 + 5 + 3, 9 = 5 + 4).
+NCE_SHAPES = [(1, 1, 1), (3, 5, 33), (9, 2, 300), (13, 3, 33)]
+
+
+@needs_emulator
+def test_prototype_nce_backward_grid_fills_a_gpu(emulators, tmp_path):
+    # Issue 13 defect 9: the grad_prototypes kernel ran C x ceil(D / 128) blocks (160 at C = 80,
+    # D = 256), each serial over B. Splitting B must give an H200 (132 SMs) at least 4 blocks per SM
+    # at the target shapes, within the Triton kernel's cap of 1024 programs.
+    emu = _Emulation(emulators["plain"], tmp_path)
+    for b in (64, 512):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            grid = _nce_grid(emu, b, 80, 256, dtype)["prototypes_grid"]
+            blocks = grid[0] * grid[1] * grid[2]
+            assert 4 * 132 <= blocks <= 1024, (b, dtype, grid)
+    # The emulated shapes take the paths they are there for.
+    splits = {shape: _nce_grid(emu, *shape)["splits"][0] for shape in NCE_SHAPES}
+    assert splits == {(1, 1, 1): 1, (3, 5, 33): 1, (9, 2, 300): 2, (13, 3, 33): 3}, splits
+    assert _nce_grid(emu, 13, 3, 33)["per_split"] == (5,)
+
+
 @needs_emulator
 @pytest.mark.parametrize("dtype", list(DTYPE_NAMES), ids=str)
 def test_emulated_prototype_nce_kernels(emulators, tmp_path, dtype):
     emu = _Emulation(emulators["plain"], tmp_path)
-    for b, c, d in [(1, 1, 1), (3, 5, 33), (9, 2, 300)]:
+    for b, c, d in NCE_SHAPES:
         _check_prototype_nce(emu, dtype, b, c, d)
 
 
@@ -411,3 +448,4 @@ def test_emulated_segment_sum_and_prototype_kernels(emulators, tmp_path, sanitiz
         _check_segment_sum(emu, dtype, 5, 1, 3, weighted=False)
     if sanitizer != "plain":
         _check_prototype_nce(emu, torch.float16, 3, 5, 33)
+        _check_prototype_nce(emu, torch.float32, 13, 3, 33)  # split prototype gradient, partials summed

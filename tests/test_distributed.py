@@ -64,13 +64,30 @@ CASES = {
     "supcon-labels-all-triton": ("supcon", dict(contrast_mode="all", backend="triton"), {}),
     "multilabel-bvcd-triton": ("multilabel", dict(backend="triton"), {}),
     "multilabel-module": ("multilabel", dict(backend="cpu"), dict(module=True)),
+    # multihot_supcon_loss; options ref: the same ref rows (a queue, with gradient) on every rank.
+    "multihot-jaccard-torch": ("multihot", dict(normalize=True, backend="torch"), {}),
+    "multihot-jaccard-cpu": ("multihot", dict(normalize=True, threshold=1 / 3, backend="cpu"), {}),
+    "multihot-any-sum-cpu": ("multihot", dict(positives="any", reduction="sum", backend="cpu"), {}),
+    "multihot-all-cpu": ("multihot", dict(positives="all", temperature=0.5, base_temperature=0.2, backend="cpu"), {}),
+    "multihot-mulsupcon-cpu": ("multihot", dict(positives="mulsupcon", normalize=True, backend="cpu"), {}),
+    "multihot-mulsupcon-torch": ("multihot", dict(positives="mulsupcon", backend="torch"), {}),
+    "multihot-none-cpu": ("multihot", dict(reduction="none", normalize=True, backend="cpu"), {}),
+    "multihot-none-torch": ("multihot", dict(positives="mulsupcon", reduction="none", backend="torch"), {}),
+    "multihot-first-empty-cpu": ("multihot", dict(backend="cpu"), dict(sizes="first-empty")),
+    "multihot-all-empty-cpu": ("multihot", dict(backend="cpu"), dict(sizes="all-empty")),
+    "multihot-ref-cpu": ("multihot", dict(normalize=True, backend="cpu"), dict(ref=True)),
+    "multihot-ref-mulsupcon-torch": ("multihot", dict(positives="mulsupcon", backend="torch"), dict(ref=True)),
+    "multihot-ref-none-cpu": ("multihot", dict(positives="any", reduction="none", backend="cpu"), dict(ref=True)),
+    "multihot-module-cpu": ("multihot", dict(normalize=True, backend="cpu"), dict(module=True, ref=True)),
 }
 MODULES = {
     "label": mlcontrast.LabelSupConLoss,
     "supcon": mlcontrast.SupConLoss,
     "multilabel": mlcontrast.MultiLabelSupConLoss,
+    "multihot": mlcontrast.MultiHotSupConLoss,
 }
-FUNCTIONS = {"label": fn.label_supcon_loss, "supcon": fn.supcon_loss, "multilabel": fn.multilabel_supcon_loss}
+FUNCTIONS = {"label": fn.label_supcon_loss, "supcon": fn.supcon_loss, "multilabel": fn.multilabel_supcon_loss,
+             "multihot": fn.multihot_supcon_loss}  # fmt: skip
 D, C, V = 8, 4, 2
 DDP_WORLDS = (2,)
 
@@ -101,6 +118,13 @@ def _make_inputs(world: int) -> dict:
             labels[torch.rand(total, generator=gen) < 0.2] = -1
             case["other"] = labels
             case["upstream"] = torch.rand(total, generator=gen, dtype=torch.float64).to(dtype)
+        elif kind == "multihot":
+            case["features"] = torch.randn(total, D, generator=gen, dtype=torch.float64).to(dtype)
+            case["other"] = torch.randint(-1, 2, (total, C), generator=gen)
+            case["upstream"] = torch.rand(total, generator=gen, dtype=torch.float64).to(dtype)
+            if options.get("ref"):  # the same queue on every rank
+                case["ref_features"] = torch.randn(5, D, generator=gen, dtype=torch.float64).to(dtype)
+                case["ref_targets"] = torch.randint(-1, 2, (5, C), generator=gen)
         elif kind == "supcon":
             case["features"] = F.normalize(torch.randn(total, V, D, generator=gen, dtype=dtype), dim=-1)
             # labels offset by -3: any integer is a class for supcon (the global minimum is subtracted)
@@ -123,10 +147,18 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, wha
     assert err <= 1e-5 * ref + 1e-7, f"{what}: relative error by norm {err / max(ref, 1e-30):.3e} > 1e-5"
 
 
-def _call(kind, kwargs, options, features, other, group):
+def _call(kind, kwargs, options, features, other, group, ref=None):
+    ref = ref or {}  # multihot: ref_features and ref_targets
     if options.get("module"):
-        return MODULES[kind](**kwargs, process_group=group)(features, other)
-    return FUNCTIONS[kind](features, other, **kwargs, process_group=group)
+        return MODULES[kind](**kwargs, process_group=group)(features, other, **ref)
+    return FUNCTIONS[kind](features, other, **kwargs, **ref, process_group=group)
+
+
+def _ref(case: dict) -> dict:
+    """The ref rows of a multihot case as keyword arguments (a fresh leaf that requires grad), or {}."""
+    if "ref_features" not in case:
+        return {}
+    return {"ref_features": case["ref_features"].clone().requires_grad_(), "ref_targets": case["ref_targets"]}
 
 
 def _shard(x, sizes, rank):
@@ -186,12 +218,15 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             grank = dist.get_rank(group)
             features = _shard(case["features"], case["sizes"], grank).clone().requires_grad_()
             other = None if case["other"] is None else _shard(case["other"], case["sizes"], grank)
-            loss = _call(kind, kwargs, options, features, other, group)
+            ref = _ref(case)
+            loss = _call(kind, kwargs, options, features, other, group, ref)
             if loss.dim() > 0:
                 (loss * _shard(case["upstream"], case["sizes"], grank)).sum().backward()
             else:
                 loss.backward()
             out[name] = {"loss": loss.detach(), "grad": features.grad, "group_rank": grank}
+            if ref:
+                out[name]["ref_grad"] = ref["ref_features"].grad
 
         # DDP: a linear encoder trained on the shards gets the single-process gradient of the whole batch
         # (in world 2 only, with an empty rank: building DDP costs seconds in every process).
@@ -260,11 +295,10 @@ def test_matches_single_process(spawned, world, name):
     case = inputs[name]
     sizes = case["sizes"]
     features = case["features"].clone().requires_grad_()
-    expected = FUNCTIONS[kind](features, case["other"], **kwargs)  # single process over the concatenation
-    if expected.dim() > 0:
-        (grad,) = torch.autograd.grad(expected, features, case["upstream"])
-    else:
-        (grad,) = torch.autograd.grad(expected, features)
+    ref = _ref(case)
+    expected = FUNCTIONS[kind](features, case["other"], **kwargs, **ref)  # single process over the concatenation
+    leaves = (features, ref["ref_features"]) if ref else (features,)
+    grad, *ref_grad = torch.autograd.grad(expected, leaves, case["upstream"] if expected.dim() > 0 else None)
     members = [0, world - 1] if options.get("group") == "sub" else list(range(world))
     group_size = len(members)
     dtype = features.dtype
@@ -283,6 +317,9 @@ def test_matches_single_process(spawned, world, name):
         losses.append(result["loss"])
     if expected.dim() == 0:
         assert all(torch.equal(loss, losses[0]) for loss in losses), f"{name}: ranks disagree: {losses}"
+    if ref_grad:  # rank r's ref rows get world_size x its share's gradient: they sum to world_size x the gradient
+        total = sum(results[rank][name]["ref_grad"] for rank in members)
+        _close(total, group_size * ref_grad[0], dtype, f"{name} ref grad summed over the ranks")
 
 
 @pytest.mark.parametrize("world", WORLDS)

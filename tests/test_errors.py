@@ -184,6 +184,141 @@ class TestMultiLabelSupCon:
 
 
 # ----------------------------------------------------------------------------------------------
+# multihot_supcon_loss (and MultiHotSupConLoss.forward)
+# ----------------------------------------------------------------------------------------------
+
+_MULTIHOT = torch.tensor([[1, 0, 1, -1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
+
+
+class TestMultiHotSupCon:
+    def call(self, features=None, targets=None, **kw):
+        z = torch.randn(5, 3) if features is None else features
+        return mlcontrast.multihot_supcon_loss(z, _MULTIHOT if targets is None else targets, **kw)
+
+    @pytest.mark.parametrize("shape", [(5,), (5, 3, 1), ()])
+    def test_features_of_wrong_rank(self, shape):
+        with pytest.raises(ValueError, match="features"):
+            self.call(features=torch.randn(shape))
+
+    def test_features_without_feature_dimension(self):
+        with pytest.raises(ValueError, match="features"):
+            self.call(features=torch.randn(5, 0))
+
+    def test_integer_features(self):
+        with pytest.raises(TypeError, match="features"):
+            self.call(features=torch.ones(5, 3, dtype=torch.int64))
+
+    @pytest.mark.parametrize("shape", [(4, 4), (6, 4), (5,), (5, 4, 1), (5, 0)])
+    def test_targets_of_wrong_shape(self, shape):
+        with pytest.raises(ValueError, match="targets"):
+            self.call(targets=torch.zeros(shape, dtype=torch.long))
+
+    @pytest.mark.parametrize("bad", [2, -2])
+    def test_targets_outside_the_encoding(self, bad):
+        t = _MULTIHOT.clone()
+        t[4, 3] = bad
+        with pytest.raises(ValueError, match="targets"):
+            self.call(targets=t)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+    def test_floating_targets(self, dtype):
+        with pytest.raises(TypeError, match="targets"):
+            self.call(targets=_MULTIHOT.to(dtype))
+
+    def test_integer_and_bool_targets_are_accepted(self):
+        for targets in (_MULTIHOT.int(), _MULTIHOT.to(torch.int8), _MULTIHOT == 1, (_MULTIHOT == 1).to(torch.uint8)):
+            self.call(targets=targets, backend="torch")
+
+    @pytest.mark.parametrize("temperature", BAD_TEMPERATURES)
+    def test_bad_temperature(self, temperature):
+        with pytest.raises(ValueError, match="temperature"):
+            self.call(temperature=temperature)
+
+    @pytest.mark.parametrize("base_temperature", BAD_TEMPERATURES)
+    def test_bad_base_temperature(self, base_temperature):
+        with pytest.raises(ValueError, match="base_temperature"):
+            self.call(base_temperature=base_temperature)
+
+    @pytest.mark.parametrize("threshold", [0.0, -0.5, 1.0001, 2.0, math.nan, math.inf])
+    def test_threshold_outside_zero_one(self, threshold):
+        with pytest.raises(ValueError, match="threshold"):
+            self.call(threshold=threshold)
+
+    @pytest.mark.parametrize("threshold", [1e-9, 0.5, 1.0, 1])
+    def test_threshold_inside_zero_one(self, threshold):
+        self.call(threshold=threshold, backend="torch")
+
+    def test_threshold_of_another_type(self):
+        with pytest.raises(TypeError, match="threshold"):
+            self.call(threshold="0.5")
+
+    @pytest.mark.parametrize("positives", ["Jaccard", "some", "", None, "label"])
+    def test_unknown_positives(self, positives):
+        with pytest.raises(ValueError, match="positives"):
+            self.call(positives=positives)
+
+    @pytest.mark.parametrize("reduction", ["avg", None, "Mean"])
+    def test_unknown_reduction(self, reduction):
+        with pytest.raises(ValueError, match="reduction"):
+            self.call(reduction=reduction)
+
+    def test_ref_features_without_ref_targets_and_the_reverse(self):
+        with pytest.raises(ValueError, match="ref_features and ref_targets"):
+            self.call(ref_features=torch.randn(3, 3))
+        with pytest.raises(ValueError, match="ref_features and ref_targets"):
+            self.call(ref_targets=torch.zeros(3, 4, dtype=torch.long))
+
+    def test_ref_rows_of_another_dimension(self):
+        with pytest.raises(ValueError, match="ref_features"):
+            self.call(ref_features=torch.randn(3, 4), ref_targets=torch.zeros(3, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match="ref_features"):
+            self.call(ref_features=torch.randn(3), ref_targets=torch.zeros(3, 4, dtype=torch.long))
+
+    @pytest.mark.parametrize("shape", [(3, 3), (3, 5), (2, 4), (3,)])
+    def test_ref_targets_of_wrong_shape(self, shape):
+        with pytest.raises(ValueError, match="ref_targets"):
+            self.call(ref_features=torch.randn(3, 3), ref_targets=torch.zeros(shape, dtype=torch.long))
+
+    def test_bad_ref_targets(self):
+        with pytest.raises(TypeError, match="ref_targets"):
+            self.call(ref_features=torch.randn(3, 3), ref_targets=torch.zeros(3, 4))
+        with pytest.raises(ValueError, match="ref_targets"):
+            self.call(ref_features=torch.randn(3, 3), ref_targets=torch.full((3, 4), 3))
+        with pytest.raises(TypeError, match="ref_features"):
+            self.call(ref_features=torch.ones(3, 3, dtype=torch.long), ref_targets=torch.zeros(3, 4, dtype=torch.long))
+
+    def test_tensors_on_another_device(self):
+        with pytest.raises(ValueError, match="device"):
+            self.call(targets=_MULTIHOT.to(META))
+        with pytest.raises(ValueError, match="device"):
+            self.call(features=torch.randn(5, 3, device=META))
+        with pytest.raises(ValueError, match="device"):
+            self.call(ref_features=torch.randn(3, 3, device=META), ref_targets=torch.zeros(3, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match="device"):
+            self.call(ref_features=torch.randn(3, 3), ref_targets=torch.zeros(3, 4, dtype=torch.long, device=META))
+
+    def test_module_forward_checks_its_tensors(self):
+        loss_fn = mlcontrast.MultiHotSupConLoss(backend="torch")
+        with pytest.raises(TypeError, match="targets"):
+            loss_fn(torch.randn(5, 3), _MULTIHOT.float())
+        with pytest.raises(ValueError, match="ref_features and ref_targets"):
+            loss_fn(torch.randn(5, 3), _MULTIHOT, torch.randn(2, 3))
+
+    def test_bad_value_raises_before_any_kernel(self, monkeypatch):
+        from mlcontrast import _multihot
+
+        def fail(*args, **kw):
+            raise AssertionError("ran before the arguments were checked")
+
+        monkeypatch.setattr(_multihot, "_anchor_rows", fail)
+        bad = _MULTIHOT.clone()
+        bad[0, 0] = 5
+        for backend in mlcontrast.available_backends("cpu"):
+            with pytest.raises(ValueError, match="targets"):
+                self.call(targets=bad, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
 # prototype_nce_loss
 # ----------------------------------------------------------------------------------------------
 
@@ -372,6 +507,7 @@ ALL_CALLS = {
     "prototype_ce_loss": lambda **kw: mlcontrast.prototype_ce_loss(
         torch.randn(4, 3), torch.tensor([0, 1, 1, -1]), torch.randn(2, 3), **kw
     ),
+    "multihot_supcon_loss": lambda **kw: mlcontrast.multihot_supcon_loss(torch.randn(5, 3), _MULTIHOT, **kw),
     "update_prototypes_": lambda **kw: mlcontrast.update_prototypes_(
         torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1, 1, -1]), **kw
     ),
@@ -386,7 +522,8 @@ def test_unknown_backend_name(name):
 
 @pytest.mark.parametrize("name", list(ALL_CALLS))
 def test_cuda_backend_on_cpu_tensors_says_why(name):
-    with pytest.raises(RuntimeError, match=r'backend "cuda" is unavailable: .*CUDA'):
+    # Either why CUDA cannot run these tensors, or (an op without CUDA kernels: FusedOp.backends) that it has none.
+    with pytest.raises(RuntimeError, match=r'backend "cuda" is unavailable: .*(CUDA|no "cuda" kernels)'):
         ALL_CALLS[name](backend="cuda")
 
 
@@ -472,6 +609,13 @@ def test_torch_is_always_available_and_last(device):
         (lambda: mlcontrast.SupConLoss(temperature=math.nan), "temperature"),
         (lambda: mlcontrast.SupConLoss(contrast_mode="both"), "contrast_mode"),
         (lambda: mlcontrast.MultiLabelSupConLoss(temperature=-0.2), "temperature"),
+        (lambda: mlcontrast.MultiHotSupConLoss(temperature=0.0), "temperature"),
+        (lambda: mlcontrast.MultiHotSupConLoss(base_temperature=-1.0), "base_temperature"),
+        (lambda: mlcontrast.MultiHotSupConLoss(positives="most"), "positives"),
+        (lambda: mlcontrast.MultiHotSupConLoss(threshold=0.0), "threshold"),
+        (lambda: mlcontrast.MultiHotSupConLoss(threshold=1.5), "threshold"),
+        (lambda: mlcontrast.MultiHotSupConLoss(reduction="avg"), "reduction"),
+        (lambda: mlcontrast.MultiHotSupConLoss(backend="gpu"), "backend"),
         (lambda: mlcontrast.PrototypeNCELoss(temperature=0.0), "temperature"),
         (lambda: mlcontrast.PrototypeCELoss(backend="gpu"), "backend"),
         (lambda: mlcontrast.PrototypeBank(3, 4, momentum=1.5), "momentum"),

@@ -233,7 +233,8 @@ def test_cuda_label_supcon_tf32(n, d):
 
 @needs_cuda_backend
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("b,c,d", [(1, 1, 1), (7, 3, 65), (129, 20, 256), (1031, 7, 3)])
+# (64, 80, 256): the target shape, its prototype gradient split over B (6 runs of <= 11 samples).
+@pytest.mark.parametrize("b,c,d", [(1, 1, 1), (7, 3, 65), (129, 20, 256), (1031, 7, 3), (64, 80, 256)])
 def test_cuda_prototype_nce_sizes(b, c, d, dtype):
     z, p = torch.randn(b, c, d, device=CUDA).to(dtype), torch.randn(c, d, device=CUDA).to(dtype)
     t = make_targets(b, c).to(CUDA)

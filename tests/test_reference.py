@@ -273,3 +273,131 @@ def test_multilabel_supcon_reference_without_positives_is_zero_with_finite_grads
     assert loss.item() == 0.0
     (g,) = _finite_grad(loss, z)
     assert torch.equal(g, torch.zeros_like(g))
+
+
+# ----------------------------------------------------------------------------------------------
+# multihot_supcon_loss: against loops.py, and by hand
+# ----------------------------------------------------------------------------------------------
+
+MULTIHOT_MODES = ("jaccard", "any", "all", "mulsupcon")
+
+
+def _multihot(n, c, gen):
+    u = torch.rand(n, c, generator=gen)
+    targets = (u < 0.4).long()
+    targets[u > 0.85] = -1
+    if n > 3:
+        targets[0] = 0  # no labels
+        targets[2] = targets[1]  # a duplicate label set
+    return targets
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("positives", MULTIHOT_MODES)
+@pytest.mark.parametrize("n,d,c", [(1, 3, 2), (2, 1, 1), (7, 3, 4), (13, 5, 6)])
+def test_multihot_supcon_reference_matches_loops(n, d, c, positives, reduction, with_ref):
+    gen = torch.Generator().manual_seed(n * 100 + c)
+    z = torch.randn(n, d, dtype=F64, generator=gen, requires_grad=True)
+    targets = _multihot(n, c, gen)
+    ref = torch.randn(5, d, dtype=F64, generator=gen, requires_grad=True) if with_ref else None
+    ref_targets = _multihot(5, c, gen) if with_ref else None
+    upstream = torch.randn(n, dtype=F64, generator=gen) if reduction == "none" else None
+    for normalize, threshold in ((False, 0.5), (True, 1 / 3)):
+        args = (0.3, 0.5, positives, threshold, reduction, normalize, ref, ref_targets)
+        expected = loops.multihot_supcon(z, targets, *args)
+        actual = reference.multihot_supcon_loss(z, targets, *args)
+        assert_close_by_norm(actual, expected, F64, "loss")
+        inputs = (z,) if ref is None else (z, ref)
+        for a, e in zip(grads(actual, inputs, upstream), grads(expected, inputs, upstream)):
+            assert_close_by_norm(a, e, F64, "grad")
+
+
+def _three_rows():
+    # z0 = (1, 0), z1 = (0, 1), z2 = (1, 1) with tau = 1: s01 = 0, s02 = 1, s12 = 1.
+    # y0 = {0, 1}, y1 = {0}, y2 = {1, 2}: o01 = 1, u01 = 2 (w = 1/2); o02 = 1, u02 = 3 (w = 1/3); o12 = 0.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
+    y = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1]])
+    lse01 = math.log(1 + math.e)  # LSE of rows 0 and 1: log(e^0 + e^1)
+    lse2 = 1 + math.log(2)  # LSE of row 2: log(e^1 + e^1)
+    return z, y, lse01, lse2
+
+
+def _rows(*values):
+    return torch.tensor(values, dtype=F64)
+
+
+def test_multihot_supcon_hand_worked_jaccard():
+    z, y, lse, lse2 = _three_rows()
+    # threshold 1/2: P(0) = {1} (w 1/2), P(1) = {0} (w 1/2), P(2) = {} (w20 = 1/3 < 1/2).
+    # l0 = 1/2 (LSE_0 - s01) = lse/2, l1 = 1/2 (LSE_1 - s10) = lse/2; K = 2.
+    rows = reference.multihot_supcon_loss(z, y, 1.0, threshold=0.5, reduction="none")
+    assert torch.allclose(rows, _rows(lse / 2, lse / 2, 0.0), rtol=1e-12, atol=0)
+    assert reference.multihot_supcon_loss(z, y, 1.0, threshold=0.5).item() == pytest.approx(lse / 2, rel=1e-12)
+    # threshold 1/3 (met exactly by w02): P(0) = {1, 2}: l0 = (1/2)(1/2 (lse - 0) + 1/3 (lse - 1));
+    # P(2) = {0} (w 1/3): l2 = 1/3 (LSE_2 - s20) = (1/3) log 2; K = 3.
+    l0 = 0.5 * (0.5 * lse + (lse - 1) / 3)
+    rows = reference.multihot_supcon_loss(z, y, 1.0, threshold=1 / 3, reduction="none")
+    assert torch.allclose(rows, _rows(l0, lse / 2, math.log(2) / 3), rtol=1e-12, atol=0)
+    mean = reference.multihot_supcon_loss(z, y, 1.0, threshold=1 / 3)
+    assert mean.item() == pytest.approx((l0 + lse / 2 + math.log(2) / 3) / 3, rel=1e-12)
+    # base_temperature scales by tau / tau_base.
+    halved = reference.multihot_supcon_loss(z, y, 1.0, 2.0, threshold=0.5, reduction="sum")
+    assert halved.item() == pytest.approx(lse / 2, rel=1e-12)
+
+
+def test_multihot_supcon_hand_worked_any_all():
+    z, y, lse, lse2 = _three_rows()
+    # any: P(0) = {1, 2}, P(1) = {0}, P(2) = {0}, all w = 1.
+    # l0 = ((lse - 0) + (lse - 1)) / 2, l1 = lse - 0, l2 = LSE_2 - s20 = log 2; K = 3.
+    rows = reference.multihot_supcon_loss(z, y, 1.0, positives="any", reduction="none")
+    assert torch.allclose(rows, _rows(lse - 0.5, lse, math.log(2)), rtol=1e-12, atol=0)
+    mean = reference.multihot_supcon_loss(z, y, 1.0, positives="any")
+    assert mean.item() == pytest.approx((2 * lse - 0.5 + math.log(2)) / 3, rel=1e-12)
+    # all: no two rows have the same label set: 0, and "mean" is 0 with K = 0.
+    assert reference.multihot_supcon_loss(z, y, 1.0, positives="all").item() == 0.0
+    # y1 = y0 = {0, 1} makes rows 0 and 1 each other's only positive.
+    y_same = torch.tensor([[1, 1, 0], [1, 1, -1], [0, 1, 1]])
+    rows = reference.multihot_supcon_loss(z, y_same, 1.0, positives="all", reduction="none")
+    assert torch.allclose(rows, _rows(lse, lse, 0.0), rtol=1e-12, atol=0)
+
+
+def test_multihot_supcon_hand_worked_mulsupcon():
+    z, y, lse, lse2 = _three_rows()
+    # n_0 = 2 (rows 0, 1), n_1 = 2 (rows 0, 2), n_2 = 1 (row 2 only: no label anchor).
+    # Row 0: c = 0: P = {1}: lse - 0; c = 1: P = {2}: lse - 1. Row 1: c = 0: P = {0}: lse.
+    # Row 2: c = 1: P = {0}: LSE_2 - s20 = log 2. K = 2 + 1 + 1 = 4.
+    rows = reference.multihot_supcon_loss(z, y, 1.0, positives="mulsupcon", reduction="none")
+    assert torch.allclose(rows, _rows(2 * lse - 1, lse, math.log(2)), rtol=1e-12, atol=0)
+    mean = reference.multihot_supcon_loss(z, y, 1.0, positives="mulsupcon")
+    assert mean.item() == pytest.approx((3 * lse - 1 + math.log(2)) / 4, rel=1e-12)
+
+
+def test_multihot_supcon_hand_worked_unlabelled_row_and_ref_row():
+    z, y, lse, lse2 = _three_rows()
+    # A fourth row z3 = (-1, 0) with no label (only -1 and 0 entries): in every A(i), never a positive.
+    # s03 = -1, s13 = 0. Jaccard 1/2: l0 = 1/2 (log(1 + e + 1/e) - 0), l1 = 1/2 (log(1 + e + 1) - 0).
+    z4 = torch.cat([z, torch.tensor([[-1.0, 0.0]], dtype=F64)])
+    y4 = torch.cat([y, torch.tensor([[-1, 0, -1]])])
+    rows = reference.multihot_supcon_loss(z4, y4, 1.0, threshold=0.5, reduction="none")
+    l0, l1 = 0.5 * math.log(1 + math.e + math.exp(-1)), 0.5 * math.log(2 + math.e)
+    assert torch.allclose(rows, _rows(l0, l1, 0.0, 0.0), rtol=1e-12, atol=0)
+    # The same fourth row as a ref row: the three anchors' losses are the same; "mean" still over K = 2.
+    rows_ref = reference.multihot_supcon_loss(z, y, 1.0, threshold=0.5, reduction="none", ref_features=z4[3:],
+                                              ref_targets=y4[3:])  # fmt: skip
+    assert torch.allclose(rows_ref, rows[:3], rtol=1e-12, atol=0)
+    mean = reference.multihot_supcon_loss(z, y, 1.0, threshold=0.5, ref_features=z4[3:], ref_targets=y4[3:])
+    assert mean.item() == pytest.approx((l0 + l1) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("positives", MULTIHOT_MODES)
+def test_multihot_supcon_reference_edge_cases_have_zero_loss_and_finite_zero_grad(positives):
+    for targets in (torch.zeros(4, 3, dtype=torch.long), torch.eye(4, 3).long(), torch.full((4, 3), -1)):
+        z = torch.randn(4, 3, dtype=F64, requires_grad=True)
+        loss = reference.multihot_supcon_loss(z, targets, 0.1, positives=positives, normalize=True)
+        assert loss.item() == 0.0
+        (g,) = _finite_grad(loss, z)
+        assert torch.equal(g, torch.zeros_like(g))
+    z = torch.randn(1, 3, dtype=F64, requires_grad=True)  # one row: nothing to contrast with
+    loss = reference.multihot_supcon_loss(z, torch.ones(1, 3, dtype=torch.long), 0.1, positives=positives)
+    assert loss.item() == 0.0 and torch.isfinite(_finite_grad(loss, z)[0]).all()

@@ -73,7 +73,7 @@ def test_build_method_unknown():
 # ---------------------------------------------------------------- training runs
 
 
-@pytest.mark.parametrize("method", ["sadcl", "bce"])
+@pytest.mark.parametrize("method", ["sadcl", "bce", "msupcon"])
 def test_tiny_run_cpu_and_torch_backends_agree(tmp_path, method):
     a = run(tiny_args(tmp_path / "cpu", "--method", method, "--epochs", "2", "--backend", "cpu"))
     b = run(tiny_args(tmp_path / "torch", "--method", method, "--epochs", "2", "--backend", "torch"))
@@ -89,8 +89,9 @@ def test_tiny_run_cpu_and_torch_backends_agree(tmp_path, method):
     assert (tmp_path / "cpu" / CHECKPOINT_NAME).is_file()
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    extra = ["--epochs", "2", "--backend", "cpu", "--known-ratio", "0.5"]
+@pytest.mark.parametrize("method", ["sadcl", "msupcon"])
+def test_resume_matches_uninterrupted_run(tmp_path, method):
+    extra = ["--method", method, "--epochs", "2", "--backend", "cpu", "--known-ratio", "0.5"]
     full = run(tiny_args(tmp_path / "full", *extra))
     part = run(tiny_args(tmp_path / "part", *extra), stop_after_epoch=1)
     assert len(part["history"]) == 1

@@ -260,12 +260,13 @@ _COMPILE_CHECK = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     import mlcontrast.ops.label_supcon as ls, mlcontrast.ops.prototype_ce as pc
     import mlcontrast.ops.prototype_nce as pn, mlcontrast.ops.update_prototypes as up
+    import mlcontrast.ops.multihot_supcon as mh
     from benchmarks.ttgir_label_supcon import launch_source, recorded_launches
 
     dtype = getattr(torch, sys.argv[1])
     z, p = torch.randn(208, 256).to(dtype), torch.randn(48, 256).to(dtype)  # D = 256: the targets' width
     y, t = torch.randint(-1, 48, (208,)), torch.randint(-1, 2, (4, 48))
-    with recorded_launches(ls, pc, pn, up) as launches:  # record every launch instead of running it
+    with recorded_launches(ls, pc, pn, up, mh) as launches:  # record every launch instead of running it
         loss, lse, npos = ls.label_supcon(z, y, 0.1, 0.1)
         ls.label_supcon(z, y, 0.1, 0.1, 0, None, True)
         ls.label_supcon_backward(loss, z, y, lse, npos, 0.1, 0.1, atomic=False)
@@ -278,6 +279,10 @@ _COMPILE_CHECK = textwrap.dedent(
         up.update_prototypes_(p, z, y, 0.9, True)
         up.ONE_HOT_MAX_CLASSES = 0  # and the atomic class sums
         up.update_prototypes_(p, z, y, 0.9, True)
+        targets = (torch.rand(208, 80) < 0.04).to(torch.uint8)  # C = 80
+        for positives in ("jaccard", "mulsupcon"):  # the overlap product, and the label-free kernels
+            l4, lse4, coef4, count4 = mh.multihot_supcon(z, targets, 0.1, 0.1, positives, 0.5)
+            mh.multihot_supcon_backward(l4, z, targets, lse4, coef4, count4, 0.1, 0.1, positives, 0.5)
 
     for kernel, args, kwargs in launches:
         source, options = launch_source(kernel, args, kwargs)
@@ -293,10 +298,11 @@ _COMPILE_CHECK = textwrap.dedent(
         spills = sum(int(n) for n in re.findall(r"([0-9]+) bytes spill stores", info))
         registers = max(int(n) for n in re.findall(r"Used ([0-9]+) registers", info))
         print(kernel.__name__, "shared", compiled.metadata.shared, "registers", registers, "spills", spills)
-        # The 16-bit kernels (the fast path) and label_supcon's fp32 ones but the atomic backward (3xTF32
-        # on symmetric tiles) must not spill on sm_90 (the H100/H200 of the targets), with the pinned
-        # triton or 3.6; the others are reported.
-        fp32_checked = (dtype == torch.float32 and kernel.fn.__module__.endswith("label_supcon_kernels")
+        # The 16-bit kernels (the fast path) and label_supcon's and multihot_supcon's fp32 ones but the
+        # atomic backward (3xTF32 on symmetric tiles) must not spill on sm_90 (the H100/H200 of the
+        # targets), with the pinned triton or 3.6; the others are reported.
+        fp32_checked = (dtype == torch.float32 and kernel.fn.__module__.endswith(("label_supcon_kernels",
+                                                                                  "multihot_supcon_kernels"))
                         and kernel.__name__ != "_label_supcon_bwd_atomic_kernel")
         if (dtype in (torch.float16, torch.bfloat16) or fp32_checked) and sys.argv[2] == "90":
             blocks = {k: v for k, v in dict(zip(kernel.arg_names, args), **kwargs).items() if "BLOCK" in k}
@@ -319,7 +325,7 @@ def test_kernels_compile_for_gpu_without_a_gpu(dtype, arch):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     print(result.stdout)  # shared memory, registers and spills of every kernel (pytest -s shows them)
-    assert result.stdout.count("shared") == 15, result.stdout
+    assert result.stdout.count("shared") == 21, result.stdout
 
 
 # ----------------------------------------------------------------------------------------------

@@ -260,6 +260,14 @@ def sample_inputs(op: str, dtype: torch.dtype, device, requires_grad: bool = Fal
     if op == "label_supcon":
         z, y = leaf(7, 3, grad=g), ints([0, 0, 1, 1, 1, -1, 2])  # an ignored row, a singleton class 2
         return [(z, y, 0.3, 0.2), (z, y, 0.3, 0.2, 2, 5)]  # every row, then anchor rows 2 .. 5
+    if op == "multihot_supcon":
+        z = leaf(7, 3, grad=g)
+        # Rows 0 and 1 share a label set, row 2 overlaps row 0 at Jaccard 1/3 exactly (the threshold below),
+        # row 3 has no label, label 4 only row 5: every mode once, two of them on anchor rows.
+        y = ints([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 0],
+                  [0, 0, 0, 0, 1], [1, 0, 1, 0, 0]]).to(torch.uint8)  # fmt: skip
+        return [(z, y, 0.3, 0.2, "jaccard", 1 / 3), (z, y, 0.3, 0.2, "any", 0.5, 2, 5), (z, y, 0.3, 0.2, "all", 0.5),
+                (z, y, 0.3, 0.2, "mulsupcon", 0.5, 1, 6)]  # fmt: skip
     if op == "prototype_ce":
         z, p = leaf(6, 3, grad=g), leaf(4, 3, grad=g)
         return [(z, ints([0, 3, -1, 1, 1, 2]), p, 0.3)]

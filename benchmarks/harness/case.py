@@ -76,14 +76,15 @@ def loss_case(loss_fn: Callable[[], Any], leaves: dict[str, Any]) -> CaseSetup:
     )
 
 
-def unavailable_reason(provider: str, device: str, mlcontrast) -> str | None:
-    """None when the fused backend ``provider`` runs on ``device``, otherwise why not."""
+def unavailable_reason(provider: str, device: str, mlcontrast, op: str | None = None) -> str | None:
+    """None when the fused backend ``provider`` runs on ``device`` (and has the kernels of the contract's
+    ``op``, when given), otherwise why not."""
     import torch
 
-    if provider in mlcontrast.available_backends(device):
-        return None
     from mlcontrast import _backends
 
+    if provider in mlcontrast.available_backends(device):
+        return None if op is None else _backends._missing_kernels(op, provider)
     return _backends.why_unavailable(provider, torch.device(device)) or "not in available_backends"
 
 
@@ -98,7 +99,7 @@ def run_case(setup_case: Callable[[dict[str, Any], Any], CaseSetup], case: dict[
     os.environ.update(BACKEND_VARIANTS.get(provider, ("", {}))[1])  # this process runs this one case
     mlcontrast = import_mlcontrast()
     if provider not in REFERENCE_PROVIDERS:
-        reason = unavailable_reason(backend_of(provider), device, mlcontrast)
+        reason = unavailable_reason(backend_of(provider), device, mlcontrast, case.get("op"))
         if reason is not None:
             return {"status": "unavailable", "message": f"backend {provider!r} unavailable on {device}: {reason}"}
     if device.startswith("cuda"):

@@ -124,6 +124,8 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
     # Triton on CPU tensors is its interpreter (a test tool, orders of magnitude slower): not a provider
     # unless asked for by name.
     fused = [b for b in probe_backends(device) if b != "torch" and not (b == "triton" and not cuda)]
+    # Nor a backend without the op's kernels (FusedOp.backends): its cases could only say so.
+    fused = [b for b in fused if missing_kernels(spec.op, b) is None]
     fused += [v for v in spec.variants if backend_of(v) in fused]
     providers = args.providers or ["torch", "torch_compile", *fused]
     fused = [p for p in providers if p not in REFERENCE_PROVIDERS]
@@ -229,6 +231,13 @@ def run_sweep(spec: BenchSpec, args: argparse.Namespace, argv: list[str]) -> lis
                        xlabel=f"{spec.size_label} (rows)")
     print(f"\n[bench] {len(records)} cases in {meta['wall_s']:.0f} s; wrote {path}" + (f" and {png}" if png else ""))
     return [p for p in (path, png) if p]
+
+
+def missing_kernels(op: str, backend: str) -> str | None:
+    """Why the contract's ``op`` has no ``backend`` kernels, or None (it has them, or is not a contract op)."""
+    from mlcontrast import _backends
+
+    return _backends._missing_kernels(op, backend)
 
 
 def probe_backends(device: str, retries: int = 4, wait_s: float = 30.0) -> list[str]:

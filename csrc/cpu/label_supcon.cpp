@@ -12,7 +12,7 @@
 // Tile products go to BLAS through ATen (single-threaded inside the parallel region); the
 // element-wise work is in vec_math.cpp, on scratch that stays in L2. Scratch is O(tile) per thread
 // plus O(N) (forward) or O(N D) (backward) per worker, bounded by kAccumulatorBudgetBytes.
-#include "common.h"
+#include "class_sums.h"
 #include "shared/label_supcon.h"
 #include "vec_math.h"
 

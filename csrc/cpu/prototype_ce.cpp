@@ -2,7 +2,7 @@
 // loss and the blocks: shared/prototype_ce.h). Row blocks of 256 are processed in parallel, each on
 // its own scratch block of logits; the features' normalisation is folded into the blocks (no [N, D]
 // temporaries), and its chain rule is one pass per row here.
-#include "common.h"
+#include "class_sums.h"
 #include "shared/prototype_ce.h"
 
 #include <torch/library.h>

@@ -2,7 +2,7 @@
 //
 // One pass over the features computes the [B, C] logits and norms with the normalisation fused into
 // the dot products; backward takes them from the forward and makes one pass over the features.
-#include "common.h"
+#include "class_sums.h"
 #include "shared/prototype_nce.h"
 
 #include <torch/library.h>

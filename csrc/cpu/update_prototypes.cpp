@@ -1,5 +1,5 @@
 // In-place EMA of class prototypes on the CPU (the update: shared/update_prototypes.h).
-#include "common.h"
+#include "class_sums.h"
 #include "shared/update_prototypes.h"
 
 #include <torch/library.h>

@@ -27,7 +27,7 @@
 
 #include <type_traits>
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 namespace mlcontrast {
 namespace cuda {

@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <optional>
 
-#include "cuda/api_common.h"
+#include "cuda/class_sums.h"
 #include "cuda/tf32.h"
 #include "shared/label_supcon.h"
 

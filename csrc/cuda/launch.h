@@ -15,6 +15,9 @@ void run_label_supcon_fwd(const LabelSupconFwdParams& params, cudaStream_t strea
 void run_label_supcon_bwd(const LabelSupconBwdParams& params, cudaStream_t stream);
 void run_prototype_nce_fwd(const PrototypeNceFwdParams& params, cudaStream_t stream);
 void run_prototype_nce_bwd(const PrototypeNceBwdParams& params, cudaStream_t stream);
+// The split of the prototype gradient's sum over the b samples that run_prototype_nce_bwd expects
+// in its params (the caller sizes `partials` by it). A pure function of the sizes and the dtype.
+PrototypeNceSplit prototype_nce_bwd_split(int64_t b, int64_t c, int64_t d, DType dtype);
 void run_segment_sum(const SegmentSumParams& params, cudaStream_t stream);
 
 }  // namespace cuda

@@ -82,10 +82,19 @@ struct PrototypeNceFwdParams {
   DType dtype = DType::kFloat32;
 };
 
+// How the prototype gradient's sum over the B samples is split (prototype_nce_bwd_split): B in
+// `splits` consecutive runs of `per_split` samples (the last one may be shorter, none is empty).
+struct PrototypeNceSplit {
+  int64_t splits = 1;
+  int64_t per_split = 1;
+};
+
 // prototype_nce backward, given dlogits = d loss / d logits:
 //   grad_z_r      = (ds_r unit_p - u_r * radial_r) / max(|z_r|, eps),  ds_r = dlogits_r * inv_temperature,
 //                   u_r = z_r / max(|z_r|, eps), radial_r = ds_r (u_r . unit_p) when |z_r| > eps, else 0;
-//   grad_unit_p_c = sum_b ds_{bc} u_{bc}   (summed in order of b: deterministic).
+//   grad_unit_p_c = sum_s sum_{b in split s} ds_{bc} u_{bc}   (each split summed in order of b, then
+//                   the splits in order of s: deterministic, no atomics).
+// With split.splits > 1 each split's sum goes to `partials` first, and a second pass adds them up.
 struct PrototypeNceBwdParams {
   const void* z = nullptr;        // [rows, d], dtype
   const void* unit_p = nullptr;   // [c, d], Acc
@@ -93,12 +102,14 @@ struct PrototypeNceBwdParams {
   void* norm = nullptr;           // [rows], Acc scratch: max(|z_r|, eps), written by the row pass
   void* grad_z = nullptr;         // [rows, d], dtype
   void* grad_unit_p = nullptr;    // [c, d], Acc, overwritten
-  int64_t rows = 0;
+  void* partials = nullptr;       // [split.splits, c, d], Acc scratch; only read when split.splits > 1
+  int64_t rows = 0;               // B * C
   int64_t c = 0;
   int64_t d = 0;
   double inv_temperature = 1.0;
   double eps = 1e-8;
   DType dtype = DType::kFloat32;
+  PrototypeNceSplit split;  // from prototype_nce_bwd_split(rows / c, c, d, dtype)
 };
 
 // Deterministic segmented sum: out_s = sum_{t in [offsets[s], offsets[s+1])} weight_{order[t]} x_{order[t]},

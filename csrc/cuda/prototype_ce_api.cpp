@@ -11,7 +11,7 @@
 
 #include <algorithm>
 
-#include "cuda/api_common.h"
+#include "cuda/api_checks.h"
 #include "shared/prototype_ce.h"
 
 namespace mlcontrast {

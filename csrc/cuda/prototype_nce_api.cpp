@@ -1,9 +1,10 @@
 // prototype_nce (SADCL's PSCL) on CUDA tensors: device checks, the launches of the row kernels
-// (prototype_nce.cuh) and the registration for the CUDA dispatch key. The loss and the per-class
-// log-sum-exps on the [B, C] logits are shared/prototype_nce.h, run by the CPU backend too.
+// (prototype_nce.cuh) with their scratch (the partial sums of the split prototype gradient) and the
+// registration for the CUDA dispatch key. The loss and the per-class log-sum-exps on the [B, C] logits
+// are shared/prototype_nce.h, run by the CPU backend too.
 #include <torch/library.h>
 
-#include "cuda/api_common.h"
+#include "cuda/api_checks.h"
 #include "shared/prototype_nce.h"
 
 namespace mlcontrast {
@@ -92,8 +93,11 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cuda(const at::Tensor&
   const auto unit_p = pu.unit.contiguous();
   const auto dlogits = prototype_nce::dlogits(grad, to_compute(logits, dtype), targets, stats);
   auto grad_z = at::empty_like(z);
-  auto grad_unit_p = at::zeros({c, d}, z.options().dtype(dtype));
+  auto grad_unit_p = at::empty({c, d}, z.options().dtype(dtype));  // every entry written (c, d > 0)
   auto norm_scratch = at::empty({b * c}, z.options().dtype(dtype));
+  const auto split = prototype_nce_bwd_split(b, c, d, dtype_of(z.scalar_type()));
+  // Scratch for the per-run partial sums of the prototype gradient (none with one run).
+  auto partials = at::empty({split.splits > 1 ? split.splits : 0, c, d}, z.options().dtype(dtype));
   PrototypeNceBwdParams p;
   p.z = z.data_ptr();
   p.unit_p = unit_p.data_ptr();
@@ -101,6 +105,8 @@ std::tuple<at::Tensor, at::Tensor> prototype_nce_backward_cuda(const at::Tensor&
   p.norm = norm_scratch.data_ptr();
   p.grad_z = grad_z.data_ptr();
   p.grad_unit_p = grad_unit_p.data_ptr();
+  p.partials = split.splits > 1 ? partials.data_ptr() : nullptr;
+  p.split = split;
   p.rows = b * c;
   p.c = c;
   p.d = d;

@@ -18,7 +18,10 @@ void launch_backward(const PrototypeNceBwdParams& p, cudaStream_t stream) {
   if (p.rows > 0) {
     nce::grad_rows_kernel<T, acc_t<T>><<<nce::rows_grid(p.rows), dim3(kThreads), 0, stream>>>(p);
   }
-  nce::grad_prototypes_kernel<T, acc_t<T>><<<nce::prototypes_grid(p.c, p.d), dim3(kThreads), 0, stream>>>(p);
+  nce::grad_prototypes_kernel<T, acc_t<T>><<<nce::prototypes_grid(p), dim3(kThreads), 0, stream>>>(p);
+  if (p.split.splits > 1) {
+    nce::sum_partials_kernel<acc_t<T>><<<nce::partials_grid(p), dim3(kThreads), 0, stream>>>(p);
+  }
 }
 
 }  // namespace
@@ -39,6 +42,10 @@ void run_prototype_nce_fwd(const PrototypeNceFwdParams& p, cudaStream_t stream) 
       launch_forward<double>(p, stream);
       break;
   }
+}
+
+PrototypeNceSplit prototype_nce_bwd_split(int64_t b, int64_t c, int64_t d, DType dtype) {
+  return nce::split_for(b, c, d, dtype);
 }
 
 void run_prototype_nce_bwd(const PrototypeNceBwdParams& p, cudaStream_t stream) {

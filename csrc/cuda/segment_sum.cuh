@@ -7,7 +7,7 @@
 // partial sums in a fixed order. Reads of a row are 32 consecutive values (coalesced).
 #pragma once
 
-#include "common.cuh"
+#include "primitives.cuh"
 
 namespace mlcontrast {
 namespace cuda {

@@ -5,7 +5,7 @@
 // label (ATen's index_add_ would use float atomics).
 #include <torch/library.h>
 
-#include "cuda/api_common.h"
+#include "cuda/class_sums.h"
 #include "shared/update_prototypes.h"
 
 namespace mlcontrast {

@@ -16,7 +16,7 @@
 #include <optional>
 #include <tuple>
 
-#include "shared/common.h"
+#include "shared/checks_and_rows.h"
 
 namespace mlcontrast {
 namespace label_supcon {

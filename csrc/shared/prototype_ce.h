@@ -10,7 +10,7 @@
 
 #include <tuple>
 
-#include "shared/common.h"
+#include "shared/checks_and_rows.h"
 
 namespace mlcontrast {
 namespace prototype_ce {

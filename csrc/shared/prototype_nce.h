@@ -12,7 +12,7 @@
 #include <limits>
 #include <tuple>
 
-#include "shared/common.h"
+#include "shared/checks_and_rows.h"
 
 namespace mlcontrast {
 namespace prototype_nce {

@@ -8,7 +8,7 @@
 
 #include <tuple>
 
-#include "shared/common.h"
+#include "shared/checks_and_rows.h"
 
 namespace mlcontrast {
 namespace update_prototypes {

@@ -153,6 +153,25 @@ FUSED_OPS: dict[str, FusedOp] = {
             doc="label-level SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: N) against all rows",
         ),
         FusedOp(
+            name="multihot_supcon",
+            args=(Arg("features", "Tensor"), Arg("targets", "Tensor"), _TEMPERATURE, Arg("base_temperature", "float"),
+                  Arg("positives", "str"), Arg("threshold", "float"), *_ANCHORS),  # fmt: skip
+            outputs=(
+                Output("loss", _rows, "[R] per-row loss; 0 on rows without positives and outside the anchors"),
+                Output("lse", _rows, "[R] LSE_{j != i} s_ij of the anchors over every other row (-inf when there "
+                       "is nothing to contrast with); 0 outside the anchors"),  # fmt: skip
+                Output("coef", _rows, "[R] sum_p w_ip / |P(i)| (mulsupcon: the number of label anchors); 0 without "
+                       "positives and outside the anchors"),  # fmt: skip
+                Output("count", _rows, "[R] |P(i)| (mulsupcon: the number of label anchors); 0 outside the anchors"),
+            ),
+            grads=("features",),
+            grad_name="grad_rows",
+            dtype_of=("features",),
+            doc="multi-hot SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: R) against all R rows; "
+            "targets [R, C] uint8 (1 = label present), positives 'jaccard' | 'any' | 'all' | 'mulsupcon'",
+            backends=("cpu", "triton"),
+        ),
+        FusedOp(
             name="prototype_ce",
             args=(Arg("features", "Tensor"), Arg("labels", "Tensor"), Arg("prototypes", "Tensor"), _TEMPERATURE),
             outputs=(

@@ -30,7 +30,7 @@ __all__ = ["FUSED_BACKENDS", "OPS", "TRITON_OP_MODULES", "FusedBackend", "op", "
 OPS = tuple(FUSED_OPS)
 
 #: The modules of mlcontrast.ops that define the Triton ops (:func:`_load_triton` imports them).
-TRITON_OP_MODULES = ("label_supcon", "prototype_ce", "prototype_nce", "update_prototypes")
+TRITON_OP_MODULES = ("label_supcon", "multihot_supcon", "prototype_ce", "prototype_nce", "update_prototypes")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,13 @@ def _load_triton() -> None:
     # mlcontrast: importing decorates the kernels, and TRITON_INTERPRET=1 must be set before that to run
     # them on CPU tensors. A static import statement, because torch.compile traces it (it does not trace
     # importlib.import_module), so the first call may be a compiled one.
-    from mlcontrast.ops import label_supcon, prototype_ce, prototype_nce, update_prototypes  # noqa: F401
+    from mlcontrast.ops import (  # noqa: F401
+        label_supcon,
+        multihot_supcon,
+        prototype_ce,
+        prototype_nce,
+        update_prototypes,
+    )
 
 
 def _no_options(name: str) -> dict[str, Any]:

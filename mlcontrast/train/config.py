@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proj-dim", type=positive(int), default=64)
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="mlcontrast loss backend")
     g.add_argument("--cls-weight", type=float, default=1000.0,
-                   help="weight of the mean BCE on known labels (sadcl, bce)")
+                   help="weight of the mean BCE on known labels (sadcl, bce, msupcon)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive(int), default=15)
     g.add_argument("--batch-size", type=positive(int), default=64)

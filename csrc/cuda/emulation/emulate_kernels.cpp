@@ -5,6 +5,7 @@
 //   emulate_kernels supcon_bwd  DTYPE TC N D INV_T BEGIN END G_SCALE SHIFT  z w lse alpha dz
 //   emulate_kernels nce_fwd     DTYPE ROWS C D INV_T                  z unit_p logits norm
 //   emulate_kernels nce_bwd     DTYPE ROWS C D INV_T                  z unit_p dlogits grad_z grad_unit_p
+//   emulate_kernels nce_grid    DTYPE B C D     (prints the backward's split and grids; runs nothing)
 //   emulate_kernels segment_sum DTYPE ROWS D SEGMENTS WEIGHTED        x weight order offsets out
 //
 // DTYPE is float32, float16, bfloat16 or float64: the element type of z / x; every other float
@@ -166,6 +167,19 @@ int run(int argc, char** argv) {
     return 0;
   }
 
+  if (op == "nce_grid") {
+    const int64_t b = std::stoll(argv[3]), c = std::stoll(argv[4]), d = std::stoll(argv[5]);
+    PrototypeNceBwdParams p;
+    p.rows = b * c;
+    p.c = c;
+    p.d = d;
+    p.split = nce::split_for(b, c, d, dtype);
+    const dim3 g = nce::prototypes_grid(p), s = nce::partials_grid(p);
+    std::printf("splits %lld per_split %lld prototypes_grid %u %u %u partials_grid %u\n",
+                static_cast<long long>(p.split.splits), static_cast<long long>(p.split.per_split), g.x, g.y, g.z, s.x);
+    return 0;
+  }
+
   if (op == "nce_fwd" || op == "nce_bwd") {
     const int64_t rows = std::stoll(argv[3]), c = std::stoll(argv[4]), d = std::stoll(argv[5]);
     const double inv_t = std::stod(argv[6]);
@@ -189,8 +203,9 @@ int run(int argc, char** argv) {
       logits.save(argv[9]);
       norm.save(argv[10]);
     } else {
+      const PrototypeNceSplit split = nce::split_for(rows / c, c, d, dtype);
       Buffer dlogits = Buffer::from_file(argv[9], rows * as), norm(rows * as), grad_z(rows * d * es),
-             grad_p(c * d * as);
+             grad_p(c * d * as), partials(split.splits > 1 ? split.splits * c * d * as : 0);
       PrototypeNceBwdParams p;
       p.z = z.get();
       p.unit_p = unit_p.get();
@@ -198,6 +213,8 @@ int run(int argc, char** argv) {
       p.norm = norm.get();
       p.grad_z = grad_z.get();
       p.grad_unit_p = grad_p.get();
+      p.partials = split.splits > 1 ? partials.get() : nullptr;
+      p.split = split;
       p.rows = rows;
       p.c = c;
       p.d = d;
@@ -205,7 +222,8 @@ int run(int argc, char** argv) {
       p.dtype = dtype;
       dispatch(dtype, false, [&]<typename T, bool>() {
         emu::launch(grid_rows, kThreads, nce::grad_rows_kernel<T, acc_t<T>>, p);
-        emu::launch(nce::prototypes_grid(c, d), kThreads, nce::grad_prototypes_kernel<T, acc_t<T>>, p);
+        emu::launch(nce::prototypes_grid(p), kThreads, nce::grad_prototypes_kernel<T, acc_t<T>>, p);
+        if (p.split.splits > 1) emu::launch(nce::partials_grid(p), kThreads, nce::sum_partials_kernel<acc_t<T>>, p);
       });
       grad_z.save(argv[10]);
       grad_p.save(argv[11]);

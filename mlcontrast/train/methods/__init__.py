@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from mlcontrast.train.methods.bce import BCEBaseline
 from mlcontrast.train.methods.hst import HST
+from mlcontrast.train.methods.msupcon import MSupCon
 from mlcontrast.train.methods.sadcl import SADCL
 from mlcontrast.train.methods.trmml import TRMML
 
-METHODS = {"sadcl": SADCL, "bce": BCEBaseline, "hst": HST, "trmml": TRMML}
+METHODS = {"sadcl": SADCL, "bce": BCEBaseline, "hst": HST, "trmml": TRMML, "msupcon": MSupCon}
 
-__all__ = ["METHODS", "SADCL", "BCEBaseline", "HST", "TRMML"]
+__all__ = ["METHODS", "SADCL", "BCEBaseline", "HST", "TRMML", "MSupCon"]

@@ -1,5 +1,6 @@
-// Device helpers shared by the CUDA kernels: element types and conversions, numeric constants,
-// warp reductions, and the zero-padded copy of a global tile into shared memory.
+// The primitives every CUDA kernel file builds on: the block size, element types and conversions,
+// numeric constants, warp reductions, the zero-padded copy of a global tile into shared memory, and
+// the launchers' host-side checks (vector loads, sm_80 code, block counts).
 //
 // No torch headers here (see params.h). Conversions go through the cuda_fp16 / cuda_bf16
 // intrinsics because torch builds .cu files with __CUDA_NO_HALF_CONVERSIONS__ and friends.

@@ -1,48 +1,12 @@
-// Helpers shared by the CUDA api files (host code, torch headers): device checks, the mapping from
-// torch dtypes to the kernels' DType, the current stream, and deterministic per-class statistics
-// (a stable sort plus the segmented-sum kernel, where ATen's index_add_ would use float atomics
-// and give run-to-run different sums).
-//
-// What does not depend on the device (compute dtype, unit rows, shape checks) is shared/common.h,
-// the CPU backend's too.
+// Deterministic per-class statistics of the CUDA backend: a stable sort of the rows by class plus
+// the segmented-sum kernel (segment_sum.cuh), where ATen's index_add_ would use float atomics and
+// give run-to-run different sums. The CPU backend's counterpart is cpu/class_sums.h.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "cuda/launch.h"
-#include "shared/common.h"
+#include "cuda/api_checks.h"
 
 namespace mlcontrast {
 namespace cuda {
-
-#define MLC_CHECK_CUDA(x) \
-  TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor for the CUDA kernels, got one on ", (x).device())
-#define MLC_CHECK_SAME_DEVICE(x, y)                                                                            \
-  TORCH_CHECK((x).device() == (y).device(), #x " and " #y " must be on the same device, got ", (x).device(), \
-              " and ", (y).device())
-
-// The kernels' element type of a torch dtype; anything else is refused with a clear message.
-inline DType dtype_of(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kDouble:
-      return DType::kFloat64;
-    default:
-      TORCH_CHECK(false, "the mlcontrast CUDA kernels take float32, float16, bfloat16 or float64 tensors, got ",
-                  type);
-  }
-}
-
-// The stream of the current device (set by the caller's CUDAGuard).
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Classes of a label vector, for deterministic per-class sums.
 struct ClassStats {

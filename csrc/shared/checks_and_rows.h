@@ -1,6 +1,6 @@
-// Host helpers of both backends that do not depend on the device: compute dtype, unit rows, input
-// checks, selection of the valid rows. The CPU kernels (cpu/common.h) and the CUDA api files
-// (cuda/api_common.h) add their device checks on top, and shared/<op>.h holds the math of each op
+// Host code of both backends that does not depend on the device: the compute dtype, input checks,
+// selection of the valid rows, unit rows. The CPU kernels (cpu/class_sums.h) and the CUDA api files
+// (cuda/api_checks.h) add their device checks on top, and shared/<op>.h holds the math of each op
 // that both run with ATen, so that the two backends cannot drift apart.
 //
 // Everything here is in namespace mlcontrast, which encloses both mlcontrast::cpu and

@@ -1,11 +1,12 @@
-// Helpers shared by the CPU kernels: the device check and the per-class sums. The device-agnostic
-// helpers (compute dtype, unit rows, shape checks) are the CUDA backend's too, in shared/common.h.
+// The per-class sums of the CPU kernels, and their device check (MLC_CHECK_CPU). The device-agnostic
+// code (compute dtype, unit rows, shape checks) is the CUDA backend's too, in shared/checks_and_rows.h;
+// the CUDA backend's per-class sums are cuda/class_sums.h.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "shared/common.h"
+#include "shared/checks_and_rows.h"
 
 namespace mlcontrast {
 namespace cpu {
