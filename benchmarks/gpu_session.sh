@@ -41,7 +41,8 @@ else
   # Every test of the Triton backend: its own files, and the op files' cases whose backend parameter is triton.
   TRITON_TESTS=(tests/test_label_supcon_triton.py tests/test_triton_compile.py tests/test_label_supcon.py
     tests/test_prototype_ce.py tests/test_prototype_nce.py tests/test_update_prototypes.py tests/test_supcon.py
-    tests/test_multilabel_supcon.py tests/test_gradcheck.py -k "triton and not opcheck")  # opcheck: second call
+    tests/test_multilabel_supcon.py tests/test_multihot_supcon.py tests/test_multihot_supcon_triton.py
+    tests/test_gradcheck.py -k "triton and not opcheck")  # opcheck: second call
   SUPCON=(--device cuda --n 32768 --d 256 --dtype bfloat16 --providers triton cuda torch triton_atomic torch_compile
     --repeats 10 --case-budget-s 3 --warmup 3 --case-timeout-s 100)
   PROTOS=(--device cuda --dtypes bfloat16 -- --n 262144 --providers triton cuda torch --same-process --repeats 20
