@@ -212,6 +212,7 @@ def _class_ids(labels: torch.Tensor, anchors: torch.Tensor, dtype: torch.dtype) 
     sync, unlike ``torch.unique``, so ``torch.compile(fullgraph=True)`` traces it; the kernels then
     compare 32-bit ids and need not count pairs.
     """
+    labels = labels.contiguous()  # searchsorted copies (and warns about) a strided query
     valid = labels >= 0
     ordered = torch.sort(torch.where(valid, labels, torch.full_like(labels, -1))).values
     first = torch.searchsorted(ordered, labels)
