@@ -193,11 +193,15 @@ def _anchor_range(n: int, anchor_start: int, anchor_stop: int | None) -> tuple[i
     return anchor_start, stop
 
 
-def _scale_and_shift(z: torch.Tensor, labels: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+def _scale_and_shift(
+    z: torch.Tensor, labels: torch.Tensor | None, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
     """``[log2(e) / t, c log2(e)]`` in ``dtype``, where c = R^2 / t bounds every logit of the valid rows
-    (R: their largest norm). On the device: no host sync."""
+    (R: their largest norm; ``labels=None``: every row is valid). On the device: no host sync."""
     norms = torch.linalg.vector_norm(z, dim=1, dtype=dtype)
-    largest = torch.where(labels >= 0, norms, torch.zeros((), dtype=dtype, device=z.device)).amax()
+    if labels is not None:
+        norms = torch.where(labels >= 0, norms, torch.zeros((), dtype=dtype, device=z.device))
+    largest = norms.amax()
     scale = _LOG2E / temperature
     return torch.stack([torch.full((), scale, dtype=dtype, device=z.device), largest * largest * scale])
 

@@ -52,7 +52,14 @@ import torch
 import triton
 
 from mlcontrast.ops import contract
-from mlcontrast.ops.label_supcon import SHIFTED_SUM_FLOOR, STATIC_D_SHARED_BYTES
+from mlcontrast.ops.label_supcon import (
+    _LN2,
+    _LOG2E,
+    SHIFTED_SUM_FLOOR,
+    STATIC_D_SHARED_BYTES,
+    _anchor_range,
+    _scale_and_shift,
+)
 from mlcontrast.ops.label_supcon_kernels import _label_supcon_lse_kernel
 from mlcontrast.ops.multihot_supcon_kernels import _multihot_supcon_bwd_kernel, _multihot_supcon_fwd_kernel
 from mlcontrast.ops.utils import (
@@ -74,9 +81,6 @@ MODES = {"jaccard": 0, "any": 1, "all": 2, "mulsupcon": 3}
 #: Shared memory that the target tiles of all of C may take for the label chunks to be compile-time
 #: constants (int8 tiles: 64 rows of 128 labels are 8 KB); wider C loops over its chunks at run time.
 STATIC_C_SHARED_BYTES = 32 * 1024
-
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,15 +154,6 @@ def _mode(positives: str, threshold: float) -> int:
     return MODES[positives]
 
 
-def _anchor_range(n: int, anchor_start: int, anchor_stop: int | None) -> tuple[int, int]:
-    stop = n if anchor_stop is None else anchor_stop
-    if not 0 <= anchor_start <= stop <= n:
-        raise ValueError(
-            f"anchor rows must satisfy 0 <= anchor_start <= anchor_stop <= R = {n}, got {anchor_start} and {stop}"
-        )
-    return anchor_start, stop
-
-
 #: :func:`_least_passing_ratio` by (threshold, C). A plain dict: torch.compile guards on the types of the
 #: ops modules' globals, and the type of a ``functools.lru_cache`` wrapper fails its own guard (torch 2.14).
 _RATIOS: dict[tuple[float, int], tuple[int, int]] = {}
@@ -184,14 +179,6 @@ def _least_passing_ratio(threshold: float, c: int) -> tuple[int, int]:
                 best = (o, u)
         _RATIOS[key] = best
     return _RATIOS[key]
-
-
-def _scale_and_shift(z: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """``[log2(e) / t, c log2(e)]`` in ``dtype``, c = R_z^2 / t (R_z: the largest row norm) bounds every
-    logit. On the device: no host sync."""
-    largest = torch.linalg.vector_norm(z, dim=1, dtype=dtype).amax()
-    scale = _LOG2E / temperature
-    return torch.stack([torch.full((), scale, dtype=dtype, device=z.device), largest * largest * scale])
 
 
 def _targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +278,7 @@ def multihot_supcon(
     lse2 = torch.zeros(n, dtype=dtype, device=z.device)
     anchors = (torch.arange(n, device=z.device) >= start) & (torch.arange(n, device=z.device) < stop)
     if stop > start:
-        scale_shift = _scale_and_shift(z, temperature, dtype)
+        scale_shift = _scale_and_shift(z, None, temperature, dtype)
         common = _common_args(z, present, counts, start, stop, scale_shift, mode, threshold)
         cfg = _config(d, z.dtype, "fwd")
         launch(_multihot_supcon_fwd_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
@@ -362,7 +349,7 @@ def multihot_supcon_backward(
     p = a / count.to(dtype).clamp(min=1)
     # Rows that contribute nothing get LSE = +inf and alpha = 0, which makes their terms exactly 0.
     lse2 = torch.where(w != 0, lse.to(dtype) * _LOG2E, torch.full((), float("inf"), dtype=dtype, device=z.device))
-    scale_shift = _scale_and_shift(z, temperature, dtype)
+    scale_shift = _scale_and_shift(z, None, temperature, dtype)
     # -log2 of each row's shifted sum: at most `limit` (60) unless the forward redid the row.
     below_shift, limit = scale_shift[1] - lse2, -math.log2(SHIFTED_SUM_FLOOR)
     alpha = torch.where(w != 0, w * torch.exp2(below_shift.clamp(max=limit)), zero)
