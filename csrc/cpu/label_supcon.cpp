@@ -11,9 +11,10 @@
 //   without the symmetry). Only O(N) statistics (the LSE and the positive counts) are saved.
 // Tile products go to BLAS through ATen (single-threaded inside the parallel region); the
 // element-wise work is in vec_math.cpp, on scratch that stays in L2. Scratch is O(tile) per thread
-// plus O(N) (forward) or O(N D) (backward) per worker, bounded by kAccumulatorBudgetBytes.
+// plus O(N) (forward) or O(N D) (backward) per worker, bounded by tiles::kAccumulatorBudgetBytes.
 #include "class_sums.h"
 #include "shared/label_supcon.h"
+#include "tiles.h"
 #include "vec_math.h"
 
 #include <torch/library.h>
@@ -28,10 +29,14 @@ namespace mlcontrast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 128;
-constexpr int64_t kColBlock = 512;
-// Scratch bound for the per-worker gradient accumulators of the symmetric backward.
-constexpr int64_t kAccumulatorBudgetBytes = int64_t(512) << 20;
+using tiles::fill_diagonal;
+using tiles::for_each_tile;
+using tiles::kColBlock;
+using tiles::kRowBlock;
+using tiles::owns;
+using tiles::similarity_tile;
+using tiles::Tile;
+using tiles::triangle_workers;
 
 using label_supcon::AnchorArgs;
 using label_supcon::Anchors;
@@ -40,46 +45,6 @@ void check_arguments(const at::Tensor& features, const at::Tensor& labels, const
   MLC_CHECK_CPU(features);
   MLC_CHECK_CPU(labels);
   label_supcon::check_inputs(features, labels, anchors);
-}
-
-// Sets the entries of a tile (rows from global row i0, columns from global column j0) that lie on
-// the global diagonal, i.e. the self-pairs, to `value`.
-void fill_diagonal(at::Tensor& tile, int64_t i0, int64_t j0, double value) {
-  tile.diagonal(i0 - j0).fill_(value);
-}
-
-// s = zi zj^T / t, the temperature applied by the GEMM (no scaled copy of the features).
-void similarity_tile(at::Tensor& s, const at::Tensor& zi, const at::Tensor& zj, double inv_t) {
-  at::addmm_out(s, s, zi, zj.t(), /*beta=*/0, /*alpha=*/inv_t);
-}
-
-// Number of workers for the triangle of tiles, each with O(N D) (backward) or O(N) (forward) state.
-int64_t triangle_workers(int64_t blocks, int64_t bytes_per_worker) {
-  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), blocks,
-                                                 kAccumulatorBudgetBytes / std::max<int64_t>(1, bytes_per_worker)}));
-}
-
-// Zig-zag ownership of tile rows balances the triangle: long rows (small b) pair with short ones.
-bool owns(int64_t worker, int64_t workers, int64_t block) {
-  const int64_t pos = block % (2 * workers);
-  return (pos < workers ? pos : 2 * workers - 1 - pos) == worker;
-}
-
-// How a column tile relates to its row block: the diagonal block (square; its rows cover both orders
-// of its pairs), a tile above it among the anchors (serves its rows and its columns), or a tile of
-// columns outside the anchors (serves its rows only, as those columns have no loss).
-enum class Tile { kDiagonal, kSymmetric, kRowsOnly };
-
-// Calls visit(j0, cols, kind) for every column tile of the anchor block of rows i0 .. i0 + rows.
-template <class Visit>
-void for_each_tile(int64_t i0, int64_t rows, const Anchors& a, int64_t n, Visit visit) {
-  visit(i0, rows, Tile::kDiagonal);
-  auto sweep = [&](int64_t from, int64_t to, Tile kind) {
-    for (int64_t j0 = from; j0 < to; j0 += kColBlock) visit(j0, std::min(kColBlock, to - j0), kind);
-  };
-  sweep(i0 + rows, a.end, Tile::kSymmetric);
-  sweep(a.end, n, Tile::kRowsOnly);
-  sweep(0, a.begin, Tile::kRowsOnly);
 }
 
 // LSE_{j != i} z_i.z_j / t for every anchor row (0 on the other rows). S is symmetric, so among the

@@ -1,5 +1,5 @@
 // The symmetric tiling of S = Z Z^T / t for the CPU losses whose row statistics run over all other rows
-// (label_supcon.cpp has the same scheme; multihot_supcon.cpp uses this header).
+// (label_supcon.cpp and multihot_supcon.cpp).
 //
 // Among the anchor rows [a.begin, a.end), only the [kRowBlock x kColBlock] tiles on and above the
 // diagonal are computed, each serving its rows and its columns; the columns outside the anchors (a
@@ -34,7 +34,9 @@ struct Range {
 // columns outside the anchors (serves its rows only, as those columns have no loss).
 enum class Tile { kDiagonal, kSymmetric, kRowsOnly };
 
-inline int64_t row_blocks(const Range& a) { return (a.end - a.begin + kRowBlock - 1) / kRowBlock; }
+// Anchors: any type with begin and end (Range, label_supcon::Anchors).
+template <class Anchors>
+int64_t row_blocks(const Anchors& a) { return (a.end - a.begin + kRowBlock - 1) / kRowBlock; }
 
 // Number of workers for the triangle of tiles, each holding bytes_per_worker of accumulators.
 inline int64_t triangle_workers(int64_t blocks, int64_t bytes_per_worker) {
@@ -49,8 +51,8 @@ inline bool owns(int64_t worker, int64_t workers, int64_t block) {
 }
 
 // Calls visit(j0, cols, kind) for every column tile of the anchor block of rows i0 .. i0 + rows.
-template <class Visit>
-void for_each_tile(int64_t i0, int64_t rows, const Range& a, int64_t n, Visit visit) {
+template <class Anchors, class Visit>
+void for_each_tile(int64_t i0, int64_t rows, const Anchors& a, int64_t n, Visit visit) {
   visit(i0, rows, Tile::kDiagonal);
   auto sweep = [&](int64_t from, int64_t to, Tile kind) {
     for (int64_t j0 = from; j0 < to; j0 += kColBlock) visit(j0, std::min(kColBlock, to - j0), kind);
@@ -61,8 +63,8 @@ void for_each_tile(int64_t i0, int64_t rows, const Range& a, int64_t n, Visit vi
 }
 
 // Calls visit(i0, rows) for the anchor blocks of `worker`.
-template <class Visit>
-void for_each_block(int64_t worker, int64_t workers, const Range& a, Visit visit) {
+template <class Anchors, class Visit>
+void for_each_block(int64_t worker, int64_t workers, const Anchors& a, Visit visit) {
   const int64_t blocks = row_blocks(a);
   for (int64_t b = 0; b < blocks; ++b) {
     if (!owns(worker, workers, b)) continue;
