@@ -13,6 +13,7 @@ import torch
 
 from mlcontrast import _backends, distributed, reference
 from mlcontrast._layout import unit_rows
+from mlcontrast._temperature import Temperature, pair_scaled
 from mlcontrast._validation import (
     check_features,
     check_multihot_targets,
@@ -67,8 +68,8 @@ def _anchor_rows(
     backend: str,
     features: torch.Tensor,
     present: torch.Tensor,
-    temperature: float,
-    base_temperature: float,
+    temperature: Temperature,
+    base_temperature: Temperature,
     positives: str,
     threshold: float,
     normalize: bool,
@@ -82,17 +83,18 @@ def _anchor_rows(
             features, present, temperature, base_temperature, positives, threshold, normalize, start, stop
         )
     z = unit_rows(features, backend) if normalize else features
+    z, tau, base, factor = pair_scaled(z, temperature, base_temperature)
     op = registry.op("multihot_supcon", backend)
-    loss, _, _, count = op(z, present, float(temperature), float(base_temperature), positives, float(threshold),
-                           start, stop)  # fmt: skip
-    count = count[start:stop]
-    return loss[start:stop], (count if positives == "mulsupcon" else count > 0)
+    loss, _, _, count = op(z, present, tau, base, positives, float(threshold), start, stop)
+    loss, count = loss[start:stop], count[start:stop]
+    loss = loss if factor is None else loss * factor
+    return loss, (count if positives == "mulsupcon" else count > 0)
 
 
 def multihot_supcon_loss(
     features: torch.Tensor,
     targets: torch.Tensor,
-    temperature: float = 0.1,
+    temperature: Temperature = 0.1,
     base_temperature: float | None = None,
     positives: str = "jaccard",
     threshold: float = 0.5,
@@ -130,7 +132,8 @@ def multihot_supcon_loss(
     Args:
         features: ``[N, D]`` rows z, one per image (L2-normalised first when ``normalize=True``); the anchors.
         targets: ``[N, C]`` integer or bool; 1 (True) = label present, 0 and -1 (unknown) = absent.
-        temperature: :math:`\tau > 0`.
+        temperature: :math:`\tau > 0`: a number or a 0-dim floating tensor (its exact gradient, as in
+            :func:`mlcontrast.label_supcon_loss`).
         base_temperature: :math:`\tau_{base}`; defaults to ``temperature``.
         positives: ``"jaccard"``, ``"any"``, ``"all"`` or ``"mulsupcon"``.
         threshold: the least Jaccard overlap of a positive, in (0, 1] (inclusive); ``"jaccard"`` only.

@@ -13,6 +13,7 @@ import math
 import torch
 
 from mlcontrast._base import BACKENDS
+from mlcontrast._temperature import Temperature, check_temperature
 
 __all__ = [
     "MULTIHOT_POSITIVES",
@@ -31,6 +32,7 @@ __all__ = [
     "check_same_device",
     "check_target_values",
     "check_targets",
+    "check_temperature",
     "check_temperatures",
     "check_threshold",
 ]
@@ -140,11 +142,13 @@ def check_positive(value: float, name: str) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
-def check_temperatures(temperature: float, base_temperature: float | None) -> float:
-    """Both temperatures > 0; returns the base temperature as a float (``temperature`` when None)."""
-    check_positive(temperature, "temperature")
+def check_temperatures(temperature: Temperature, base_temperature: float | None) -> Temperature:
+    """Both temperatures > 0 (``temperature`` a number or a 0-dim floating tensor, §12 of the contract;
+    ``base_temperature`` a number); returns the base temperature: a float, or ``temperature`` itself when
+    None (so a tensor temperature's default base is recognisably the temperature)."""
+    check_temperature(temperature)
     if base_temperature is None:
-        return float(temperature)
+        return temperature if isinstance(temperature, torch.Tensor) else float(temperature)
     check_positive(base_temperature, "base_temperature")
     return float(base_temperature)
 

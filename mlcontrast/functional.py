@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import torch
 
-from mlcontrast import _backends, distributed, reference
+from mlcontrast import _backends, _temperature, distributed, reference
 from mlcontrast._layout import legacy_sadcl_gate, multilabel_rows, unit_rows
 from mlcontrast._multihot import multihot_supcon_loss
+from mlcontrast._temperature import Temperature, pair_scaled
 from mlcontrast._validation import (
     check_features,
     check_int,
     check_label_values,
     check_labels,
     check_momentum,
-    check_positive,
     check_reduction,
     check_same_device,
     check_target_values,
     check_targets,
+    check_temperature,
     check_temperatures,
 )
 from mlcontrast.ops import registry
@@ -52,14 +53,17 @@ def _label_supcon_rows(
     backend: str,
     features: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float,
-    base_temperature: float,
+    temperature: Temperature,
+    base_temperature: Temperature,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
 ) -> torch.Tensor:
-    """The ``[N]`` per-row losses of the fused ``backend``: those of the anchor rows, 0 elsewhere."""
+    """The ``[N]`` per-row losses of the fused ``backend``: those of the anchor rows, 0 elsewhere. A tensor
+    temperature scales the rows instead (:func:`mlcontrast._temperature.pair_scaled`)."""
     label_supcon = registry.op("label_supcon", backend)
-    return label_supcon(features, labels, float(temperature), float(base_temperature), anchor_start, anchor_stop)[0]
+    z, tau, base, factor = pair_scaled(features, temperature, base_temperature)
+    rows = label_supcon(z, labels, tau, base, anchor_start, anchor_stop)[0]
+    return rows if factor is None else rows * factor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,8 +78,8 @@ def _anchor_losses(
     backend: str,
     features: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float,
-    base_temperature: float,
+    temperature: Temperature,
+    base_temperature: Temperature,
     normalize: bool,
     anchors: tuple[int, int],
 ) -> torch.Tensor:
@@ -87,7 +91,7 @@ def _anchor_losses(
             features, labels, temperature, base_temperature, normalize, start, stop
         )
     z = unit_rows(features, backend) if normalize else features
-    rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature, start, stop)
+    rows = _label_supcon_rows(backend, z, labels, temperature, base_temperature, start, stop)
     return rows[start:stop]
 
 
@@ -103,7 +107,7 @@ _shard_result = distributed.shard_result
 def label_supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 0.1,
+    temperature: Temperature = 0.1,
     base_temperature: float | None = None,
     reduction: str = "mean",
     normalize: bool = False,
@@ -123,8 +127,9 @@ def label_supcon_loss(
     Args:
         features: ``[N, D]`` rows z (L2-normalised first when ``normalize=True``).
         labels: ``[N]`` int64 class ids; ``-1`` marks a row that takes no part at all.
-        temperature: :math:`\tau > 0`.
-        base_temperature: :math:`\tau_{base}`; defaults to ``temperature``.
+        temperature: :math:`\tau > 0`: a number, or a 0-dim floating tensor such as ``log_t.exp()`` (its
+            exact gradient on every backend, without N x N memory).
+        base_temperature: :math:`\tau_{base}` (a number); defaults to ``temperature``.
         reduction: ``"mean"`` (sum over :math:`|V|`, 0 when V is empty), ``"sum"`` or ``"none"`` (the ``[N]``
             vector, 0 outside V).
         normalize: L2-normalise the rows first.
@@ -174,14 +179,14 @@ def label_supcon_loss(
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
     z = unit_rows(features, backend) if normalize else features
-    rows = _label_supcon_rows(backend, z, labels, float(temperature), base_temperature)
+    rows = _label_supcon_rows(backend, z, labels, temperature, base_temperature)
     return reduce_rows(rows, (labels >= 0).sum(), reduction)
 
 
 def supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor | None = None,
-    temperature: float = 0.07,
+    temperature: Temperature = 0.07,
     base_temperature: float = 0.07,
     contrast_mode: str = "all",
     backend: str = "auto",
@@ -199,7 +204,8 @@ def supcon_loss(
     Args:
         features: ``[B, V, D]`` (trailing dimensions beyond the third are flattened, as SupContrast does).
         labels: ``[B]`` integer class ids, or None.
-        temperature, base_temperature: :math:`\tau, \tau_{base} > 0`.
+        temperature, base_temperature: :math:`\tau, \tau_{base} > 0`; :math:`\tau` may be a 0-dim tensor (see
+            :func:`label_supcon_loss`).
         contrast_mode: ``"all"`` or ``"one"``.
         backend: see :func:`label_supcon_loss`.
         process_group: see :func:`label_supcon_loss`. The global batch is the concatenation of all
@@ -262,14 +268,14 @@ def supcon_loss(
     rows = features.transpose(0, 1).reshape(b * v, -1)  # view-major, as SupContrast
     # "one": the anchors are view 0, the first b rows; only their losses are computed.
     stop = b if contrast_mode == "one" else None
-    losses = _label_supcon_rows(backend, rows, labels.repeat(v), float(temperature), base_temperature, 0, stop)
+    losses = _label_supcon_rows(backend, rows, labels.repeat(v), temperature, base_temperature, 0, stop)
     return losses[:stop].mean()
 
 
 def multilabel_supcon_loss(
     features: torch.Tensor,
     targets: torch.Tensor,
-    temperature: float = 0.2,
+    temperature: Temperature = 0.2,
     base_temperature: float | None = None,
     backend: str = "auto",
     legacy_sadcl: bool = False,
@@ -284,7 +290,8 @@ def multilabel_supcon_loss(
     Args:
         features: ``[B, C, D]`` or ``[B, V, C, D]`` label-level features (V views).
         targets: ``[B, C]`` with 1 positive, 0 negative, -1 unknown.
-        temperature, base_temperature: :math:`\tau > 0`, :math:`\tau_{base}` (defaults to :math:`\tau`).
+        temperature, base_temperature: :math:`\tau > 0` (a number or a 0-dim tensor, see :func:`label_supcon_loss`),
+            :math:`\tau_{base}` (defaults to :math:`\tau`).
         backend: see :func:`label_supcon_loss`.
         legacy_sadcl: reproduce the released SADCL code's anchor mask, built in (b, v, c) order while the
             rows are in (v, b, c) order: row (v, b, c) is an anchor only if also
@@ -340,7 +347,7 @@ def prototype_nce_loss(
     features: torch.Tensor,
     prototypes: torch.Tensor,
     targets: torch.Tensor,
-    temperature: float = 0.07,
+    temperature: Temperature = 0.07,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""SADCL's prototype-to-sample contrastive loss (PSCL): each prototype against its class column.
@@ -359,7 +366,8 @@ def prototype_nce_loss(
         features: ``[B, C, D]`` label-level features.
         prototypes: ``[C, D]`` class prototypes (gradients flow to them too).
         targets: ``[B, C]`` with 1 positive, 0 negative, -1 unknown.
-        temperature: :math:`\tau > 0`.
+        temperature: :math:`\tau > 0`, a number or a 0-dim tensor (whose gradient is exact: from the op's
+            saved statistics).
         backend: see :func:`label_supcon_loss`.
 
     Shape:
@@ -375,20 +383,25 @@ def prototype_nce_loss(
     if prototypes.shape != (c, d):
         raise ValueError(f"prototypes must be [C={c}, D={d}], got shape {tuple(prototypes.shape)}")
     targets = check_targets(targets, b, c)
-    check_positive(temperature, "temperature")
+    check_temperature(temperature)
     device = check_same_device(features=features, prototypes=prototypes, targets=targets)
     check_target_values(targets)
     backend = _backends.resolve(backend, device, "prototype_nce", features, b * c)
     if backend == "torch":
         return reference.prototype_nce_loss(features, prototypes, targets, temperature)
-    return registry.op("prototype_nce", backend)(features, prototypes, targets, float(temperature))[0]
+    prototype_nce = registry.op("prototype_nce", backend)
+    loss, stats, logits, _ = prototype_nce(features, prototypes, targets, _temperature.number(temperature))
+    if not _temperature.is_tensor(temperature) or not temperature.requires_grad:
+        return loss
+    derivative = _temperature.prototype_nce_derivative(stats, logits, targets, temperature)
+    return _temperature.straight_through(loss, temperature, derivative)
 
 
 def prototype_ce_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
     prototypes: torch.Tensor,
-    temperature: float = 0.1,
+    temperature: Temperature = 0.1,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Cross-entropy of each row against all C prototypes, by cosine similarity.
@@ -404,7 +417,8 @@ def prototype_ce_loss(
         features: ``[N, D]`` rows.
         labels: ``[N]`` int64 class ids in ``[0, C)``, or -1 to ignore a row.
         prototypes: ``[C, D]``.
-        temperature: :math:`\tau > 0`.
+        temperature: :math:`\tau > 0`, a number or a 0-dim tensor (whose gradient is exact: from the op's
+            saved statistics).
         backend: see :func:`label_supcon_loss`.
 
     Shape:
@@ -420,13 +434,17 @@ def prototype_ce_loss(
     if prototypes.shape[1] != d or prototypes.shape[0] == 0:
         raise ValueError(f"prototypes must be [C >= 1, D={d}], got shape {tuple(prototypes.shape)}")
     labels = check_labels(labels, n)
-    check_positive(temperature, "temperature")
+    check_temperature(temperature)
     device = check_same_device(features=features, labels=labels, prototypes=prototypes)
     check_label_values(labels, num_classes=prototypes.shape[0])
     backend = _backends.resolve(backend, device, "prototype_ce", features)
     if backend == "torch":
         return reference.prototype_ce_loss(features, labels, prototypes, temperature)
-    rows = registry.op("prototype_ce", backend)(features, labels, prototypes, float(temperature))[0]
+    prototype_ce = registry.op("prototype_ce", backend)
+    rows, lse, _ = prototype_ce(features, labels, prototypes, _temperature.number(temperature))
+    if _temperature.is_tensor(temperature) and temperature.requires_grad:
+        derivative = _temperature.prototype_ce_derivative(features, labels, prototypes, lse, temperature)
+        rows = _temperature.straight_through(rows, temperature, derivative)
     return reduce_rows(rows, (labels >= 0).sum(), "mean")
 
 

@@ -10,9 +10,9 @@ from torch import nn
 from mlcontrast import functional
 from mlcontrast._validation import (
     check_backend,
-    check_positive,
     check_positives,
     check_reduction,
+    check_temperature,
     check_temperatures,
     check_threshold,
 )
@@ -226,7 +226,7 @@ class PrototypeNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.07, backend: str = "auto") -> None:
         super().__init__()
-        check_positive(temperature, "temperature")
+        check_temperature(temperature)
         self.temperature, self.backend = temperature, check_backend(backend)
 
     def forward(self, features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -246,7 +246,7 @@ class PrototypeCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, backend: str = "auto") -> None:
         super().__init__()
-        check_positive(temperature, "temperature")
+        check_temperature(temperature)
         self.temperature, self.backend = temperature, check_backend(backend)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:

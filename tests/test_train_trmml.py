@@ -378,3 +378,30 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_build_method_from_parser_defaults():
     m = build_method("trmml", 5, backbone="test_resnet", feature_index=2, hidden_dim=32, class_names=list("abcde"))
     assert isinstance(m, TRMML) and m.warmup_epochs >= 1 and m.kd == "none" and m.cls_loss == "asl"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_learned_mcl_temperature_gets_its_gradient(backend):
+    torch.manual_seed(3)
+    m = _tiny(mcl_learn_temperature=True, mcl_temperature=0.2, backend=backend)
+    assert "mcl_log_temperature" in dict(m.named_parameters())
+    x = torch.randn(4, 3, 32, 32)
+    loss, parts = m.training_loss(x, Y, epoch=0)
+    loss.backward()
+    assert torch.isclose(parts["mcl_tau"], torch.tensor(0.2))
+    grad = m.mcl_log_temperature.grad
+    assert grad is not None and torch.isfinite(grad) and grad != 0
+    fixed = _tiny(mcl_temperature=0.2, backend=backend)
+    assert "mcl_log_temperature" not in dict(fixed.named_parameters())  # old checkpoints still load
+
+
+def test_learned_mcl_temperature_gradient_is_that_of_the_reference():
+    torch.manual_seed(4)
+    grads = {}
+    for backend in ("torch", "cpu"):
+        torch.manual_seed(4)
+        m = _tiny(mcl_learn_temperature=True, mcl_weight=1.0, cls_weight=0.0, backend=backend)
+        loss, _ = m.training_loss(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), Y, epoch=0)
+        loss.backward()
+        grads[backend] = m.mcl_log_temperature.grad
+    torch.testing.assert_close(grads["cpu"], grads["torch"], rtol=1e-4, atol=1e-6)

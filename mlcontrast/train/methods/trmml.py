@@ -100,6 +100,7 @@ from mlcontrast.train.models import masked_bce
 __all__ = ["TRMML", "RegionLearner", "partial_asl", "pseudo_labels", "distill_kl"]
 
 _MAX_LOG_SCALE = math.log(100.0)
+_MIN_LOG_TEMPERATURE = math.log(0.01)  # the same bound for a learned τ
 
 
 # ---------------------------------------------------------------- the region learner
@@ -167,6 +168,7 @@ class TRMML(nn.Module):
         kd_temperature: float = 4.0,
         mcl_weight: float = 1.0,
         mcl_temperature: float = 0.1,
+        mcl_learn_temperature: bool = False,
         mcl_text: str = "present",
         mcl_negatives: bool = True,
         proto_momentum: float = 0.99,
@@ -233,6 +235,8 @@ class TRMML(nn.Module):
         self.cls_loss, self.cls_weight = cls_loss, cls_weight
         self.asl = dict(gamma_pos=asl_gamma_pos, gamma_neg=asl_gamma_neg, clip=asl_clip)
         self.mcl_weight, self.mcl_temperature, self.mcl_text = mcl_weight, mcl_temperature, mcl_text
+        if mcl_learn_temperature:  # τ = exp(s), s learned; label_supcon_loss gives s its exact gradient
+            self.mcl_log_temperature = nn.Parameter(torch.tensor(math.log(mcl_temperature)))
         self.mcl_negatives = mcl_negatives
         self.proto_weight, self.proto_temperature = proto_weight, proto_temperature
         self.warmup_epochs, self.pseudo_weight = warmup_epochs, pseudo_weight
@@ -273,6 +277,8 @@ class TRMML(nn.Module):
         g.add_argument("--trmml-kd-temperature", type=positive(float), default=4.0)
         g.add_argument("--trmml-mcl-weight", type=float, default=1.0, help="weight of the multimodal contrastive loss")
         g.add_argument("--trmml-mcl-temperature", type=positive(float), default=0.1)
+        g.add_argument("--trmml-mcl-learn-temperature", action="store_true",
+                       help="learn τ_mcl (as exp(s), initialised to --trmml-mcl-temperature, kept ≥ 0.01)")
         g.add_argument("--trmml-mcl-text", choices=["present", "all"], default="present",
                        help="text rows in the contrast set: classes with a region row, or all classes")
         g.add_argument("--trmml-mcl-no-negatives", action="store_true",
@@ -312,6 +318,7 @@ class TRMML(nn.Module):
             asl_gamma_neg=args.trmml_asl_gamma_neg, asl_clip=args.trmml_asl_clip, kd=args.trmml_kd,
             kd_weight=args.trmml_kd_weight, kd_temperature=args.trmml_kd_temperature,
             mcl_weight=args.trmml_mcl_weight, mcl_temperature=args.trmml_mcl_temperature,
+            mcl_learn_temperature=args.trmml_mcl_learn_temperature,
             mcl_text=args.trmml_mcl_text, mcl_negatives=not args.trmml_mcl_no_negatives,
             proto_momentum=args.trmml_proto_momentum,
             proto_weight=args.trmml_proto_weight, proto_temperature=args.trmml_proto_temperature,
@@ -337,6 +344,12 @@ class TRMML(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=_MAX_LOG_SCALE).exp()
+
+    @property
+    def mcl_tau(self) -> float | torch.Tensor:
+        """τ of L_mcl: the number, or exp(s) (≥ 0.01, CLIP's bound on its scale) when it is learned."""
+        log_t = getattr(self, "mcl_log_temperature", None)
+        return self.mcl_temperature if log_t is None else log_t.clamp(min=_MIN_LOG_TEMPERATURE).exp()
 
     @property
     def visual_protos(self) -> torch.Tensor:
@@ -438,10 +451,12 @@ class TRMML(nn.Module):
             parts["kd"] = l_kd.detach()
 
         rows, labels = self.contrast_set(r, text, y == 1, (y == 0) if self.mcl_negatives else None)
-        l_mcl = label_supcon_loss(rows, labels, temperature=self.mcl_temperature, normalize=True,
+        l_mcl = label_supcon_loss(rows, labels, temperature=self.mcl_tau, normalize=True,
                                   backend=self.backend, process_group=self.process_group)
         loss = loss + self.mcl_weight * l_mcl
         parts["mcl"] = l_mcl.detach()
+        if isinstance(self.mcl_tau, torch.Tensor):
+            parts["mcl_tau"] = self.mcl_tau.detach()
 
         if self.proto_weight:
             l_proto = prototype_nce_loss(r, protos, y, temperature=self.proto_temperature, backend=self.backend)
