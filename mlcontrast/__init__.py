@@ -27,6 +27,7 @@ from mlcontrast.losses import (
     PrototypeNCELoss,
     SupConLoss,
 )
+from mlcontrast.queue import ContrastQueue
 
 __version__ = "0.1.0"
 
@@ -61,4 +62,5 @@ __all__ = [
     "PrototypeNCELoss",
     "PrototypeCELoss",
     "PrototypeBank",
+    "ContrastQueue",
 ]
