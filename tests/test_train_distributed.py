@@ -50,11 +50,16 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], folder: str) -
                 "history": result["history"]}, os.path.join(folder, f"rank{rank}.pt"))
 
 
-def test_ddp_ranks_stay_in_sync(tmp_path):
-    argv = [*TINY, "--method", "sadcl", "--known-ratio", "0.5", "--epochs", "2", "--output", str(tmp_path / "run")]
+# local: SSCL per rank as released; with accumulation (no_sync on the first micro-batch) and a model EMA
+@pytest.mark.parametrize("extra, gathered", [([], True),
+                                             (["--sscl-scope", "local", "--accumulate", "2", "--model-ema", "0.9"],
+                                              False)])
+def test_ddp_ranks_stay_in_sync(tmp_path, extra, gathered):
+    argv = [*TINY, "--method", "sadcl", "--known-ratio", "0.5", "--epochs", "2", "--output", str(tmp_path / "run"),
+            *extra]
     mp.spawn(_rank_main, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["seen"] == r1["seen"] == {"process_group": True}
+    assert r0["seen"] == r1["seen"] == {"process_group": gathered}
     assert len(r0["losses"]) == 4 and r0["losses"] == r1["losses"]  # 2 epochs x 2 steps, means over ranks
     assert r0["params"].keys() == r1["params"].keys()
     for name, value in r1["params"].items():  # DDP averaged the gradients: the same parameters on both ranks

@@ -59,6 +59,17 @@ def test_prf_all_and_top3_hand_worked():
     assert m["OP_top3"] == pytest.approx(60.0)
     assert m["OR_top3"] == pytest.approx(75.0)
     assert m["OF1_top3"] == pytest.approx(100 * 2 * 0.6 * 0.75 / 1.35)
+    # SADCL's per-class-mean CF1: per-class F1 = 2·N_c/(N_p + N_g) = 1, 2/3, 1, 2/3
+    assert m["CF1_perclass"] == pytest.approx(100 * (1 + 2 / 3 + 1 + 2 / 3) / 4)
+
+
+def test_cf1_perclass_differs_from_cf1_and_zeroes_a_class_without_true_positive():
+    scores = np.array([[1.0, 1.0, 1.0], [1.0, -1.0, -1.0]])
+    targets = np.array([[1, 1, 0], [0, 1, 1]])
+    # class 0: P 1/2, R 1, F1 2/3; class 1: P 1, R 1/2, F1 2/3; class 2: no true positive, P = R = F1 = 0
+    m = multilabel_metrics(scores, targets)
+    assert m["CF1_perclass"] == pytest.approx(100 * (2 / 3 + 2 / 3 + 0) / 3)
+    assert m["CF1"] == pytest.approx(50.0)  # from CP = CR = 1/2
 
 
 def test_probability_threshold_matches_logits():

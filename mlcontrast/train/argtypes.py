@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive", "non_negative_int", "ratio", "unit_interval"]
+__all__ = ["positive", "non_negative_int", "ratio", "unit_interval", "optional", "decay"]
 
 
 def _convert(kind, text: str, what: str):
@@ -46,4 +46,24 @@ def unit_interval(text: str) -> float:
     v = _convert(float, text, "a number in [0, 1]")
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {v}")
+    return v
+
+
+def optional(kind):
+    """``type=optional(positive(float))``: ``none`` / ``off`` / ``0`` mean off (``None``), anything else goes
+    through ``kind`` — so an option a recipe turns on can be turned off on the command line."""
+
+    def parse(text: str):
+        if text.strip().lower() in ("none", "off", "0", "0.0"):
+            return None
+        return kind(text)
+
+    return parse
+
+
+def decay(text: str) -> float:
+    """An EMA decay in (0, 1)."""
+    v = _convert(float, text, "a number in (0, 1)")
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {v}")
     return v

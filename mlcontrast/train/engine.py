@@ -1,9 +1,11 @@
-"""The training loop: data, model, AdamW + OneCycle, evaluation, JSON-lines metrics, atomic checkpoints, resume.
+"""The training loop: data, model, optimizer and schedule (:mod:`mlcontrast.train.optim`), mixed precision,
+gradient accumulation, model EMA, evaluation, JSON-lines metrics, a best/last summary, early stopping, atomic
+checkpoints, resume.
 
 Determinism: every epoch reseeds the global RNGs and the shuffling generator from ``(seed, epoch)`` (plus
 the rank under ``torchrun``), so a run resumed from the checkpoint of epoch k continues exactly as the
 uninterrupted run (the checkpoint holds the model with the method's buffers, such as prototypes and memory
-bank, the optimizer and the scheduler).
+bank, the optimizer, the scheduler, the model EMA and the fp16 gradient scaler).
 
 Distributed: under ``torchrun`` each process trains its shard (``DistributedSampler``) through
 DistributedDataParallel, the methods' contrastive losses get ``process_group`` so every rank's rows join the
@@ -13,9 +15,11 @@ contrast set, buffers follow rank 0 (DDP's default), and rank 0 evaluates and wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mlcontrast.train.config import build_method, resolve_args
 from mlcontrast.train.data import build_datasets
-from mlcontrast.train.metrics import evaluate, pseudo_label_counts, pseudo_label_rates
+from mlcontrast.train.metrics import evaluate, pseudo_label_counts, pseudo_label_rates, summarize
+from mlcontrast.train.optim import ModelEMA, autocast, build_optimizer, configure_backbones, grad_scaler, should_stop
 
 __all__ = ["run", "resolve_args", "save_checkpoint_atomic", "CHECKPOINT_NAME"]
 
@@ -84,13 +89,16 @@ def _device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def _predict(model, loader, device, progress: bool):
+def _predict(model, loader, device, progress: bool, amp: str | None = None):
     from tqdm import tqdm
 
+    was_training = model.training
     model.eval()
     logits = []
     for x, _ in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        logits.append(model(x.to(device)).float().cpu())
+        with autocast(amp, device):
+            logits.append(model(x.to(device)).float().cpu())
+    model.train(was_training)
     return torch.cat(logits).numpy()
 
 
@@ -166,15 +174,6 @@ def _load_checkpoint(path: str, method: str, device: torch.device) -> dict:
     return ckpt
 
 
-def _optimizer(model: nn.Module, args: argparse.Namespace, total_steps: int):
-    groups = model.param_groups(args.weight_decay) if hasattr(model, "param_groups") else \
-        [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
-                                                    pct_start=0.2)
-    return optimizer, scheduler
-
-
 def run(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict:
     """Train and evaluate as the CLI does; returns ``{"history": [epoch records], "step_losses": [...]}``.
 
@@ -199,7 +198,8 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
     out = Path(args.output)
     _seed_all(args.seed)
 
-    train_set, test_set = build_datasets(args.dataset, args.data_root, args.img_size, args.seed)
+    train_set, test_set = build_datasets(args.dataset, args.data_root, args.img_size, args.seed,
+                                         augment=getattr(args, "augment", "flip"))
     if args.known_ratio < 1.0:
         train_set.apply_partial_labels(args.known_ratio, seed=args.partial_seed)
     test_truth = test_set.full_targets
@@ -213,18 +213,27 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
         test_set = Subset(test_set, range(min(args.limit_test, len(test_set))))
     per_rank = len(train_plain) // dist.world
     steps = per_rank // args.batch_size
-    if steps == 0:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {per_rank} training images of each of "
-                         f"{dist.world} process(es)")
+    accumulate = getattr(args, "accumulate", 1)
+    opt_steps = steps // accumulate  # optimizer steps per epoch; trailing micro-batches that fill none are skipped
+    if opt_steps == 0:
+        raise ValueError(f"--batch-size {args.batch_size} × --accumulate {accumulate} exceeds the {per_rank} "
+                         f"training images of each of {dist.world} process(es)")
     num_classes = test_truth.shape[1]
+    amp = getattr(args, "amp", None)
 
     # the method also sees the class names and the partial training targets (label co-occurrence statistics)
     margs = argparse.Namespace(**vars(args), class_names=class_names,
                                train_targets=train_set.targets[: len(train_plain)])
     model = build_method(args.method, num_classes, margs).to(device)
+    configure_backbones(model, args)
+    if getattr(args, "recipe", "digits") == "paper" and args.weights is None and dist.main:
+        print("mlcontrast-train: warning: --recipe paper starts from ImageNet weights in the releases; without "
+              "--weights the backbone starts from random weights", file=sys.stderr)
+    ema = ModelEMA(model, args.model_ema) if getattr(args, "model_ema", None) else None  # before process_group
     if dist.world > 1:
         model.process_group = dist.group
-    optimizer, scheduler = _optimizer(model, args, args.epochs * steps)
+    optimizer, scheduler, per_epoch = build_optimizer(model, args, opt_steps)
+    scaler = grad_scaler(amp, device)
 
     start_epoch, history, step_losses = 0, [], []
     if dist.main:
@@ -234,6 +243,12 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            if ckpt.get("ema") is None:
+                raise ValueError("--resume: the checkpoint has no model EMA; resume without --model-ema")
+            ema.load_state_dict(ckpt["ema"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history, step_losses = ckpt["epoch"], ckpt["history"], ckpt["step_losses"]
     if dist.main:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
@@ -251,6 +266,8 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
     progress = not args.no_progress and dist.main
     partial = args.known_ratio < 1.0
     for epoch in range(start_epoch, args.epochs):
+        if should_stop(history, getattr(args, "early_stop", None)):
+            break  # a resumed run that had already stopped early
         t0 = time.time()
         epoch_seed = _epoch_seed(args.seed, epoch)
         _seed_all(epoch_seed + dist.rank)
@@ -271,18 +288,31 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
         sums = torch.zeros(0, dtype=torch.float64)  # loss, then one slot per part, summed over steps
         part_names: list[str] = []
         pseudo = torch.zeros(3, dtype=torch.float64)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not progress)
+        micro = opt_steps * accumulate
+        optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not progress, total=micro)
         for i, (x, y, truth) in enumerate(bar):
+            if i >= micro:
+                break
             x, y = x.to(device), y.to(device)
-            loss, parts = step_fn(x, y, epoch, i / steps)
+            boundary = (i + 1) % accumulate == 0
+            # under DDP only the last micro-batch of a step all-reduces the gradients
+            sync = step_fn.no_sync() if dist.world > 1 and not boundary else contextlib.nullcontext()
+            with sync:
+                with autocast(amp, device):
+                    loss, parts = step_fn(x, y, epoch, i / steps)
+                scaled = loss / accumulate
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             parts = dict(parts)
             labels = parts.pop("pseudo", None)
             if labels is not None and partial:
                 pseudo += torch.from_numpy(pseudo_label_counts(labels, truth, y))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            if boundary:
+                _optimizer_step(optimizer, scaler)
+                if not per_epoch:
+                    scheduler.step()
+                if ema is not None:
+                    ema.update(model)
             if not part_names:
                 part_names = list(parts)
                 sums = torch.zeros(1 + len(part_names), dtype=torch.float64)
@@ -292,35 +322,70 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
             step_losses.append(float(values[0]))
             sums += values
             bar.set_postfix(loss=f"{float(values[0]):.3f}")
+        if per_epoch:
+            scheduler.step()
         dist.sum_(pseudo)
-        rec = None
         if dist.main:
-            eval_loader = DataLoader(test_set, batch_size=max(args.batch_size, 64), shuffle=False,
-                                     num_workers=args.num_workers)
-            scores = _predict(model, eval_loader, device, progress)
-            rec = {"epoch": epoch + 1, "loss": float(sums[0]) / steps}
-            rec.update({f"loss_{k}": float(v) / steps for k, v in zip(part_names, sums[1:])})
+            rec = {"epoch": epoch + 1, "loss": float(sums[0]) / micro}
+            rec.update({f"loss_{k}": float(v) / micro for k, v in zip(part_names, sums[1:])})
             if partial and getattr(model, "makes_pseudo_labels", False):
                 # precision is undefined (null) in an epoch without a single pseudo-positive
                 rec.update(pseudo_label_rates(pseudo, empty_precision=None), pseudo_positives=int(pseudo[0]))
-            rec.update(evaluate(scores, test_truth))
+            rec.update(_evaluate(model, ema, test_set, test_truth, args, device, progress))
             rec["lr"] = scheduler.get_last_lr()[0]
             rec["time_s"] = time.time() - t0
             history.append(rec)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if progress:
-                extra = (f" pseudo P/R {rec['pseudo_precision'] or 0:.1f}/{rec['pseudo_recall']:.1f}"
-                         if "pseudo_precision" in rec else "")
-                tqdm.write(f"epoch {epoch + 1}: loss {rec['loss']:.4f} mAP {rec['mAP']:.2f} CF1 {rec['CF1']:.2f} "
-                           f"OF1 {rec['OF1']:.2f}{extra} ({rec['time_s']:.1f} s)")
+            _write_epoch(out, rec, history, progress)
             state = {
                 "method": args.method, "epoch": epoch + 1, "args": vars(args), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-                "step_losses": step_losses,
+                "step_losses": step_losses, "ema": ema.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
             }
             save_checkpoint_atomic(state, out / CHECKPOINT_NAME)
+        stop = torch.tensor([float(dist.main and should_stop(history, getattr(args, "early_stop", None)))])
+        dist.sum_(stop)  # rank 0 decides; the other ranks follow
         dist.barrier()  # the other ranks wait for the evaluation and the checkpoint
+        if stop.item() > 0:
+            if progress:
+                tqdm.write(f"early stop after epoch {epoch + 1}: no better mAP for {args.early_stop} epochs")
+            break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
-    return {"history": history, "step_losses": step_losses, "model": model}
+    return {"history": history, "step_losses": step_losses, "model": model, "ema": ema,
+            "summary": summarize(history)}
+
+
+def _optimizer_step(optimizer, scaler) -> None:
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, then adapts the scale
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _evaluate(model, ema, test_set, test_truth, args, device, progress: bool) -> dict:
+    """The raw model's test metrics, and under ``--model-ema`` the EMA model's in ``"ema"``."""
+    amp = getattr(args, "amp", None)
+    loader = DataLoader(test_set, batch_size=max(args.batch_size, 64), shuffle=False, num_workers=args.num_workers)
+    out = evaluate(_predict(model, loader, device, progress, amp), test_truth)
+    if ema is not None:
+        out["ema"] = evaluate(_predict(ema.module, loader, device, progress, amp), test_truth)
+    return out
+
+
+def _write_epoch(out: Path, rec: dict, history: list[dict], progress: bool) -> None:
+    """Append the epoch to ``metrics.jsonl``, rewrite ``summary.json`` (last and best epoch), report."""
+    from tqdm import tqdm
+
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    (out / "summary.json").write_text(json.dumps(summarize(history), indent=2) + "\n")
+    if progress:
+        extra = (f" pseudo P/R {rec['pseudo_precision'] or 0:.1f}/{rec['pseudo_recall']:.1f}"
+                 if "pseudo_precision" in rec else "")
+        if "ema" in rec:
+            extra += f" EMA mAP {rec['ema']['mAP']:.2f}"
+        tqdm.write(f"epoch {rec['epoch']}: loss {rec['loss']:.4f} mAP {rec['mAP']:.2f} CF1 {rec['CF1']:.2f} "
+                   f"OF1 {rec['OF1']:.2f}{extra} ({rec['time_s']:.1f} s)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["voc_ap", "average_precision_per_class", "mean_average_precision", "multilabel_metrics",
-           "pseudo_label_counts", "pseudo_label_rates", "pseudo_label_metrics", "evaluate"]
+           "pseudo_label_counts", "pseudo_label_rates", "pseudo_label_metrics", "evaluate", "summarize"]
 
 
 def _np(x) -> np.ndarray:
@@ -71,7 +71,11 @@ def _prf(pred: np.ndarray, gt: np.ndarray, prefix: str, suffix: str) -> dict[str
     orr = float(n_c.sum() / max(n_g.sum(), 1.0))
     cf1 = 2 * cp * cr / (cp + cr) if cp + cr > 0 else 0.0
     of1 = 2 * op * orr / (op + orr) if op + orr > 0 else 0.0
-    out = {"CP": cp, "CR": cr, "CF1": cf1, "OP": op, "OR": orr, "OF1": of1}
+    # SADCL's utils/metric.py: the mean over classes of each class's F1, 0 for a class without a true positive
+    # (its F1 = 2·N_c / (N_p + N_g) when N_c > 0)
+    f1 = np.where(n_c > 0, 2 * n_c / np.maximum(n_p + n_g, 1.0), 0.0)
+    cf1_pc = float(f1.mean()) if f1.size else 0.0
+    out = {"CP": cp, "CR": cr, "CF1": cf1, "CF1_perclass": cf1_pc, "OP": op, "OR": orr, "OF1": of1}
     return {f"{prefix}{k}{suffix}": 100.0 * v for k, v in out.items()}
 
 
@@ -80,6 +84,7 @@ def multilabel_metrics(scores, targets, threshold: float = 0.0, top_k: int = 3) 
 
     Per class c: N_g = #positives, N_p = #predicted (taken as 1 when 0; N_g likewise), N_c = #correct.
     CP = mean_c N_c/N_p, CR = mean_c N_c/N_g, CF1 = 2·CP·CR/(CP+CR) (from the averaged CP and CR);
+    CF1_perclass = mean_c F1_c with F1_c = 2·N_c/(N_p + N_g), 0 when N_c = 0 (SADCL's variant);
     OP = ΣN_c/ΣN_p, OR = ΣN_c/ΣN_g, OF1 = 2·OP·OR/(OP+OR). Top-k keeps each image's k highest scores
     (stable order on ties), still subject to score >= threshold.
     """
@@ -138,3 +143,28 @@ def evaluate(scores, targets, threshold: float = 0.0) -> dict[str, float]:
     out = {"mAP": mean_average_precision(scores, targets)}
     out.update(multilabel_metrics(scores, targets, threshold))
     return out
+
+
+def _pick(rec: dict) -> tuple[str, dict]:
+    """The better of an epoch's raw and EMA evaluations (by mAP; the raw one on a tie), as SADCL reports."""
+    ema = rec.get("ema")
+    if ema and ema["mAP"] > rec["mAP"]:
+        return "ema", ema
+    return "raw", rec
+
+
+def summarize(history: list[dict], keys=("mAP", "CF1", "CF1_perclass", "OF1", "CF1_top3", "OF1_top3")) -> dict:
+    """``{"last": ..., "best": ...}`` over the epoch records: the last epoch and the epoch of highest mAP, each
+    ``{"epoch", "model" ("raw" or "ema"), <keys>}`` from the better of its raw and EMA evaluations. Published
+    numbers are best-epoch ones; the last epoch is what a run without early stopping ends with."""
+    if not history:
+        return {}
+    picked = []
+    for rec in history:
+        model, metrics = _pick(rec)
+        row = {"epoch": rec["epoch"], "model": model}
+        row.update({k: metrics.get(k) for k in keys})
+        picked.append(row)
+    finite = [r for r in picked if r["mAP"] == r["mAP"]] or picked
+    best = max(finite, key=lambda r: (r["mAP"], -r["epoch"]))
+    return {"last": picked[-1], "best": best}

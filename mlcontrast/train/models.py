@@ -46,9 +46,57 @@ class Backbone(nn.Module):
             raise
         self.channels = self.body.feature_info.channels()[-1]
         self.reduction = self.body.feature_info.reduction()[-1]
+        self.pool = 1
+        self.eval_norms: list[nn.Module] = []  # BatchNorms held in eval mode by :meth:`configure`
+
+    def stages(self) -> list[str]:
+        """Names of the body's top-level children (``conv1``, ``bn1``, ..., ``layer4`` on a ResNet)."""
+        return [name for name, _ in self.body.named_children()]
+
+    def configure(self, train_layers: str = "all", bn_mode: str = "train", pool: int = 1) -> None:
+        """Which parts train, how BatchNorm behaves, and an optional average pool after the map.
+
+        Args:
+            train_layers: ``"all"``, ``"none"`` or comma-separated top-level stage names (``"layer4"``,
+                ``"layer2,layer3,layer4"``): the other stages get ``requires_grad=False``.
+            bn_mode: ``"train"`` (BatchNorm of the trained stages in train mode, of the frozen ones in eval
+                mode: HST's ``backbone.eval(); layer4.train()``), ``"frozen"`` (every BatchNorm in eval mode with
+                its affine parameters frozen too: DETR's FrozenBatchNorm2d, as SADCL) — frozen stages never
+                update their statistics.
+            pool: kernel and stride of an average pool after the map (HST: 2, a 7×7 grid at 448 px).
+        """
+        stages = self.stages()
+        if train_layers == "all":
+            trained = set(stages)
+        elif train_layers == "none":
+            trained = set()
+        else:
+            trained = {s.strip() for s in train_layers.split(",") if s.strip()}
+            unknown = trained - set(stages)
+            if unknown:
+                raise ValueError(f"--train-layers: unknown backbone stage(s) {sorted(unknown)}; this backbone has "
+                                 f"{stages}")
+        if bn_mode not in ("train", "frozen"):
+            raise ValueError(f"bn_mode must be 'train' or 'frozen', got {bn_mode!r}")
+        self.eval_norms = []
+        for name, child in self.body.named_children():
+            child.requires_grad_(name in trained)
+            for m in child.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (bn_mode == "frozen" or name not in trained):
+                    m.requires_grad_(False)
+                    self.eval_norms.append(m)
+        self.pool = pool
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for m in self.eval_norms:  # statistics stay as loaded, whatever the model's mode
+            m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)[-1]
+        x = self.body(x)[-1]
+        return F.avg_pool2d(x, self.pool) if self.pool > 1 else x
 
 
 class PositionEmbeddingSine(nn.Module):

@@ -24,8 +24,9 @@ DATASETS: dict[str, tuple[Callable, str, str]] = {
 }
 
 
-def build_datasets(name: str, root=None, img_size: int = 224, seed: int = 0):
-    """``(train, test)`` datasets by CLI name; file datasets need ``root``."""
+def build_datasets(name: str, root=None, img_size: int = 224, seed: int = 0, augment: str = "flip"):
+    """``(train, test)`` datasets by CLI name; file datasets need ``root``; ``augment`` names the training
+    pipeline of the file datasets (:mod:`mlcontrast.train.data.transforms`)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     fn, tr, te = DATASETS[name]
@@ -33,5 +34,5 @@ def build_datasets(name: str, root=None, img_size: int = 224, seed: int = 0):
         return fn(tr, seed=seed), fn(te, seed=seed)
     if root is None:
         raise ValueError(f"dataset {name!r} needs --data-root (the folder holding its files)")
-    return (fn(root, tr, transform=default_transform(img_size, train=True)),
-            fn(root, te, transform=default_transform(img_size, train=False)))
+    return (fn(root, tr, transform=default_transform(img_size, train=True, augment=augment)),
+            fn(root, te, transform=default_transform(img_size, train=False, augment=augment)))

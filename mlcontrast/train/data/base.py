@@ -10,11 +10,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mlcontrast.train.data.partial import simulate_partial_labels
+from mlcontrast.train.data.transforms import build_transform
 
 __all__ = ["MultiLabelDataset", "ImageFileDataset", "default_transform", "require_dir", "require_file"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -31,15 +29,10 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-def default_transform(img_size: int = 224, train: bool = False) -> Callable:
-    """PIL image → normalised float tensor ``[3, S, S]`` (resize to a square, flip when training)."""
-    from torchvision import transforms as T
-
-    ops = [T.Resize((img_size, img_size))]
-    if train:
-        ops.append(T.RandomHorizontalFlip())
-    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(ops)
+def default_transform(img_size: int = 224, train: bool = False, augment: str = "flip") -> Callable:
+    """PIL image → normalised float tensor ``[3, S, S]``: resize to a square, then (training) the ``augment``
+    pipeline of :func:`mlcontrast.train.data.transforms.build_transform` (default: a flip)."""
+    return build_transform(img_size, train, augment)
 
 
 class MultiLabelDataset(Dataset):

@@ -417,11 +417,11 @@ class HST(nn.Module):
         g.add_argument("--hst-inter-bce-weight", type=float, default=0.1, help="weight of DTL on ψ^CST")
         g.add_argument("--hst-instance-weight", type=float, default=0.05, help="weight of the instance loss")
         g.add_argument("--hst-prototype-weight", type=float, default=0.05, help="weight of the prototype loss")
-        g.add_argument("--legacy-hst-sign", action="store_true",
+        g.add_argument("--legacy-hst-sign", action=argparse.BooleanOptionalAction, default=False,
                        help="released prototype-loss sign 1 + y·s (pushes positives away from their prototypes)")
-        g.add_argument("--legacy-hst-neg-neg-push", action="store_true",
+        g.add_argument("--legacy-hst-neg-neg-push", action=argparse.BooleanOptionalAction, default=False,
                        help="released instance loss: negative-negative pairs are pushed apart too")
-        g.add_argument("--legacy-hst-cooc-unknown-negative", action="store_true",
+        g.add_argument("--legacy-hst-cooc-unknown-negative", action=argparse.BooleanOptionalAction, default=False,
                        help="released pair targets: a pair with an unknown entry counts as not co-occurring")
 
     @classmethod

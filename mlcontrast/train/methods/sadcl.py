@@ -33,7 +33,8 @@ __all__ = ["SADCL", "build_prototypes"]
 
 class SADCL(nn.Module):
     makes_pseudo_labels = False
-    #: set by the engine under torchrun, so SSCL contrasts every rank's label-level features
+    #: set by the engine under torchrun, so SSCL contrasts every rank's label-level features (``sscl_scope``
+    #: ``"local"``: each rank's own, as released)
     process_group = None
 
     def __init__(
@@ -59,6 +60,7 @@ class SADCL(nn.Module):
         backend: str = "auto",
         legacy_sadcl_mask: bool = False,
         legacy_learned_prototypes: bool = False,
+        sscl_scope: str = "global",
         **_: object,
     ) -> None:
         super().__init__()
@@ -81,6 +83,9 @@ class SADCL(nn.Module):
         self.cls_weight, self.sscl_weight, self.pscl_weight = cls_weight, sscl_weight, pscl_weight
         self.sscl_temperature, self.pscl_temperature = sscl_temperature, pscl_temperature
         self.memory_threshold, self.backend, self.legacy_sadcl_mask = memory_threshold, backend, legacy_sadcl_mask
+        if sscl_scope not in ("global", "local"):
+            raise ValueError(f"sscl_scope must be 'global' or 'local', got {sscl_scope!r}")
+        self.sscl_scope = sscl_scope
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -92,10 +97,14 @@ class SADCL(nn.Module):
         g.add_argument("--proto-momentum", type=unit_interval, default=0.99, help="EMA momentum of the prototypes")
         g.add_argument("--memory-threshold", type=unit_interval, default=0.8,
                        help="a memory slot is replaced when its positive's probability exceeds this")
-        g.add_argument("--legacy-sadcl-mask", action="store_true",
+        g.add_argument("--legacy-sadcl-mask", action=argparse.BooleanOptionalAction, default=False,
                        help="the released SSCL code's anchor-mask quirk (seeds_methods.md §2.4)")
-        g.add_argument("--legacy-learned-prototypes", action="store_true",
+        g.add_argument("--legacy-learned-prototypes", action=argparse.BooleanOptionalAction, default=False,
                        help="as the released code: prototypes learned by gradient, no EMA update")
+        g.add_argument("--sscl-scope", choices=["global", "local"], default="global",
+                       help="under torchrun: global contrasts every rank's rows in SSCL (N processes train like "
+                            "one with N times the batch, so results do not depend on the GPU count); local "
+                            "contrasts each process's rows only, as the released code (per GPU)")
 
     @classmethod
     def from_args(cls, num_classes: int, args: argparse.Namespace) -> "SADCL":
@@ -106,6 +115,7 @@ class SADCL(nn.Module):
             sscl_temperature=args.sscl_temperature, pscl_temperature=args.pscl_temperature,
             proto_momentum=args.proto_momentum, memory_threshold=args.memory_threshold,
             legacy_sadcl_mask=args.legacy_sadcl_mask, legacy_learned_prototypes=args.legacy_learned_prototypes,
+            sscl_scope=getattr(args, "sscl_scope", "global"),
         )
 
     @property
@@ -130,7 +140,7 @@ class SADCL(nn.Module):
         l_cls = masked_bce(logits, targets)
         l_sscl = multilabel_supcon_loss(torch.stack([z, zm], 1), targets, temperature=self.sscl_temperature,
                                         backend=self.backend, legacy_sadcl=self.legacy_sadcl_mask,
-                                        process_group=self.process_group)
+                                        process_group=self.process_group if self.sscl_scope == "global" else None)
         l_pscl = prototype_nce_loss(z, p_hat, targets, temperature=self.pscl_temperature, backend=self.backend)
         loss = self.cls_weight * l_cls + self.sscl_weight * l_sscl + self.pscl_weight * l_pscl
         self.update_state_(h.detach(), logits.detach(), targets)
