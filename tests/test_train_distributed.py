@@ -81,3 +81,37 @@ def test_torchrun_cli(tmp_path):
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["epoch"] == 1 and 0 <= rec["mAP"] <= 100
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_collectives_use_the_device_the_backend_needs(monkeypatch):
+    """NCCL all-reduces CUDA tensors only: the engine's loss sums and early-stop flag go through the GPU there."""
+    from mlcontrast.train import engine
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    backend = {"name": "nccl"}
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend["name"])
+    assert engine._collective_device(None, torch.device("cpu")) == torch.device("cuda", 3)
+    assert engine._collective_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    backend["name"] = "gloo"
+    assert engine._collective_device(None, torch.device("cuda", 1)) == torch.device("cpu")
+
+    # _Dist picks the device from the initialised group's backend
+    backend["name"] = "nccl"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    d = engine._Dist(torch.device("cpu"))
+    assert (d.rank, d.world, d.owned, d.device) == (1, 2, False, torch.device("cuda", 3))
+
+    # sum_ reduces a tensor on that device and writes the sum back into the caller's tensor
+    seen = []
+
+    def fake_all_reduce(t, group=None):
+        seen.append(t.device)
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    d.device = torch.device("cpu")  # no GPU here: check the round trip on the CPU
+    t = torch.tensor([1.5, 2.0], dtype=torch.float64)
+    assert d.sum_(t) is t and t.tolist() == [3.0, 4.0] and seen == [torch.device("cpu")]

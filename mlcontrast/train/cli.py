@@ -7,6 +7,7 @@ import json
 import sys
 
 from mlcontrast.train.config import build_parser, resolved_config
+from mlcontrast.train.data import EMBEDDED
 from mlcontrast.train.engine import run
 
 __all__ = ["main", "build_parser"]
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:  # before any data or model: the configuration only
             print(json.dumps(resolved_config(args), sort_keys=True))
             return 0
-        if args.dataset != "digits" and args.data_root is None:
+        if args.dataset not in EMBEDDED and args.data_root is None:
             parser.error(f"--dataset {args.dataset} needs --data-root")
         result = run(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

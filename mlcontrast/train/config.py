@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlcontrast._base import BACKENDS
 from mlcontrast.train.argtypes import decay, non_negative_int, optional, positive, ratio
-from mlcontrast.train.data import DATASETS
+from mlcontrast.train.data import DATASETS, EMBEDDED
 from mlcontrast.train.data.transforms import AUGMENTS
 from mlcontrast.train.methods import METHODS
 from mlcontrast.train.recipes import RECIPES, recipe_values
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method and data")
     g.add_argument("--method", choices=sorted(METHODS), default="sadcl")
     g.add_argument("--dataset", choices=list(DATASETS), default="digits")
-    g.add_argument("--data-root", default=None, help="folder of the dataset's files (not needed for digits)")
+    g.add_argument("--data-root", default=None,
+                   help="folder of the dataset's files (not needed for the embedded digits and mnist_mosaic)")
     g.add_argument("--known-ratio", type=ratio, default=1.0,
                    help="proportion of known training labels (partial labels, seeded NumPy stream)")
     g.add_argument("--partial-seed", type=int, default=0, help="seed of the partial-label mask (HST uses 0)")
@@ -82,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit-train", type=positive(int), default=None, help="use only the first N training images")
     g.add_argument("--limit-test", type=positive(int), default=None, help="use only the first N test images")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=None, help="timm model name (default: resnet10t on digits, else resnet50)")
+    g.add_argument("--backbone", default=None,
+                   help="timm model name (default: resnet10t on the embedded datasets, else resnet50)")
     g.add_argument("--feature-index", type=int, default=None,
-                   help="features_only stage of the backbone (default: 2 for resnet10t on digits, else -1)")
+                   help="features_only stage of the backbone (default: 2 for resnet10t on the embedded datasets, "
+                        "else -1)")
     g.add_argument("--weights", default=None, help="local backbone weights file (default: random init)")
     g.add_argument("--feature-pool", type=positive(int), default=1,
                    help="average-pool kernel (and stride) after the backbone map (HST: 2)")
@@ -128,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="checkpoint file, or an output folder holding checkpoint.pt")
     g.add_argument("--num-workers", type=non_negative_int, default=0)
     g.add_argument("--threads", type=non_negative_int, default=None,
-                   help="torch intra-op CPU threads; 0: torch's default; default: 1 on digits (its small model "
-                        "gains little from more, and OpenMP threads on a busy machine are many times slower), "
-                        "else torch's default")
+                   help="torch intra-op CPU threads; 0: torch's default; default: 1 on the embedded datasets (their "
+                        "small model gains little from more, and OpenMP threads on a busy machine are many times "
+                        "slower), else torch's default")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     for method in METHODS.values():  # each method's own options, prefixed with its name
         method.add_arguments(p)
@@ -152,13 +155,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args = apply_recipe(argparse.Namespace(**vars(args)))
     if getattr(args, "amp", None) == "none":
         args.amp = None
-    defaults = _DIGITS_DEFAULTS if args.dataset == "digits" else _FILE_DEFAULTS
+    defaults = _DIGITS_DEFAULTS if args.dataset in EMBEDDED else _FILE_DEFAULTS
     if args.backbone is None:
         args.backbone = defaults["backbone"]
     if args.feature_index is None:
         args.feature_index = defaults["feature_index"] if args.backbone == defaults["backbone"] else -1
     if getattr(args, "threads", None) is None:
-        args.threads = 1 if args.dataset == "digits" else 0
+        args.threads = 1 if args.dataset in EMBEDDED else 0
     if args.output is None:
         args.output = str(Path("runs") / f"{args.method}-{args.dataset}")
     return args

@@ -127,6 +127,17 @@ class _TrainingStep(nn.Module):
         return self.method.training_loss(x, targets, epoch=epoch, progress=progress)
 
 
+def _collective_device(group, device: torch.device) -> torch.device:
+    """Where the tensors of ``group``'s collectives must live: NCCL takes only CUDA tensors (the training
+    ``device`` when it is one, else the process's ``LOCAL_RANK`` GPU); gloo and the others take CPU tensors."""
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if backend != "nccl":
+        return torch.device("cpu")
+    if device.type == "cuda" and device.index is not None:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 class _Dist:
     """Process-group facts: one process unless ``torchrun`` set ``WORLD_SIZE`` > 1."""
 
@@ -135,6 +146,7 @@ class _Dist:
 
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank, self.group, self.owned = 0, None, False
+        self.device = torch.device("cpu")  # of the collectives' tensors
         if self.world > 1:
             if not dist.is_available():
                 raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
@@ -143,14 +155,18 @@ class _Dist:
                 self.owned = True
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             self.group = dist.group.WORLD
+            self.device = _collective_device(self.group, device)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place (through a copy on the backend's device)."""
         if self.world > 1:
-            torch.distributed.all_reduce(t, group=self.group)
+            on_device = t.to(self.device)
+            torch.distributed.all_reduce(on_device, group=self.group)
+            t.copy_(on_device)
         return t
 
     def barrier(self) -> None:

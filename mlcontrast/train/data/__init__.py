@@ -7,21 +7,26 @@ from typing import Callable
 from mlcontrast.train.data.base import ImageFileDataset, MultiLabelDataset, default_transform
 from mlcontrast.train.data.datasets import VOC_CLASSES, coco2014, cub200, nuswide, visual_genome, voc2007
 from mlcontrast.train.data.digits import DigitMosaics, digits
+from mlcontrast.train.data.mnist_mosaic import MNISTMosaics, mnist_mosaic
 from mlcontrast.train.data.partial import simulate_partial_labels
 
-__all__ = ["DATASETS", "build_datasets", "simulate_partial_labels", "MultiLabelDataset", "ImageFileDataset",
-           "DigitMosaics", "digits", "voc2007", "coco2014", "nuswide", "visual_genome", "cub200",
-           "default_transform", "VOC_CLASSES"]
+__all__ = ["DATASETS", "EMBEDDED", "build_datasets", "simulate_partial_labels", "MultiLabelDataset",
+           "ImageFileDataset", "DigitMosaics", "digits", "MNISTMosaics", "mnist_mosaic", "voc2007", "coco2014",
+           "nuswide", "visual_genome", "cub200", "default_transform", "VOC_CLASSES"]
 
 # name → (loader, train split, test split)
 DATASETS: dict[str, tuple[Callable, str, str]] = {
     "digits": (digits, "train", "test"),
+    "mnist_mosaic": (mnist_mosaic, "train", "test"),
     "voc2007": (voc2007, "trainval", "test"),
     "coco2014": (coco2014, "train", "val"),
     "nuswide": (nuswide, "train", "test"),
     "vg": (visual_genome, "train", "test"),
     "cub": (cub200, "train", "test"),
 }
+
+#: datasets made from files inside installed packages: no --data-root, no --img-size (their own image size)
+EMBEDDED = ("digits", "mnist_mosaic")
 
 
 def build_datasets(name: str, root=None, img_size: int = 224, seed: int = 0, augment: str = "flip"):
@@ -30,7 +35,7 @@ def build_datasets(name: str, root=None, img_size: int = 224, seed: int = 0, aug
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     fn, tr, te = DATASETS[name]
-    if name == "digits":
+    if name in EMBEDDED:
         return fn(tr, seed=seed), fn(te, seed=seed)
     if root is None:
         raise ValueError(f"dataset {name!r} needs --data-root (the folder holding its files)")

@@ -93,6 +93,7 @@ import torch.nn.functional as F
 
 from mlcontrast import PrototypeBank, label_supcon_loss, prototype_nce_loss
 from mlcontrast.train.argtypes import non_negative_int, positive, unit_interval
+from mlcontrast.train.data import EMBEDDED
 from mlcontrast.train.methods.trmml_encoders import INPUT_NORMS, ClipImageTower, TimmTower, load_clip
 from mlcontrast.train.methods.trmml_losses import distill_kl, partial_asl, pseudo_labels
 from mlcontrast.train.models import masked_bce
@@ -258,7 +259,7 @@ class TRMML(nn.Module):
         g.add_argument("--trmml-prompt", default="a photo of a {}.", help="hand-crafted prompt, {} = class name")
         g.add_argument("--trmml-input-norm", choices=["auto", *INPUT_NORMS], default="auto",
                        help="the mean/std the loader normalised with (re-normalised to CLIP's); auto: half on "
-                            "digits, else imagenet")
+                            "the embedded datasets (digits, mnist_mosaic), else imagenet")
         g.add_argument("--trmml-heads", type=positive(int), default=8, help="cross-attention heads")
         g.add_argument("--trmml-dropout", type=unit_interval, default=0.0, help="dropout of the region learner")
         g.add_argument("--trmml-logit-scale", type=positive(float), default=20.0,
@@ -307,7 +308,7 @@ class TRMML(nn.Module):
     def from_args(cls, num_classes: int, args: argparse.Namespace) -> "TRMML":
         norm = args.trmml_input_norm
         if norm == "auto":
-            norm = "half" if getattr(args, "dataset", None) == "digits" else "imagenet"
+            norm = "half" if getattr(args, "dataset", None) in EMBEDDED else "imagenet"
         return cls(
             num_classes, backbone=args.backbone, feature_index=args.feature_index, weights=args.weights,
             hidden_dim=args.hidden_dim, class_names=getattr(args, "class_names", None),
