@@ -18,6 +18,8 @@
 #   bench_label_supcon   N = 32768, D = 256, bf16, fwd+bwd: triton, cuda, eager and compiled reference,
 #                        triton atomic (the issue's targets; the compiled reference, slowest to start, last)
 #   bench_prototypes     prototype_nce, prototype_ce, update_prototypes at 262144 rows, C = 80, D = 256, bf16
+#   bench_multihot       multihot_supcon (jaccard) at label_supcon's N = 32768, D = 256, bf16, C = 80: cuda,
+#                        triton (issue 15's GPU target: within 1.5x of label_supcon's time)
 # Everything lands in $OUT: session.log, phases.txt, logs.tgz, results.tgz, device_build.tgz.
 source "$(dirname "$0")/gpu_lib.sh"
 
@@ -30,6 +32,7 @@ BUDGET_CUDA_TESTS=90
 BUDGET_CHECK=30
 BUDGET_BENCH_LABEL_SUPCON=140
 BUDGET_BENCH_PROTOTYPES=75
+BUDGET_BENCH_MULTIHOT=20
 check_budgets
 
 if tiny; then  # tiny problems on the CPU (Triton under its interpreter)
@@ -37,16 +40,19 @@ if tiny; then  # tiny problems on the CPU (Triton under its interpreter)
   SUPCON=(--device cpu --n 128 --d 16 --dtype float32 --providers cpu torch --same-process --repeats 1)
   PROTOS=(--device cpu --dtypes float32 -- --n 640 --d 16 --num-classes 8 --providers cpu torch --same-process
     --repeats 1)
+  MULTIHOT=(--device cpu --n 128 --d 16 --dtype float32 --providers cpu --same-process --repeats 1)
 else
   # Every test of the Triton backend: its own files, and the op files' cases whose backend parameter is triton.
   TRITON_TESTS=(tests/test_label_supcon_triton.py tests/test_triton_compile.py tests/test_label_supcon.py
     tests/test_prototype_ce.py tests/test_prototype_nce.py tests/test_update_prototypes.py tests/test_supcon.py
     tests/test_multilabel_supcon.py tests/test_multihot_supcon.py tests/test_multihot_supcon_triton.py
-    tests/test_gradcheck.py -k "triton and not opcheck")  # opcheck: second call
+    tests/test_gradcheck.py tests/test_temperature.py -k "triton and not opcheck")  # opcheck: second call
   SUPCON=(--device cuda --n 32768 --d 256 --dtype bfloat16 --providers triton cuda torch triton_atomic torch_compile
     --repeats 10 --case-budget-s 3 --warmup 3 --case-timeout-s 100)
   PROTOS=(--device cuda --dtypes bfloat16 -- --n 262144 --providers triton cuda torch --same-process --repeats 20
     --case-budget-s 1 --sweep-budget-s 22)
+  MULTIHOT=(--device cuda --n 32768 --d 256 --dtype bfloat16 --providers cuda triton --same-process --repeats 5
+    --warmup 1 --case-budget-s 2)
 fi
 
 phase preflight "$BUDGET_PREFLIGHT" bash -c preflight
@@ -74,4 +80,6 @@ phase bench_label_supcon "$BUDGET_BENCH_LABEL_SUPCON" "$PY" -m benchmarks.bench_
   --sweep-budget-s $((BUDGET_BENCH_LABEL_SUPCON - 15)) --out-dir "$RESULTS"
 phase bench_prototypes "$BUDGET_BENCH_PROTOTYPES" "$PY" -m benchmarks.run --ops prototype_nce prototype_ce \
   update_prototypes --out-dir "$RESULTS" "${PROTOS[@]}"
+phase bench_multihot "$BUDGET_BENCH_MULTIHOT" "$PY" -m benchmarks.bench_multihot_supcon "${MULTIHOT[@]}" \
+  --sweep-budget-s $((BUDGET_BENCH_MULTIHOT - 5)) --out-dir "$RESULTS"
 exit "$FAILED"

@@ -132,7 +132,7 @@ def label_supcon_ttgir(dtype: torch.dtype, dim: int, arch: int = 90, n: int = 20
     z, y = torch.randn(n, dim).to(dtype), torch.randint(-1, 48, (n,))
     with recorded_launches(ls) as launches:
         loss, lse, n_pos = ls.label_supcon(z, y, 0.1, 0.1)
-        ls.label_supcon(z, y, 0.1, 0.1, 0, None, True)
+        ls.label_supcon(z, y, 0.1, 0.1, 0, None, atomic=True)
         ls.label_supcon_backward(loss, z, y, lse, n_pos, 0.1, 0.1, atomic=False)
         ls.label_supcon_backward(loss, z, y, lse, n_pos, 0.1, 0.1, atomic=True)
     return {kernel.__name__: to_ttgir(*launch_source(kernel, a, k), arch=arch) for kernel, a, k in launches}

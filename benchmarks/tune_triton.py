@@ -80,7 +80,7 @@ def _phase_call(phase: str, z, y, saved):
 
     atomic = phase.endswith("-atomic")
     if phase.startswith("fwd"):
-        return lambda: ls.label_supcon(z, y, 0.1, 0.1, 0, None, atomic)[1]
+        return lambda: ls.label_supcon(z, y, 0.1, 0.1, 0, None, atomic=atomic)[1]
     loss, lse, n_pos = saved
     upstream = torch.full_like(loss, 1.0 / max(1, z.shape[0]))
     return lambda: ls.label_supcon_backward(upstream, z, y, lse, n_pos, 0.1, 0.1, atomic=atomic)

@@ -26,11 +26,15 @@ TORCH_LIBRARY(mlcontrast, m) {
   // without positives and rows outside the anchors); lse: the row log-sum-exp (-inf for an anchor with
   // nothing to contrast with, 0 on ignored rows and outside the anchors); n_pos: |P(i)| for valid
   // anchors, 0 elsewhere. Only the anchor rows [anchor_start, anchor_stop) (stop: N when None) get a
-  // loss; all valid rows stay in their contrast sets.
+  // loss, against the valid rows j != i from contrast_start on (reference rows, queues: rectangular work).
+  // The backward gives the rows before grad_stop (N when None) the gradient of their contrast role and
+  // the anchors that of their own loss; other rows get 0 and cost no work.
   m.def("label_supcon(Tensor features, Tensor labels, float temperature, float base_temperature,"
-        " int anchor_start=0, int? anchor_stop=None) -> (Tensor, Tensor, Tensor)");
+        " int anchor_start=0, int? anchor_stop=None, int contrast_start=0, int? grad_stop=None)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("label_supcon_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor lse, Tensor n_pos,"
-        " float temperature, float base_temperature, int anchor_start=0, int? anchor_stop=None) -> Tensor");
+        " float temperature, float base_temperature, int anchor_start=0, int? anchor_stop=None,"
+        " int contrast_start=0, int? grad_stop=None) -> Tensor");
 
   // Multi-hot (image-level) SupCon over the R rows of the contrast set, targets [R, C] uint8 (1 = label
   // present), positives "jaccard" | "any" | "all" | "mulsupcon" (threshold: jaccard's): (loss, lse, coef,

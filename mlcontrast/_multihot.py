@@ -20,6 +20,7 @@ from mlcontrast._validation import (
     check_multihot_values,
     check_positives,
     check_reduction,
+    check_ref_features,
     check_same_device,
     check_temperatures,
     check_threshold,
@@ -38,14 +39,9 @@ def _check_arguments(features, targets, temperature, base_temperature, positives
     n, d = features.shape
     targets = check_multihot_targets(targets, "targets", n, None, f"[N={n}, C]")
     c = targets.shape[1]
-    if (ref_features is None) != (ref_targets is None):
-        raise ValueError("ref_features and ref_targets must be given together (or neither)")
+    m = check_ref_features(ref_features, ref_targets, "ref_targets", d)
     tensors = {"features": features, "targets": targets}
     if ref_features is not None:
-        check_features(ref_features, "ref_features", (2,), f"[M, D={d}]")
-        m = ref_features.shape[0]
-        if ref_features.shape[1] != d:
-            raise ValueError(f"ref_features must be [M, D={d}] (D of features), got shape {tuple(ref_features.shape)}")
         ref_targets = check_multihot_targets(ref_targets, "ref_targets", m, c, f"[M={m}, C={c}]")
         tensors.update(ref_features=ref_features, ref_targets=ref_targets)
     base_temperature = check_temperatures(temperature, base_temperature)

@@ -29,6 +29,7 @@ __all__ = [
     "check_positive",
     "check_positives",
     "check_reduction",
+    "check_ref_features",
     "check_same_device",
     "check_target_values",
     "check_targets",
@@ -67,22 +68,22 @@ def check_int(x: torch.Tensor, name: str, shape: str) -> torch.Tensor:
     return x.long()
 
 
-def check_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """``[N]`` integer class ids (not bool), returned as int64."""
+def check_labels(labels: torch.Tensor, n: int, name: str = "labels", rows: str = "N") -> torch.Tensor:
+    """``[n]`` integer class ids (not bool), returned as int64 (``rows``: the name of n in messages)."""
     if isinstance(labels, torch.Tensor) and labels.dtype == torch.bool:
-        raise TypeError("labels must hold int64 class ids, got torch.bool")
-    labels = check_int(labels, "labels", f"[N={n}]")
+        raise TypeError(f"{name} must hold int64 class ids, got torch.bool")
+    labels = check_int(labels, name, f"[{rows}={n}]")
     if labels.shape != (n,):
-        raise ValueError(f"labels must be [N={n}], got shape {tuple(labels.shape)}")
+        raise ValueError(f"{name} must be [{rows}={n}], got shape {tuple(labels.shape)}")
     return labels
 
 
-def check_label_values(labels: torch.Tensor, num_classes: int | None = None) -> None:
+def check_label_values(labels: torch.Tensor, num_classes: int | None = None, name: str = "labels") -> None:
     """Class ids >= -1, and < ``num_classes`` when given."""
     if not _checking_values() or labels.numel() == 0:
         return
     if labels.min() < -1:
-        raise ValueError("labels must be class ids >= 0, or -1 for a row that takes no part")
+        raise ValueError(f"{name} must be class ids >= 0, or -1 for a row that takes no part")
     if num_classes is not None and labels.max() >= num_classes:
         raise ValueError(f"labels must be < C = {num_classes} (the number of prototypes), got {labels.max()}")
 
@@ -119,6 +120,20 @@ def check_multihot_values(targets: torch.Tensor, name: str) -> None:
         return
     if ((targets < -1) | (targets > 1)).any():
         raise ValueError(f"{name} must hold 1 (label present), 0 (absent) or -1 (unknown: absent)")
+
+
+def check_ref_features(ref_features: torch.Tensor | None, ref_other, other_name: str, d: int) -> int:
+    """Reference rows (a queue, a cross-batch memory): ``ref_features`` ``[M, D]`` with the D of the features,
+    given together with ``ref_other`` (their labels or targets, named ``other_name``) or not at all. Returns M
+    (0 without reference rows); the caller checks ``ref_other``'s shape with M."""
+    if (ref_features is None) != (ref_other is None):
+        raise ValueError(f"ref_features and {other_name} must be given together (or neither)")
+    if ref_features is None:
+        return 0
+    check_features(ref_features, "ref_features", (2,), f"[M, D={d}]")
+    if ref_features.shape[1] != d:
+        raise ValueError(f"ref_features must be [M, D={d}] (D of features), got shape {tuple(ref_features.shape)}")
+    return ref_features.shape[0]
 
 
 def check_threshold(threshold: float) -> None:

@@ -24,6 +24,7 @@ from mlcontrast._validation import (
     check_labels,
     check_momentum,
     check_reduction,
+    check_ref_features,
     check_same_device,
     check_target_values,
     check_targets,
@@ -57,12 +58,16 @@ def _label_supcon_rows(
     base_temperature: Temperature,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
+    grad_stop: int | None = None,
 ) -> torch.Tensor:
-    """The ``[N]`` per-row losses of the fused ``backend``: those of the anchor rows, 0 elsewhere. A tensor
+    """The ``[N]`` per-row losses of the fused ``backend``: those of the anchor rows, 0 elsewhere; the rows from
+    ``grad_stop`` on get gradients only as anchors (detached reference rows: no gradient work). A tensor
     temperature scales the rows instead (:func:`mlcontrast._temperature.pair_scaled`)."""
     label_supcon = registry.op("label_supcon", backend)
     z, tau, base, factor = pair_scaled(features, temperature, base_temperature)
-    rows = label_supcon(z, labels, tau, base, anchor_start, anchor_stop)[0]
+    if _temperature.is_tensor(temperature) and temperature.requires_grad:
+        grad_stop = None  # the gradient of a learned temperature flows through every scaled row, detached ones too
+    rows = label_supcon(z, labels, tau, base, anchor_start, anchor_stop, 0, grad_stop)[0]
     return rows if factor is None else rows * factor
 
 
@@ -82,21 +87,33 @@ def _anchor_losses(
     base_temperature: Temperature,
     normalize: bool,
     anchors: tuple[int, int],
+    grad_stop: int | None = None,
 ) -> torch.Tensor:
     """The per-row losses of :func:`label_supcon_loss` of the rows ``anchors[0] .. anchors[1]``, with every
-    valid row in their contrast sets, on the resolved ``backend``."""
+    valid row in their contrast sets, on the resolved ``backend``; rows from ``grad_stop`` on (reference rows
+    that do not require grad) are contrasted without gradient."""
     start, stop = anchors
     if backend == "torch":
         return reference.label_supcon_anchor_rows(
-            features, labels, temperature, base_temperature, normalize, start, stop
+            features, labels, temperature, base_temperature, normalize, start, stop, grad_stop=grad_stop
         )
     z = unit_rows(features, backend) if normalize else features
-    rows = _label_supcon_rows(backend, z, labels, temperature, base_temperature, start, stop)
+    rows = _label_supcon_rows(backend, z, labels, temperature, base_temperature, start, stop, grad_stop)
     return rows[start:stop]
 
 
 #: This rank's result from its anchors' losses (also read by benchmarks/distributed_table.py).
 _shard_result = distributed.shard_result
+
+
+def _with_ref_rows(rows, labels, ref_features, ref_labels) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """The contrast set: ``rows`` (this call's, or all ranks') then the reference rows (in the rows' dtype), their
+    labels, and the op's ``grad_stop``: the count of ``rows`` when the reference rows do not require grad (no
+    gradient work for them), else None."""
+    if ref_features is None:
+        return rows, labels, None
+    grad_stop = None if ref_features.requires_grad else rows.shape[0]
+    return torch.cat([rows, ref_features.to(rows.dtype)]), torch.cat([labels, ref_labels]), grad_stop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,11 +130,14 @@ def label_supcon_loss(
     normalize: bool = False,
     backend: str = "auto",
     process_group: torch.distributed.ProcessGroup | None = None,
+    ref_features: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""Label-level supervised contrastive loss, without an N x N matrix on the fused backends.
+    r"""Label-level supervised contrastive loss, without an N x N (or N x (N + M)) matrix on the fused backends.
 
-    With valid rows :math:`V = \{i : y_i \ge 0\}`, :math:`A(i) = V \setminus \{i\}`,
-    :math:`P(i) = \{j \in A(i) : y_j = y_i\}` and :math:`s_{ij} = z_i \cdot z_j / \tau`:
+    With valid rows :math:`V = \{i : y_i \ge 0\}`, the valid reference rows :math:`V_{ref}` (a queue; none by
+    default), :math:`A(i) = (V \cup V_{ref}) \setminus \{i\}`, :math:`P(i) = \{j \in A(i) : y_j = y_i\}` and
+    :math:`s_{ij} = z_i \cdot z_j / \tau`, for the anchors :math:`i \in V`:
 
     .. math::
         \ell_i = \frac{\tau}{\tau_{base}} \Big( \log \sum_{j \in A(i)} e^{s_{ij}}
@@ -132,7 +152,7 @@ def label_supcon_loss(
         base_temperature: :math:`\tau_{base}` (a number); defaults to ``temperature``.
         reduction: ``"mean"`` (sum over :math:`|V|`, 0 when V is empty), ``"sum"`` or ``"none"`` (the ``[N]``
             vector, 0 outside V).
-        normalize: L2-normalise the rows first.
+        normalize: L2-normalise the rows (reference rows included) first.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
         process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``)
             to make every rank's rows part of the contrast set; None (default) for a single process
@@ -149,33 +169,55 @@ def label_supcon_loss(
             and call ``backward()`` (they are collectives), with the same arguments apart from the
             tensors. Each rank computes only its own rows' losses, against all rows (O(N_rank N D)
             work per rank on the fused backends). ``RuntimeError`` if torch.distributed is not
-            initialised.
+            initialised. This rank's reference rows are appended to the gathered rows as they are.
+        ref_features: ``[M, D]`` reference rows (a MoCo queue, a cross-batch memory; cast to the dtype of
+            ``features``): those with a label >= 0 join every anchor's contrast set (and P(i) by label); they
+            are never anchors, so ``"mean"`` still divides by :math:`|V|`. Gradients reach them only if they
+            require grad: a detached queue costs no gradient work.
+        ref_labels: ``[M]`` their int64 class ids (-1: the row takes no part); given with ``ref_features`` or
+            not at all.
 
     Shape:
-        features ``[N, D]``, labels ``[N]`` → scalar, or ``[N]`` with ``reduction="none"``.
+        features ``[N, D]``, labels ``[N]`` (ref_features ``[M, D]``, ref_labels ``[M]``) → scalar, or ``[N]``
+        with ``reduction="none"``.
 
     Example:
         >>> z = torch.randn(6, 8, requires_grad=True)
         >>> y = torch.tensor([0, 0, 1, 1, 2, -1])
         >>> loss = label_supcon_loss(z, y, temperature=0.1, normalize=True)
         >>> loss.backward()
+        >>> queue, queue_labels = torch.randn(32, 8), torch.randint(0, 3, (32,))  # e.g. a ContrastQueue's
+        >>> label_supcon_loss(z, y, normalize=True, ref_features=queue, ref_labels=queue_labels).backward()
     """
     check_features(features, "features", (2,), "[N, D]")
-    labels = check_labels(labels, features.shape[0])
+    n, d = features.shape
+    labels = check_labels(labels, n)
+    m = check_ref_features(ref_features, ref_labels, "ref_labels", d)
+    refs = {}
+    if ref_features is not None:
+        ref_labels = check_labels(ref_labels, m, "ref_labels", "M")
+        refs = {"ref_features": ref_features, "ref_labels": ref_labels}
     base_temperature = check_temperatures(temperature, base_temperature)
     check_reduction(reduction)
-    device = check_same_device(features=features, labels=labels)
+    device = check_same_device(features=features, labels=labels, **refs)
     check_label_values(labels)
+    if ref_labels is not None:
+        check_label_values(ref_labels, name="ref_labels")
     if process_group is not None:
         world_size = distributed.check_process_group(process_group)[1]
-    backend = _backends.resolve(backend, device, "label_supcon", features)
-    if process_group is not None:
-        everything, sizes, start = distributed.gather_with_sizes(features, process_group)
-        all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
-        anchors = (start, start + features.shape[0])
-        rows = _anchor_losses(backend, everything, all_labels, temperature, base_temperature, normalize, anchors)
-        count = (all_labels >= 0).sum().clamp(min=1).to(rows.dtype)
-        return _shard_result(rows, count, reduction, process_group, world_size)
+    backend = _backends.resolve(backend, device, "label_supcon", features, n + m)
+    if process_group is not None or ref_features is not None:
+        rows, all_labels, start = features, labels, 0
+        if process_group is not None:
+            rows, sizes, start = distributed.gather_with_sizes(features, process_group)
+            all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
+        count = (all_labels >= 0).sum()  # the anchors of every rank: "mean"'s count
+        rows, all_labels, grad_stop = _with_ref_rows(rows, all_labels, ref_features, ref_labels)
+        args = (temperature, base_temperature, normalize, (start, start + n), grad_stop)
+        losses = _anchor_losses(backend, rows, all_labels, *args)
+        if process_group is None:
+            return reduce_rows(losses, count, reduction)
+        return _shard_result(losses, count.clamp(min=1).to(losses.dtype), reduction, process_group, world_size)
     if backend == "torch":
         return reference.label_supcon_loss(features, labels, temperature, base_temperature, reduction, normalize)
     z = unit_rows(features, backend) if normalize else features

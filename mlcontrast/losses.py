@@ -32,11 +32,13 @@ class LabelSupConLoss(nn.Module):
     """Label-level SupCon (:func:`mlcontrast.functional.label_supcon_loss`).
 
     ``process_group``: a ``torch.distributed`` group whose ranks' rows all join the contrast set (see the
-    functional docstring); None for a single process.
+    functional docstring); None for a single process. ``forward`` takes optional reference rows (a queue).
 
     Example:
         >>> loss_fn = LabelSupConLoss(temperature=0.1, normalize=True)
         >>> loss = loss_fn(torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, -1]))
+        >>> loss = loss_fn(torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, -1]), torch.randn(16, 8),
+        ...                torch.randint(0, 3, (16,)))
     """
 
     def __init__(
@@ -55,7 +57,15 @@ class LabelSupConLoss(nn.Module):
         self.reduction, self.normalize, self.backend = reduction, normalize, check_backend(backend)
         self.process_group = process_group
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        ref_features: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of ``features`` ``[N, D]`` with ``labels`` ``[N]``, and optionally reference rows
+        ``ref_features`` ``[M, D]`` with ``ref_labels`` ``[M]`` (a queue) in every anchor's contrast set."""
         return functional.label_supcon_loss(
             features,
             labels,
@@ -65,6 +75,8 @@ class LabelSupConLoss(nn.Module):
             self.normalize,
             self.backend,
             process_group=self.process_group,
+            ref_features=ref_features,
+            ref_labels=ref_labels,
         )
 
     def extra_repr(self) -> str:

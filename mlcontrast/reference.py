@@ -50,10 +50,17 @@ def label_supcon_loss(
     base_temperature: float | None = None,
     reduction: str = "mean",
     normalize: bool = False,
+    ref_features: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Label-level SupCon with the full N x N similarity matrix (see ``functional.label_supcon_loss``)."""
-    rows = label_supcon_anchor_rows(features, labels, temperature, base_temperature, normalize)
-    return reduce_rows(rows, (labels >= 0).sum(), reduction)
+    """Label-level SupCon with the full N x (N + M) similarity matrix (see ``functional.label_supcon_loss``).
+    The M ref rows join every contrast set (those with a label >= 0) and are never anchors."""
+    rows, all_labels = features, labels
+    if ref_features is not None:
+        rows = torch.cat([features, ref_features.to(features.dtype)])
+        all_labels = torch.cat([labels, ref_labels])
+    losses = label_supcon_anchor_rows(rows, all_labels, temperature, base_temperature, normalize, 0, features.shape[0])
+    return reduce_rows(losses, (labels >= 0).sum(), reduction)
 
 
 def label_supcon_anchor_rows(
@@ -64,21 +71,32 @@ def label_supcon_anchor_rows(
     normalize: bool = False,
     start: int = 0,
     stop: int | None = None,
+    contrast_start: int = 0,
+    grad_stop: int | None = None,
 ) -> torch.Tensor:
-    """The per-row losses of :func:`label_supcon_loss` of the anchor rows ``start .. stop``, densely.
+    """The per-row losses of :func:`label_supcon_loss` of the anchor rows ``start .. stop``, densely: the op
+    ``label_supcon``'s definition (:mod:`mlcontrast.ops.contract`).
 
-    Every valid row stays in the anchors' contrast sets; only the ``[stop - start, N]`` similarities of
-    the anchors are formed (a process group's rows against all ranks' rows).
+    Anchor i's contrast set is A(i) = {j != i : j >= contrast_start, labels[j] >= 0} and P(i) its rows of
+    i's label; only the ``[stop - start, R]`` similarities of the anchors are formed (a process group's
+    rows against all ranks' rows, a batch against reference rows). Rows from ``grad_stop`` on (None: none)
+    enter the other anchors' contrast sets detached, so the gradient reaches them only through their own
+    losses as anchors.
     """
     base_temperature = temperature if base_temperature is None else base_temperature
     z = _unit(features) if normalize else _compute(features)
     n = z.shape[0]
     stop = n if stop is None else stop
+    if grad_stop is not None and grad_stop < n:
+        contrasted = torch.cat([z[:grad_stop], z[grad_stop:].detach()])
+    else:
+        contrasted = z
     anchors = torch.arange(start, stop, device=z.device)
+    columns = torch.arange(n, device=z.device)
     valid = labels >= 0
-    logits = z[start:stop] @ z.T / temperature
-    not_self = anchors[:, None] != torch.arange(n, device=z.device)[None, :]
-    contrast = valid[start:stop, None] & valid[None, :] & not_self
+    logits = z[start:stop] @ contrasted.T / temperature
+    not_self = anchors[:, None] != columns[None, :]
+    contrast = valid[start:stop, None] & (valid & (columns >= contrast_start))[None, :] & not_self
     positive = contrast & (labels[start:stop, None] == labels[None, :])
 
     lse = _masked_lse(logits, contrast, dim=1)

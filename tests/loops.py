@@ -47,28 +47,46 @@ def _reduce(rows: list[torch.Tensor], count: int, reduction: str) -> torch.Tenso
     return total / max(count, 1)
 
 
-def label_supcon(features, labels, temperature=0.1, base_temperature=None, reduction="mean", normalize=False):
-    """ℓ_i = (τ/τ_b)(LSE_{j∈A(i)} s_ij − mean_{p∈P(i)} s_ip), DESIGN.md §1."""
+def label_supcon(
+    features, labels, temperature=0.1, base_temperature=None, reduction="mean", normalize=False, ref_features=None,
+    ref_labels=None,
+):  # fmt: skip
+    """ℓ_i = (τ/τ_b)(LSE_{j∈A(i)} s_ij − mean_{p∈P(i)} s_ip), DESIGN.md §1; the ref rows with a label ≥ 0 join
+    every A(i) and are never anchors (§10)."""
+    n = features.shape[0]
+    rows = label_supcon_rows(features if ref_features is None else torch.cat([features, ref_features]),
+                             labels if ref_labels is None else torch.cat([labels, ref_labels]), temperature,
+                             base_temperature, normalize, anchors=(0, n))  # fmt: skip
+    tensors = (features,) if ref_features is None else (features, ref_features)
+    return _tied(_reduce(rows, sum(int(v) >= 0 for v in labels.tolist()), reduction), *tensors)
+
+
+def label_supcon_rows(
+    features, labels, temperature=0.1, base_temperature=None, normalize=False, anchors=None, contrast_start=0,
+    grad_stop=None,
+):  # fmt: skip
+    """The losses of the anchor rows ``anchors`` (all rows when None), as a list: A(i) = {j ≠ i : j ≥
+    contrast_start, y_j ≥ 0}, P(i) its rows of label y_i. Row j enters the other anchors' sets through a copy
+    that is detached when j ≥ grad_stop, and anchor i's own terms through z_i itself (the op's roles)."""
     tb = temperature if base_temperature is None else base_temperature
     z = [_f64(r) for r in features.unbind(0)]
     if normalize:
         z = [_unit(r) for r in z]
+    stop = len(z) if grad_stop is None else grad_stop
+    contrasted = [r if j < stop else r.detach() for j, r in enumerate(z)]
     y = [int(v) for v in labels.tolist()]
-    valid = [i for i in range(len(z)) if y[i] >= 0]
+    start, end = (0, len(z)) if anchors is None else anchors
     rows = []
-    for i in range(len(z)):
-        if y[i] < 0:
-            rows.append(_zero())
-            continue
-        others = [j for j in valid if j != i]
+    for i in range(start, end):
+        others = [j for j in range(contrast_start, len(z)) if j != i and y[j] >= 0]
         positives = [j for j in others if y[j] == y[i]]
-        if not positives:
+        if y[i] < 0 or not positives:
             rows.append(_zero())
             continue
-        lse = _lse([torch.dot(z[i], z[j]) / temperature for j in others])
-        mean_pos = sum((torch.dot(z[i], z[p]) / temperature for p in positives), _zero()) / len(positives)
+        lse = _lse([torch.dot(z[i], contrasted[j]) / temperature for j in others])
+        mean_pos = sum((torch.dot(z[i], contrasted[p]) / temperature for p in positives), _zero()) / len(positives)
         rows.append((temperature / tb) * (lse - mean_pos))
-    return _tied(_reduce(rows, len(valid), reduction), features)
+    return rows
 
 
 def supcon(features, labels=None, temperature=0.07, base_temperature=0.07, contrast_mode="all"):

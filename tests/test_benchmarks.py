@@ -186,6 +186,30 @@ def test_train_table_quick(tmp_path):
     assert text.index("| bce |") < text.index("| hst |")
 
 
+def test_train_table_per_dataset_files_markers_and_text(tmp_path, capsys):
+    """--dataset: its own results file and README markers, its name in the command, no mixing of datasets."""
+    from benchmarks import train_table as tt
+
+    assert tt.results_path("digits") == tt.RESULTS and tt.results_path("mnist_mosaic").name == "mnist_mosaic.json"
+    assert tt.markers("digits") == (tt.START, tt.END)
+    assert tt.markers("mnist_mosaic") == ("<!-- train-mnist_mosaic:start -->", "<!-- train-mnist_mosaic:end -->")
+    readme = (ROOT / "README.md").read_text()
+    assert all(m in readme for m in tt.markers("mnist_mosaic"))
+    result = {"metadata": {"date": "2026-01-01", "cpu_model": "x", "cpu_count": 2, "torch": "2"}, "jobs": 1,
+              "dataset": "mnist_mosaic", "records": [{"method": "bce", "known_ratio": 1.0, "status": "ok",
+                                                      "wall_s": 60.0, "mAP": 90.0, "CF1": 80.0, "OF1": 81.0}]}
+    text = tt.section(result, tmp_path / "mnist_mosaic.json")
+    assert "`mlcontrast-train --dataset mnist_mosaic --method M" in text
+    assert "`python -m benchmarks.train_table --dataset mnist_mosaic`" in text
+    assert "| bce | 100% | 90.00 | 80.00 | 81.00 |" in text
+    assert "--dataset" not in tt.section({**result, "dataset": "digits"}, tmp_path / "d.json")
+    digits_file = tmp_path / "digits.json"
+    digits_file.write_text(json.dumps({"records": []}))  # no "dataset": an older digits file
+    with pytest.raises(SystemExit):
+        tt.main(["--dataset", "mnist_mosaic", "--methods", "bce", "--ratios", "1", "--out", str(digits_file)])
+    assert "holds digits results, not mnist_mosaic" in capsys.readouterr().err
+
+
 def test_results_name_marks_non_default_d_and_dtype():
     import argparse
 

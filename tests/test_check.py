@@ -136,7 +136,7 @@ def test_an_op_without_kernels_of_a_backend_is_not_run_on_it(monkeypatch):
 
     from mlcontrast.ops.contract import FUSED_OPS
 
-    # As for an op whose CPU kernels do not exist yet (multihot_supcon has no "cuda" kernels: the same path).
+    # As for an op whose kernels of a backend do not exist yet (FusedOp.backends leaves that backend out).
     without_cpu = dataclasses.replace(FUSED_OPS["multihot_supcon"], backends=("triton",))
     monkeypatch.setitem(FUSED_OPS, "multihot_supcon", without_cpu)
     results = check.run_checks("cpu", backends=["cpu"], dtypes=[torch.float32])

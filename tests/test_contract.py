@@ -174,10 +174,12 @@ def _define_test_library():
         base_temperature: float,
         anchor_start: int = 0,
         anchor_stop: Optional[int] = None,
+        contrast_start: int = 0,
+        grad_stop: Optional[int] = None,
         scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loss, lse, n_pos = torch.ops.mlcontrast.label_supcon(
-            features, labels, temperature, base_temperature, anchor_start, anchor_stop
+            features, labels, temperature, base_temperature, anchor_start, anchor_stop, contrast_start, grad_stop
         )
         return loss * scale, lse.clone(), n_pos.clone()
 
@@ -192,11 +194,14 @@ def _define_test_library():
         base_temperature: float,
         anchor_start: int = 0,
         anchor_stop: Optional[int] = None,
+        contrast_start: int = 0,
+        grad_stop: Optional[int] = None,
         scale: float = 1.0,
     ) -> torch.Tensor:
         grad = torch.ops.mlcontrast.label_supcon_backward(
-            grad_rows, features, labels, lse, n_pos, temperature, base_temperature, anchor_start, anchor_stop
-        )
+            grad_rows, features, labels, lse, n_pos, temperature, base_temperature, anchor_start, anchor_stop,
+            contrast_start, grad_stop,
+        )  # fmt: skip
         return grad * scale
 
     forward.register_fake(contract.fake("label_supcon"))
@@ -217,5 +222,5 @@ def test_generic_autograd_forwards_backend_only_arguments():
     torch.testing.assert_close(got, 3 * expected)
     loss, lse, n_pos = ops.label_supcon(z, y, 0.5, 0.4)
     assert loss.requires_grad and not lse.requires_grad and not n_pos.requires_grad
-    torch.library.opcheck(ops.label_supcon.default, (z, y, 0.5, 0.4, 2, None, 2.0))
-    assert torch.autograd.gradcheck(lambda x: ops.label_supcon(x, y, 0.5, 0.4, 0, None, 2.0)[0], (z,))
+    torch.library.opcheck(ops.label_supcon.default, (z, y, 0.5, 0.4, 2, None, 1, None, 2.0))
+    assert torch.autograd.gradcheck(lambda x: ops.label_supcon(x, y, 0.5, 0.4, 0, None, 0, None, 2.0)[0], (z,))

@@ -267,49 +267,79 @@ SUPCON_CONFIGS = [
 ]
 
 
-def _check_supcon(emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0, anchors=None, shifted=False):
+def _check_supcon(
+    emu: _Emulation, dtype, tc, fwd_tol, bwd_tol, n, d, inv_t=10.0, anchors=None, shifted=False, roles=None
+):
     """One forward and one backward run against fp64; ``shifted``: with the logit bound c (the fixed-shift
-    forward and the one-exp backward), else the online max and two exps."""
+    forward and the one-exp backward), else the online max and two exps. ``roles``: ``(col_begin, grad_end)``
+    (params.h): the anchors' contrast rows are those from col_begin on, and only the rows in
+    [col_begin, grad_end) take the other anchors' terms."""
     begin, end = anchors if anchors is not None else (0, n)
+    col_begin, grad_end = roles if roles is not None else (0, n)
+    extra_fwd, extra_bwd = ((col_begin,), (col_begin, grad_end)) if roles is not None else ((), ())
     z = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
     zd = z.double()
     bound = (zd.norm(dim=1).max() ** 2 * inv_t).item()  # c = max |z|^2 / t, as the api computes it
     shift = repr(bound) if shifted else "-"
     emu.run(
-        "supcon_fwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, shift, emu.file("z", z), emu.file("lse")
+        "supcon_fwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, shift, emu.file("z", z), emu.file("lse"),
+        *extra_fwd,
     )  # fmt: skip
     lse = emu.read("lse", _acc(dtype), n)
     s = zd @ zd.T * inv_t
     s.fill_diagonal_(-float("inf"))
-    expected = torch.logsumexp(s, 1)
+    columns = torch.arange(n) >= col_begin  # each anchor's contrast rows
+    expected = torch.logsumexp(s.masked_fill(~columns[None, :], -float("inf")), 1)
     assert not lse[:begin].any() and not lse[end:].any(), "rows outside the anchors are not written"
-    if n == 1 and end > begin:
-        assert lse.isneginf().all(), "a lone row has an empty set: LSE -inf"
-    elif end > begin:
-        assert _rel(lse[begin:end], expected[begin:end]) <= fwd_tol, (DTYPE_NAMES[dtype], tc, n, d, begin, end)
+    empty = expected[begin:end].isneginf()  # no contrast row but itself: LSE -inf (a lone row)
+    assert torch.equal(lse[begin:end].isneginf(), empty), "an anchor without contrast rows has LSE -inf"
+    if (~empty).any():
+        assert _rel(lse[begin:end][~empty], expected[begin:end][~empty]) <= fwd_tol, (
+            DTYPE_NAMES[dtype], tc, n, d, begin, end, roles
+        )  # fmt: skip
 
     w = torch.randn(n, dtype=_acc(dtype))
     w[::3] = 0  # rows without positives: weight 0, LSE +inf
     w[:begin] = 0  # rows outside the anchors have no loss
     w[end:] = 0
+    w[expected.isneginf()] = 0  # nor do anchors without contrast rows
     lse_eff = torch.where(w != 0, expected.to(_acc(dtype)), torch.full_like(w, float("inf")))
     g_scale = 0.0 if dtype in (torch.float32, torch.float64) else min(n, 2**14) / max(w.abs().max().item(), 1e-30)
     alpha = torch.where(w != 0, w * torch.exp(bound - lse_eff), torch.zeros_like(w))
     emu.run(
         "supcon_bwd", DTYPE_NAMES[dtype], tc, n, d, inv_t, begin, end, g_scale, shift,
         emu.file("z", z), emu.file("w", w), emu.file("lse_eff", lse_eff), emu.file("alpha", alpha), emu.file("dz"),
+        *extra_bwd,
     )  # fmt: skip
     dz = emu.read("dz", _acc(dtype), n, d)
     wd, ld = w.double(), lse_eff.double()
-    g = (wd[:, None] * torch.exp(s - ld[:, None])).nan_to_num(0.0) + (
-        wd[None, :] * torch.exp(s - ld[None, :])
-    ).nan_to_num(0.0)
+    rows = torch.arange(n)
+    side = (rows >= col_begin) & (rows < grad_end)  # the rows that take the other anchors' terms
+    own = (wd[:, None] * torch.exp(s - ld[:, None])).nan_to_num(0.0) * columns[None, :]
+    others = (wd[None, :] * torch.exp(s - ld[None, :])).nan_to_num(0.0) * side[:, None]
+    g = own + others
     g.fill_diagonal_(0.0)
     expected_dz = g @ zd
+    takes_none = ~side & ((rows < begin) | (rows >= end))
+    assert not dz[takes_none].any(), "rows that are neither anchors nor contrast rows below grad_end get 0"
     if expected_dz.norm() == 0:
         assert not dz.any()
     else:
-        assert _rel(dz, expected_dz) <= bwd_tol, (DTYPE_NAMES[dtype], tc, n, d, begin, end, _rel(dz, expected_dz))
+        error = _rel(dz, expected_dz)
+        assert error <= bwd_tol, (DTYPE_NAMES[dtype], tc, n, d, begin, end, roles, error)
+
+
+# (n, d, anchors, (col_begin, grad_end)) of the emulated label_supcon kernels with roles: a batch with
+# detached reference rows (grad_end at the batch's end), a batch against a memory only (col_begin past the
+# anchors; grad_end 0: the memory detached, or n), anchors that are contrast rows past grad_end, and
+# anchors straddling col_begin and grad_end off the tile grid.
+ROLE_CASES = [
+    (150, 9, (0, 40), (0, 40)),
+    (150, 9, (0, 40), (40, 0)),
+    (150, 9, (0, 40), (40, 150)),
+    (130, 20, (0, 70), (0, 0)),
+    (200, 20, (30, 150), (70, 100)),
+]
 
 
 @needs_emulator
@@ -325,6 +355,9 @@ def test_emulated_label_supcon_kernels(emulators, tmp_path, dtype, tc, fwd_tol, 
         # boundary; at the start and end; none.
         for n, d, anchors in [(200, 20, (70, 135)), (150, 9, (0, 40)), (150, 9, (110, 150)), (40, 5, (17, 17))]:
             _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d, anchors=anchors, shifted=shifted)
+        # Roles (reference rows, a batch against a memory): ROLE_CASES.
+        for n, d, anchors, roles in ROLE_CASES:
+            _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, n, d, anchors=anchors, shifted=shifted, roles=roles)
 
 
 @needs_emulator
@@ -338,6 +371,8 @@ def test_emulated_label_supcon_kernels_are_race_free_and_in_bounds(emulators, tm
         for shifted in (False, True):
             d = 33 if dtype != torch.float16 else 136
             _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, 70, d, anchors=(20, 45), shifted=shifted)
+        # Roles: blocks that visit only the contrast rows, only the anchors, both, or nothing.
+        _check_supcon(emu, dtype, tc, fwd_tol, bwd_tol, 70, 33, anchors=(0, 45), shifted=True, roles=(20, 30))
 
 
 def _check_prototype_nce(emu: _Emulation, dtype, b, c, d, inv_t=1 / 0.07):
@@ -449,3 +484,136 @@ def test_emulated_segment_sum_and_prototype_kernels(emulators, tmp_path, sanitiz
     if sanitizer != "plain":
         _check_prototype_nce(emu, torch.float16, 3, 5, 33)
         _check_prototype_nce(emu, torch.float32, 13, 3, 33)  # split prototype gradient, partials summed
+
+
+# ----------------------------------------------------------------------------------------------
+# multihot_supcon: the pair kernels (multihot_supcon.cuh), and "mulsupcon" on label_supcon's kernels
+# as the api runs it, against reference.py
+# ----------------------------------------------------------------------------------------------
+
+# (dtype, tensor cores, tolerance of the per-row losses, of the gradient) against the fp64 reference. TF32
+# rounds the similarity products to 10 mantissa bits (|s| <= 10 here).
+MULTIHOT_CONFIGS = [
+    (torch.float32, 0, 1e-5, 1e-5),
+    (torch.float32, 1, 2e-3, 2e-3),
+    (torch.float64, 0, 1e-12, 1e-12),
+]
+MULTIHOT_MODES = ("jaccard", "any", "all", "mulsupcon")
+
+
+def _multihot_targets(n: int, c: int, seed: int) -> torch.Tensor:
+    """``[n, c]`` uint8 label sets of about 3 labels (at most half of c), rows 0 and n // 2 without labels and
+    row 2 repeating row 1's set."""
+    g = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(n, c, generator=g) < min(0.5, 3 / c)).to(torch.uint8)
+    targets[0] = 0
+    targets[n // 2] = 0
+    if n > 2:
+        targets[2] = targets[1]
+    return targets
+
+
+def _check_multihot(emu: _Emulation, dtype, tc, loss_tol, grad_tol, positives, n, d, c, threshold=0.5, anchors=None,
+                    shifted=True, seed=0):  # fmt: skip
+    """The op's forward and backward composed from the emulated kernels as the api composes them
+    (csrc/cuda/multihot_supcon_api.cpp, shared/multihot_supcon.h), against the reference's per-row losses,
+    positive counts and gradient. ``shifted``: the backward's one exp per pair (else two exps)."""
+    from mlcontrast import reference
+    from mlcontrast.ops.multihot_supcon import _mulsupcon_positive_grad, _mulsupcon_positives
+
+    begin, end = anchors if anchors is not None else (0, n)
+    temperature, base_temperature = 0.1, 0.07
+    inv_t, scale = 1 / temperature, temperature / base_temperature
+    acc = _acc(dtype)
+    torch.manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
+    zd = z.double()
+    targets = _multihot_targets(n, c, seed)
+    bound = (zd.norm(dim=1).max() ** 2 * inv_t).item()  # c = max |z|^2 / t, as the api computes it
+    common = (DTYPE_NAMES[dtype], tc, n, d, c, inv_t, begin, end)
+    emu.run(
+        "multihot_fwd", *common, repr(bound), positives, threshold, emu.file("z", z), emu.file("y", targets),
+        emu.file("lse"), emu.file("count"), emu.file("coef"), emu.file("b"),
+    )  # fmt: skip
+    lse, count, coef, b = (emu.read(name, acc, n) for name in ("lse", "count", "coef", "b"))
+    if positives == "mulsupcon":
+        count, b = _mulsupcon_positives(z, targets, begin, end, temperature, acc)
+        coef = count.clone()
+    outside = torch.cat([lse[:begin], lse[end:], count[:begin], count[end:], coef[:begin], coef[end:]])
+    assert not outside.any(), "rows outside the anchors are not written"
+    if end == begin:
+        return
+    if n == 1:
+        assert lse.isneginf().all() and not count.any(), "a lone row: nothing to contrast with, no positives"
+        return
+    loss = torch.where(count > 0, (coef * lse - b) * scale, torch.zeros((), dtype=acc))
+
+    zr = zd.clone().requires_grad_()
+    expected, expected_k = reference.multihot_supcon_anchor_rows(
+        zr, targets, temperature, base_temperature, positives, threshold, False, begin, end
+    )
+    if positives == "mulsupcon":
+        assert torch.equal(count[begin:end].long(), expected_k), "label anchors"
+    else:
+        y = targets.double()
+        not_self = torch.arange(begin, end)[:, None] != torch.arange(n)[None, :]
+        weight, positive = reference._multihot_positives(y[begin:end], y, not_self, positives, threshold)
+        assert torch.equal(count[begin:end].long(), positive.sum(1)), "|P(i)|"
+        k = positive.sum(1).clamp(min=1)
+        assert _rel(coef[begin:end], weight.sum(1) / k) <= loss_tol
+    assert _rel(loss[begin:end], expected) <= loss_tol, (DTYPE_NAMES[dtype], tc, positives, n, d, c, anchors)
+
+    upstream = torch.randn(n, dtype=torch.float64)
+    (expected * upstream[begin:end]).sum().backward()
+    # shared/multihot_supcon.h's backward_weights, from the emulated forward's statistics
+    rows = torch.arange(n)
+    has_loss = (count > 0) & (rows >= begin) & (rows < end)
+    a = torch.where(has_loss, upstream.to(acc) / base_temperature, torch.zeros((), dtype=acc))
+    w = a * coef
+    lse_eff = torch.where(w != 0, lse, torch.full_like(lse, float("inf")))
+    pair = a / count.clamp(min=1)
+    alpha = torch.where(w != 0, w * torch.exp(bound - lse_eff), torch.zeros_like(w))
+    g_scale = 0.0  # fp16: the api's scale of G (cuda/supcon_shift.h)
+    if dtype == torch.float16:
+        largest = w.abs().max() + (pair.abs().max() if positives != "mulsupcon" else 0)
+        g_scale = min(n, 2**14) / max(largest.item(), 1e-30)
+    emu.run(
+        "multihot_bwd", *common, g_scale, repr(bound) if shifted else "-", positives, threshold, emu.file("z", z),
+        emu.file("y", targets), emu.file("w", w), emu.file("lse_eff", lse_eff), emu.file("pair", pair),
+        emu.file("alpha", alpha), emu.file("dz"),
+    )  # fmt: skip
+    dz = emu.read("dz", acc, n, d)
+    if positives == "mulsupcon":
+        dz += _mulsupcon_positive_grad(z, targets, a, acc)  # the class sums' part (negated)
+    assert _rel(dz, zr.grad) <= grad_tol, (DTYPE_NAMES[dtype], tc, positives, n, d, c, anchors, _rel(dz, zr.grad))
+
+
+# (n, d, c): a lone row; fewer rows than a tile; prime n and d with one mask word (c = 13), with C = 80
+# (two words, the staged path) and with C = 300 (five words: read from global memory); two column tiles.
+MULTIHOT_SHAPES = [(1, 3, 4), (7, 5, 3), (67, 9, 13), (131, 17, 80), (53, 6, 300), (130, 33, 64)]
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype,tc,loss_tol,grad_tol", MULTIHOT_CONFIGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("positives", MULTIHOT_MODES)
+def test_emulated_multihot_supcon_kernels(emulators, tmp_path, dtype, tc, loss_tol, grad_tol, positives):
+    emu = _Emulation(emulators["plain"], tmp_path)
+    for index, (n, d, c) in enumerate(MULTIHOT_SHAPES):
+        _check_multihot(emu, dtype, tc, loss_tol, grad_tol, positives, n, d, c, shifted=index % 2 == 0, seed=index)
+    # Anchors (a process group's own rows): across a tile boundary, at the start and the end, none; an
+    # overlap exactly at the threshold (1/3: o = 1, u = 3) counts.
+    anchor_cases = [(150, 20, 7, (70, 135)), (100, 9, 5, (0, 40)), (100, 9, 5, (60, 100)), (40, 5, 5, (17, 17))]
+    for n, d, c, anchors in anchor_cases:
+        _check_multihot(emu, dtype, tc, loss_tol, grad_tol, positives, n, d, c, 1 / 3, anchors, shifted=n != 100)
+
+
+@needs_emulator
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_emulated_multihot_supcon_kernels_are_race_free_and_in_bounds(emulators, tmp_path, sanitizer):
+    # The column tile's label sets are staged between the barriers of the similarity product; fp16 on
+    # tensor cores has the fullest shared memory (label_supcon's tolerances).
+    emu = _Emulation(emulators[sanitizer], tmp_path)
+    configs = [*MULTIHOT_CONFIGS, (torch.float16, 1, 2e-3, 2e-3)]
+    for dtype, tc, loss_tol, grad_tol in configs:
+        for c in (13, 300):
+            _check_multihot(emu, dtype, tc, loss_tol, grad_tol, "jaccard", 70, 33, c, 1 / 3, (20, 45), shifted=c == 13)

@@ -45,6 +45,15 @@ CASES = {
     "label-mean-cpu-bf16": ("label", dict(reduction="mean", normalize=True, backend="cpu"), dict(dtype=torch.bfloat16)),
     "label-mean-cpu-subgroup": ("label", dict(reduction="mean", backend="cpu"), dict(group="sub")),
     "label-module": ("label", dict(reduction="mean", normalize=True, backend="cpu"), dict(module=True)),
+    # label_supcon_loss with ref rows; options ref: the same ref rows (a queue) on every rank, with gradient
+    # (True) or detached ("detached": the op's grad_stop at the gathered rows' end).
+    "label-ref-cpu": ("label", dict(reduction="mean", normalize=True, backend="cpu"), dict(ref=True)),
+    "label-ref-detached-cpu": ("label", dict(reduction="mean", backend="cpu"), dict(ref="detached")),
+    "label-ref-none-cpu": ("label", dict(reduction="none", normalize=True, backend="cpu"), dict(ref="detached")),
+    "label-ref-sum-torch": ("label", dict(reduction="sum", backend="torch"), dict(ref=True)),
+    "label-ref-first-empty-cpu": ("label", dict(backend="cpu"), dict(ref=True, sizes="first-empty")),
+    "label-ref-triton": ("label", dict(reduction="mean", normalize=True, backend="triton"), dict(ref="detached")),
+    "label-ref-module": ("label", dict(reduction="mean", backend="cpu"), dict(module=True, ref=True)),
     "supcon-labels-all-cpu": ("supcon", dict(contrast_mode="all", backend="cpu"), {}),
     "supcon-labels-all-torch": ("supcon", dict(contrast_mode="all", backend="torch"), {}),
     "supcon-none-all-cpu": ("supcon", dict(contrast_mode="all", backend="cpu"), dict(labels=False)),
@@ -118,6 +127,10 @@ def _make_inputs(world: int) -> dict:
             labels[torch.rand(total, generator=gen) < 0.2] = -1
             case["other"] = labels
             case["upstream"] = torch.rand(total, generator=gen, dtype=torch.float64).to(dtype)
+            if options.get("ref"):  # the same queue on every rank, with ignored rows
+                case["ref_features"] = torch.randn(6, D, generator=gen, dtype=torch.float64).to(dtype)
+                case["ref_labels"] = torch.tensor([0, 1, -1, 2, 0, -1])
+                case["ref_requires_grad"] = options["ref"] is True
         elif kind == "multihot":
             case["features"] = torch.randn(total, D, generator=gen, dtype=torch.float64).to(dtype)
             case["other"] = torch.randint(-1, 2, (total, C), generator=gen)
@@ -155,10 +168,13 @@ def _call(kind, kwargs, options, features, other, group, ref=None):
 
 
 def _ref(case: dict) -> dict:
-    """The ref rows of a multihot case as keyword arguments (a fresh leaf that requires grad), or {}."""
+    """The ref rows of a case as keyword arguments (a fresh leaf, which requires grad unless the case's ref rows
+    are detached; with their targets or labels), or {}."""
     if "ref_features" not in case:
         return {}
-    return {"ref_features": case["ref_features"].clone().requires_grad_(), "ref_targets": case["ref_targets"]}
+    leaf = case["ref_features"].clone().requires_grad_(case.get("ref_requires_grad", True))
+    other = "ref_targets" if "ref_targets" in case else "ref_labels"
+    return {"ref_features": leaf, other: case[other]}
 
 
 def _shard(x, sizes, rank):
@@ -297,7 +313,7 @@ def test_matches_single_process(spawned, world, name):
     features = case["features"].clone().requires_grad_()
     ref = _ref(case)
     expected = FUNCTIONS[kind](features, case["other"], **kwargs, **ref)  # single process over the concatenation
-    leaves = (features, ref["ref_features"]) if ref else (features,)
+    leaves = (features, ref["ref_features"]) if ref and ref["ref_features"].requires_grad else (features,)
     grad, *ref_grad = torch.autograd.grad(expected, leaves, case["upstream"] if expected.dim() > 0 else None)
     members = [0, world - 1] if options.get("group") == "sub" else list(range(world))
     group_size = len(members)
@@ -317,6 +333,8 @@ def test_matches_single_process(spawned, world, name):
         losses.append(result["loss"])
     if expected.dim() == 0:
         assert all(torch.equal(loss, losses[0]) for loss in losses), f"{name}: ranks disagree: {losses}"
+    if ref and not ref_grad:  # detached ref rows get no gradient on any rank
+        assert all(results[rank][name]["ref_grad"] is None for rank in members)
     if ref_grad:  # rank r's ref rows get world_size x its share's gradient: they sum to world_size x the gradient
         total = sum(results[rank][name]["ref_grad"] for rank in members)
         _close(total, group_size * ref_grad[0], dtype, f"{name} ref grad summed over the ranks")

@@ -80,6 +80,60 @@ class TestLabelSupCon:
         with pytest.raises(ValueError, match="device"):
             self.call(features=torch.randn(6, 4, device=META))
 
+    # Reference rows (DESIGN.md §10).
+
+    def test_ref_features_without_ref_labels_and_the_reverse(self):
+        with pytest.raises(ValueError, match="ref_features and ref_labels"):
+            self.call(ref_features=torch.randn(3, 4))
+        with pytest.raises(ValueError, match="ref_features and ref_labels"):
+            self.call(ref_labels=torch.zeros(3, dtype=torch.long))
+
+    @pytest.mark.parametrize("shape", [(3, 5), (3,), (3, 4, 1), (3, 0)])
+    def test_ref_rows_of_another_dimension(self, shape):
+        with pytest.raises(ValueError, match="ref_features"):
+            self.call(ref_features=torch.randn(shape), ref_labels=torch.zeros(3, dtype=torch.long))
+
+    @pytest.mark.parametrize("shape", [(2,), (4,), (3, 1), ()])
+    def test_ref_labels_of_wrong_shape(self, shape):
+        with pytest.raises(ValueError, match=r"ref_labels must be \[M=3\]"):
+            self.call(ref_features=torch.randn(3, 4), ref_labels=torch.zeros(shape, dtype=torch.long))
+
+    def test_bad_ref_labels_and_ref_features(self):
+        with pytest.raises(TypeError, match="ref_labels"):
+            self.call(ref_features=torch.randn(3, 4), ref_labels=torch.zeros(3))
+        with pytest.raises(TypeError, match="ref_labels"):
+            self.call(ref_features=torch.randn(3, 4), ref_labels=torch.zeros(3, dtype=torch.bool))
+        with pytest.raises(ValueError, match="ref_labels must be class ids"):
+            self.call(ref_features=torch.randn(3, 4), ref_labels=torch.tensor([0, -2, 1]))
+        with pytest.raises(TypeError, match="ref_features"):
+            self.call(ref_features=torch.ones(3, 4, dtype=torch.long), ref_labels=torch.zeros(3, dtype=torch.long))
+
+    def test_ref_rows_on_another_device(self):
+        with pytest.raises(ValueError, match="device"):
+            self.call(ref_features=torch.randn(3, 4, device=META), ref_labels=torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="device"):
+            self.call(ref_features=torch.randn(3, 4), ref_labels=torch.zeros(3, dtype=torch.long, device=META))
+
+    def test_ref_row_errors_come_before_any_work(self, monkeypatch):
+        from mlcontrast.ops import registry
+
+        def no_work(*args, **kwargs):
+            raise AssertionError("a kernel was looked up before the arguments were checked")
+
+        monkeypatch.setattr(registry, "op", no_work)
+        for backend in ("cpu", "torch"):
+            with pytest.raises(ValueError, match="ref_features"):
+                self.call(ref_features=torch.randn(3, 5), ref_labels=torch.zeros(3, dtype=torch.long), backend=backend)
+            with pytest.raises(ValueError, match="ref_labels"):
+                self.call(ref_features=torch.randn(3, 4), ref_labels=torch.zeros(2, dtype=torch.long), backend=backend)
+
+    def test_module_forward_checks_ref_rows(self):
+        z, y = _rows()
+        with pytest.raises(ValueError, match="ref_features and ref_labels"):
+            mlcontrast.LabelSupConLoss()(z, y, torch.randn(3, 4))
+        with pytest.raises(ValueError, match="ref_features"):
+            mlcontrast.LabelSupConLoss()(z, y, torch.randn(3, 2), torch.zeros(3, dtype=torch.long))
+
 
 # ----------------------------------------------------------------------------------------------
 # supcon_loss

@@ -25,6 +25,7 @@ from utils import assert_close_by_norm, assert_matches, loss_and_grads, make_lab
 
 import mlcontrast  # noqa: E402
 from mlcontrast import _backends, functional, reference  # noqa: E402
+from mlcontrast.ops import registry  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -61,6 +62,51 @@ def test_label_supcon_anchor_rows(backend, n, anchors, dtype):
     assert_matches(
         lambda x: functional._anchor_losses(backend, x, y, 0.1, 0.1, True, anchors),
         lambda x: reference.label_supcon_loss(x, y, 0.1, None, "none", True)[start:stop],
+        [z],
+        torch.randn(stop - start, dtype=torch.float64, device=CUDA),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ref_grad", [False, True])
+@pytest.mark.parametrize("n,m", [(512, 4099), (131, 1031), (1, 65)])
+def test_label_supcon_ref_rows(backend, n, m, ref_grad, dtype):
+    # A batch against a queue (DESIGN.md §10): the ref rows' own gradient only when they require grad.
+    z, q = torch.randn(n, 128, device=CUDA).to(dtype), torch.randn(m, 128, device=CUDA).to(dtype)
+    y, yq = make_labels(n, 20, singleton=True).to(CUDA), make_labels(m, 20, ignore_fraction=0.2).to(CUDA)
+    if ref_grad:
+        assert_matches(
+            lambda x, r: mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend=backend, ref_features=r,
+                                                      ref_labels=yq),
+            lambda x, r: reference.label_supcon_loss(x, y, 0.1, None, "mean", True, r, yq),
+            [z, q],
+        )  # fmt: skip
+    else:
+        assert_matches(
+            lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, normalize=True, backend=backend, ref_features=q,
+                                                   ref_labels=yq),
+            lambda x: reference.label_supcon_loss(x, y, 0.1, None, "mean", True, q.float(), yq),
+            [z],
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "r,roles",
+    [(4608, (0, 512, 512, 0)), (4608, (0, 512, 0, 0)), (1031, (100, 900, 300, 700)), (300, (0, 64, 300, None))],
+)
+def test_label_supcon_roles(backend, r, roles, dtype):
+    # The op's contrast_start / grad_stop (PML's CrossBatchMemory shapes, straddling ranges, no contrast rows)
+    # against the dense definition, whose rows past grad_stop are contrasted detached.
+    start, stop, contrast_start, grad_stop = roles
+    z = F.normalize(torch.randn(r, 128, device=CUDA), dim=1).to(dtype)
+    y = make_labels(r, 40, ignore_fraction=0.1).to(CUDA)
+    op = registry.op("label_supcon", backend)
+    assert_matches(
+        lambda x: op(x, y, 0.1, 0.1, *roles)[0][start:stop],
+        lambda x: reference.label_supcon_anchor_rows(x, y, 0.1, 0.1, False, *roles),
         [z],
         torch.randn(stop - start, dtype=torch.float64, device=CUDA),
     )
@@ -105,6 +151,31 @@ def test_update_prototypes(backend, dtype):
     expected = reference.update_prototypes_(protos.clone(), z, y, 0.9, True)
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     assert torch.equal(got[3], protos[3])
+
+
+def _multihot(n: int, c: int) -> torch.Tensor:
+    """``[n, c]`` uint8 label sets of about 3 labels, rows 0 and n // 2 without labels, row 2 row 1's."""
+    targets = (torch.rand(n, c) < min(0.5, 3 / c)).to(torch.uint8)
+    targets[0] = targets[n // 2] = 0
+    if n > 2:
+        targets[2] = targets[1]
+    return targets.to(CUDA)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("positives", ["jaccard", "any", "all", "mulsupcon"])
+@pytest.mark.parametrize("n,c,d", [(1, 5, 3), (131, 80, 17), (1031, 300, 128)])
+def test_multihot_supcon(backend, n, c, d, positives, dtype):
+    # C = 80: the CUDA pair kernels' staged label masks; C = 300: masks read from global memory.
+    t = _multihot(n, c)
+    kw = dict(temperature=0.1, base_temperature=0.07, positives=positives, threshold=1 / 3, reduction="none")
+    assert_matches(
+        lambda x: mlcontrast.multihot_supcon_loss(x, t, **kw, normalize=True, backend=backend),
+        lambda x: reference.multihot_supcon_loss(x, t, **kw, normalize=True),
+        [torch.randn(n, d, device=CUDA).to(dtype)],
+        torch.randn(n, dtype=torch.float64, device=CUDA),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +390,21 @@ def test_cuda_update_prototypes_checks_before_writing():
 
 
 @needs_cuda_backend
+@pytest.mark.parametrize("positives", ["jaccard", "mulsupcon"])
+@pytest.mark.parametrize("n,anchors", [(200, (70, 135)), (300, (0, 64)), (300, (250, 300)), (40, (17, 17))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cuda_multihot_supcon_anchor_rows(n, anchors, positives, dtype):
+    start, stop = anchors
+    t = _multihot(n, 13)
+    assert_matches(
+        lambda x: OPS.multihot_supcon(x, t, 0.1, 0.07, positives, 0.5, start, stop)[0][start:stop],
+        lambda x: reference.multihot_supcon_anchor_rows(x, t, 0.1, 0.07, positives, 0.5, False, start, stop)[0],
+        [_unit_rows(n, 33, dtype)],
+        torch.randn(stop - start, dtype=torch.float64, device=CUDA),
+    )
+
+
+@needs_cuda_backend
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_matches_triton(dtype):
@@ -334,6 +420,8 @@ def test_cuda_matches_triton(dtype):
     pairs.append((lambda b: lambda x, q: mlcontrast.prototype_ce_loss(x, y_ce, q, 0.1, backend=b), [z, p], None))
     z3, t = torch.randn(64, c, d, device=CUDA).to(dtype), make_targets(64, c).to(CUDA)
     pairs.append((lambda b: lambda x, q: mlcontrast.prototype_nce_loss(x, q, t, 0.07, backend=b), [z3, p], None))
+    t_multihot = _multihot(n, c)
+    pairs.append((lambda b: lambda x: mlcontrast.multihot_supcon_loss(x, t_multihot, backend=b), [z], None))
     for make, tensors, up in pairs:
         out_cuda, g_cuda = loss_and_grads(make("cuda"), tensors, up)
         out_triton, g_triton = loss_and_grads(make("triton"), tensors, up)
@@ -372,6 +460,13 @@ def test_cuda_opcheck(dtype, requires_grad):
         torch.library.opcheck(OPS.prototype_ce_backward.default, (torch.randn_like(rows), z, y, p, lse, norm, 0.5))
         loss, *saved = OPS.prototype_nce(zb, pb, t, 0.5)
         torch.library.opcheck(OPS.prototype_nce_backward.default, (torch.ones_like(loss), zb, pb, t, *saved, 0.5))
+    tm = (y[:, None] == torch.arange(4, device=CUDA)).to(torch.uint8)  # one label, none for -1
+    for positives in ("jaccard", "mulsupcon"):
+        args = (0.2, 0.3, positives, 0.5)
+        torch.library.opcheck(OPS.multihot_supcon.default, (z, tm, *args))
+        if not requires_grad:
+            rows, *saved = OPS.multihot_supcon(z, tm, *args)
+            torch.library.opcheck(OPS.multihot_supcon_backward.default, (torch.randn_like(rows), z, tm, *saved, *args))
 
 
 @needs_cuda_backend
@@ -387,6 +482,13 @@ def test_cuda_gradcheck_fp64():
     pb = torch.randn(3, 4, dtype=torch.float64, device=CUDA, requires_grad=True)
     t = torch.tensor([[1, 0, -1], [0, 1, -1], [1, -1, 0], [0, 0, -1], [-1, 1, 0]], device=CUDA)
     torch.autograd.gradcheck(lambda x, q: mlcontrast.prototype_nce_loss(x, q, t, 0.5, backend="cuda"), (zb, pb))
+    tm = torch.tensor([[1, 0, 1], [1, 0, 0], [0, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1], [1, 1, 1], [1, 0, 1],
+                       [0, 1, 0]], device=CUDA, dtype=torch.uint8)  # fmt: skip
+    for positives in ("jaccard", "any", "all", "mulsupcon"):
+        torch.autograd.gradcheck(
+            lambda x: mlcontrast.multihot_supcon_loss(x, tm, 0.5, 0.3, positives, 0.5, "none", True, backend="cuda"),
+            (z,),
+        )
 
 
 @needs_cuda_backend
@@ -399,11 +501,14 @@ def test_cuda_results_are_bitwise_deterministic(dtype, tf32):
     p = torch.randn(c, d, device=CUDA).to(dtype)
     y_ce = y.clamp(max=c - 1)
     z3, t = torch.randn(64, c, d, device=CUDA).to(dtype), make_targets(64, c).to(CUDA)
+    tm = _multihot(n, c)
     calls = [
         (lambda x: mlcontrast.label_supcon_loss(x, y, 0.1, backend="cuda"), [z]),
         (lambda x: mlcontrast.multilabel_supcon_loss(x, t, 0.2, backend="cuda"), [z3]),
         (lambda x, q: mlcontrast.prototype_ce_loss(x, y_ce, q, 0.1, backend="cuda"), [z, p]),
         (lambda x, q: mlcontrast.prototype_nce_loss(x, q, t, 0.07, backend="cuda"), [z3, p]),
+        (lambda x: mlcontrast.multihot_supcon_loss(x, tm, 0.1, backend="cuda"), [z]),
+        (lambda x: mlcontrast.multihot_supcon_loss(x, tm, 0.1, positives="mulsupcon", backend="cuda"), [z]),
     ]
     with _TF32(tf32):
         for fn, tensors in calls:
@@ -452,6 +557,9 @@ _SANITIZER_SCRIPT = textwrap.dedent(
                 p = torch.randn(5, d, device=dev, dtype=dtype, requires_grad=True)
                 mlcontrast.prototype_ce_loss(z, y, p, 0.1, backend="cuda").backward()
                 mlcontrast.update_prototypes_(p.detach().clone(), z.detach(), y, 0.9, True, backend="cuda")
+                for c, positives in ((7, "jaccard"), (300, "all"), (7, "mulsupcon")):
+                    t = torch.randint(0, 2, (n, c), device=dev)
+                    mlcontrast.multihot_supcon_loss(z, t, 0.1, positives=positives, backend="cuda").backward()
             zb = torch.randn(6, 5, 33, device=dev, dtype=dtype, requires_grad=True)
             pb = torch.randn(5, 33, device=dev, dtype=dtype, requires_grad=True)
             t = torch.randint(-1, 2, (6, 5), device=dev)

@@ -13,6 +13,7 @@ import torch
 from utils import (
     assert_close_by_norm,
     assert_matches,
+    backend_table,
     backends,
     cases,
     device_of,
@@ -321,3 +322,202 @@ def test_anchor_rows_outside_the_rows_are_refused(backend):
     for start, stop in [(-1, 3), (4, 3), (0, 7)]:
         with pytest.raises(error, match="anchor_start <= anchor_stop <= N = 6"):
             functional._label_supcon_rows(backend, z, y, 0.1, 0.1, start, stop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference rows (DESIGN.md §10) and the op's roles: contrast_start, grad_stop
+# ----------------------------------------------------------------------------------------------
+
+# (N, M): prime and odd sizes across the CPU tiles (128 rows, 512 columns) and the interpreted Triton tiles
+# (16); a lone anchor; no ref rows.
+REF_SIZES = {"full": [(31, 97), (131, 541), (1, 13), (7, 0)], "small": [(13, 21), (5, 3)]}
+
+
+def _ref_inputs(n, m, dev, dtype=torch.float32):
+    z = torch.randn(n, 16).to(dev, dtype)
+    q = torch.randn(m, 16).to(dev, dtype)
+    y = make_labels(n, 5, ignore_fraction=0.1, singleton=True).to(dev)
+    yq = make_labels(m, 5, ignore_fraction=0.3).to(dev)  # ignored ref rows too
+    return z, y, q, yq
+
+
+@pytest.mark.parametrize("ref_grad", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend,n,m,dtype", cases(REF_SIZES, dtypes=[torch.float32]))
+def test_ref_rows_match_reference(backend, n, m, dtype, reduction, ref_grad):
+    dev = device_of(backend)
+    z, y, q, yq = _ref_inputs(n, m, dev)
+    args = (0.2, 0.15, reduction, True)
+    upstream = torch.randn(n, dtype=torch.float64, device=dev) if reduction == "none" else None
+    if ref_grad:  # gradients reach the ref rows
+        out, _ = assert_matches(
+            lambda x, r: mlcontrast.label_supcon_loss(x, y, *args, backend=backend, ref_features=r, ref_labels=yq),
+            lambda x, r: reference.label_supcon_loss(x, y, *args, r, yq),
+            [z, q], upstream, names=["features", "ref_features"],
+        )  # fmt: skip
+    else:  # a detached queue
+        out, _ = assert_matches(
+            lambda x: mlcontrast.label_supcon_loss(x, y, *args, backend=backend, ref_features=q, ref_labels=yq),
+            lambda x: reference.label_supcon_loss(x, y, *args, q.double(), yq),
+            [z], upstream, names=["features"],
+        )  # fmt: skip
+    assert out.shape == ((n,) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ref_rows_reductions_and_normalize_match_reference_in_fp64(backend, reduction):
+    z, y, q, yq = _ref_inputs(127, 263, "cpu", torch.float64)
+    upstream = torch.randn(127, dtype=torch.float64) if reduction == "none" else None
+    for normalize in (False, True):
+        args = (0.5, None, reduction, normalize)
+        assert_matches(
+            lambda x, r: mlcontrast.label_supcon_loss(x, y, *args, backend=backend, ref_features=r, ref_labels=yq),
+            lambda x, r: reference.label_supcon_loss(x, y, *args, r, yq),
+            [z, q], upstream, names=["features", "ref_features"],
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_detached_ref_rows_leave_the_features_gradient_unchanged(backend):
+    # grad_stop only drops the ref rows' own gradient: the batch's loss and gradient are those of the same
+    # call with ref rows that require grad, and a ref gradient, where asked for, is nonzero.
+    dev = device_of(backend)
+    z, y, q, yq = _ref_inputs(21, 40, dev)
+
+    def run(ref):
+        return mlcontrast.label_supcon_loss(z_leaf, y, 0.1, normalize=True, backend=backend, ref_features=ref,
+                                            ref_labels=yq)  # fmt: skip
+
+    z_leaf = z.clone().requires_grad_()
+    detached = run(q)
+    (g_detached,) = torch.autograd.grad(detached, z_leaf)
+    q_leaf = q.clone().requires_grad_()
+    attached = run(q_leaf)
+    g_attached, g_ref = torch.autograd.grad(attached, [z_leaf, q_leaf])
+    assert torch.equal(detached, attached)
+    assert_close_by_norm(g_detached, g_attached, torch.float32, "features' gradient")
+    assert g_ref[yq >= 0].abs().sum() > 0 and torch.equal(g_ref[yq < 0], torch.zeros_like(g_ref[yq < 0]))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_ignored_ref_rows_take_no_part(backend):
+    # Ref rows labelled -1 change no loss and get a zero gradient: the same as leaving them out.
+    dev = device_of(backend)
+    z, y, q, yq = _ref_inputs(19, 30, dev)
+    kept = yq >= 0
+    assert (~kept).any() and kept.any()
+    upstream = torch.randn(19, dtype=torch.float64, device=dev)
+
+    def loss(ref_labels):
+        return lambda x, r: mlcontrast.label_supcon_loss(x, y, reduction="none", backend=backend, ref_features=r,
+                                                         ref_labels=ref_labels)  # fmt: skip
+
+    with_ignored, (g, g_ref) = loss_and_grads(loss(yq), [z, q], upstream)
+    without, (g_kept, g_ref_kept) = loss_and_grads(loss(yq[kept]), [z, q[kept]], upstream)
+    assert_close_by_norm(with_ignored, without, torch.float32, "losses")
+    assert_close_by_norm(g, g_kept, torch.float32, "features' gradient")
+    assert_close_by_norm(g_ref[kept], g_ref_kept, torch.float32, "ref rows' gradient")
+    assert torch.equal(g_ref[~kept], torch.zeros_like(g_ref[~kept]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch", "auto"])
+def test_module_with_ref_rows_matches_functional(backend):
+    z, y, q, yq = _ref_inputs(30, 50, "cpu")
+    kw = dict(temperature=0.3, base_temperature=0.5, reduction="sum", normalize=True, backend=backend)
+    module = mlcontrast.LabelSupConLoss(**kw)
+    a, (ga,) = loss_and_grads(lambda x: module(x, y, q, yq), [z])
+    b, (gb,) = loss_and_grads(lambda x: mlcontrast.label_supcon_loss(x, y, **kw, ref_features=q, ref_labels=yq), [z])
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_ref_rows_are_cast_to_the_features_dtype():
+    z, y, q, yq = _ref_inputs(9, 12, "cpu")
+    loss = mlcontrast.label_supcon_loss(z, y, backend="cpu", ref_features=q.double(), ref_labels=yq)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(mlcontrast.label_supcon_loss(z, y, ref_features=q, ref_labels=yq).item())
+
+
+# The op's roles, (R, (anchor_start, anchor_stop, contrast_start, grad_stop)): a batch with detached ref rows;
+# a batch against a memory only (PML's ref_emb), its memory detached (grad_stop 0) or not; a batch against
+# itself and a memory, every row detached as a contrast row (PML's CrossBatchMemory); anchors that straddle
+# contrast_start and grad_stop off the tile grids; contrast_start past every row; no anchors.
+ROLE_CASES = {
+    "full": [(700, (0, 200, 0, 200)), (700, (0, 200, 200, 0)), (700, (0, 200, 200, None)), (700, (0, 200, 0, 0)),
+             (700, (70, 601, 150, 333)), (300, (10, 290, 300, None)), (300, (40, 40, 5, 7)), (37, (30, 37, 0, 31))],
+    "small": [(45, (0, 17, 0, 17)), (45, (0, 17, 17, 0)), (45, (5, 40, 12, 30)), (45, (0, 20, 0, 0))],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,variant,r,roles,dtype", cases(ROLE_CASES, op="label_supcon", dtypes=[torch.float32]))
+def test_op_roles_match_the_dense_definition(backend, variant, r, roles, dtype, monkeypatch):
+    # The op's per-row losses, statistics and gradient against reference.label_supcon_anchor_rows, whose
+    # rows past grad_stop enter the contrast sets detached (tests/test_reference.py holds it to a loop
+    # definition): fp64 on the full backends, fp32 under the interpreter.
+    use_variant(monkeypatch, "label_supcon", backend, variant)
+    dev = device_of(backend)
+    dtype = torch.float64 if backend_table()[backend].sizes == "full" else dtype
+    start, stop, contrast_start, grad_stop = roles
+    z = torch.randn(r, 8, dtype=torch.float64).to(dev, dtype)
+    y = make_labels(r, 4, ignore_fraction=0.2, singleton=True).to(dev)
+    upstream = torch.randn(stop - start, dtype=torch.float64, device=dev)
+    op = registry.op("label_supcon", backend)
+
+    def fused(x):
+        return op(x, y, 0.2, 0.3, start, stop, contrast_start, grad_stop)[0][start:stop]
+
+    def dense(x):
+        return reference.label_supcon_anchor_rows(x, y, 0.2, 0.3, False, start, stop, contrast_start, grad_stop)
+
+    out, (g,) = assert_matches(fused, dense, [z], upstream, names=["features"])
+    # Rows that are neither anchors nor contrast rows below grad_stop get exactly 0.
+    rows = torch.arange(r, device=dev)
+    below = rows < (r if grad_stop is None else grad_stop)
+    neither = ~((rows >= start) & (rows < stop)) & ~(below & (rows >= contrast_start))
+    assert torch.equal(g[neither], torch.zeros_like(g[neither]))
+    # The statistics: |P(i)| among the contrast rows, LSE over them (-inf without any).
+    _, lse, n_pos = op(z.detach(), y, 0.2, 0.3, start, stop, contrast_start, grad_stop)
+    valid, anchors = y >= 0, (rows >= start) & (rows < stop)
+    contrast = valid & (rows >= contrast_start)
+    same = (y[:, None] == y[None, :]) & contrast[None, :] & (rows[:, None] != rows[None, :])
+    expected_pos = torch.where(valid & anchors, same.sum(1), 0)
+    assert torch.equal(n_pos.long(), expected_pos)
+    s = z.double() @ z.double().T / 0.2
+    s = s.masked_fill(~(contrast[None, :] & (rows[:, None] != rows[None, :])), float("-inf"))
+    expected_lse = torch.where(valid & anchors, torch.logsumexp(s, 1), 0.0)
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close_by_norm(lse[finite], expected_lse[finite].to(lse.dtype), dtype, "lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roles_outside_the_rows_are_refused(backend):
+    z, y = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    op = registry.op("label_supcon", backend)
+    error = RuntimeError if backend == "cpu" else ValueError
+    for contrast_start in (-1, 7):
+        with pytest.raises(error, match="0 <= contrast_start <= N = 6"):
+            op(z, y, 0.1, 0.1, 0, None, contrast_start, None)
+    for grad_stop in (-1, 7):
+        with pytest.raises(error, match="0 <= grad_stop <= N = 6"):
+            op(z, y, 0.1, 0.1, 0, None, 0, grad_stop)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_learned_temperature_with_detached_ref_rows(backend):
+    # A tensor temperature scales every row, detached ref rows too: its gradient is exact only with their
+    # contrast role's gradient, which the op then computes (and which never reaches the detached rows).
+    dev = device_of(backend)
+    z, y, q, yq = _ref_inputs(17, 29, dev)
+    log_t = torch.tensor(-2.0, device=dev, requires_grad=True)
+
+    def run(fn, *extra):
+        x = z.clone().requires_grad_()
+        loss = fn(x, y, log_t.exp(), *extra)
+        return (loss, *torch.autograd.grad(loss, [x, log_t]))
+
+    fused = run(lambda x, y, t: mlcontrast.label_supcon_loss(x, y, t, normalize=True, backend=backend,
+                                                             ref_features=q, ref_labels=yq))  # fmt: skip
+    dense = run(lambda x, y, t: reference.label_supcon_loss(x, y, t, None, "mean", True, q, yq))
+    for a, b, what in zip(fused, dense, ("loss", "features' gradient", "temperature's gradient")):
+        assert_close_by_norm(a, b, torch.float32, what)

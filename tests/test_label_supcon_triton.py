@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_close_by_norm, assert_matches, make_labels, make_targets, backend_table
+from utils import assert_close_by_norm, assert_matches, backend_table, make_labels, make_targets, record_launches
 
 import mlcontrast
 from mlcontrast import reference
@@ -270,6 +270,38 @@ def test_label_supcon_every_row_through_the_online_max(monkeypatch, mode):
         [z],
         torch.randn(50, dtype=torch.float64, device=DEVICE),
     )
+
+
+@pytest.mark.parametrize(
+    "roles,fwd,bwd,symmetric",
+    [
+        ((0, 20, 0, 20), "_label_supcon_fwd_atomic_kernel", "_label_supcon_bwd_atomic_kernel", True),  # detached queue
+        ((0, 20, 0, None), "_label_supcon_fwd_atomic_kernel", "_label_supcon_bwd_atomic_kernel", True),
+        ((0, 20, 20, 0), "_label_supcon_fwd_kernel", "_label_supcon_bwd_kernel", False),  # a batch against a memory
+        ((5, 40, 12, 30), "_label_supcon_fwd_kernel", "_label_supcon_bwd_kernel", False),
+    ],
+)
+def test_label_supcon_roles_pick_their_kernels(monkeypatch, roles, fwd, bwd, symmetric):
+    # With every anchor a contrast row below grad_stop, G stays symmetric: the atomic kernels run, told
+    # grad_stop; otherwise the deterministic ones, the backward gated by the roles (ROLES), and the columns
+    # start at contrast_start. Both against the dense definition.
+    monkeypatch.setattr(triton_label_supcon, "ATOMIC", True)
+    launched = record_launches(triton_label_supcon, monkeypatch)
+    start, stop, contrast_start, grad_stop = roles
+    z = _rand(57, 24, scale=24**-0.5)
+    (y,) = _to_device(make_labels(57, 4, ignore_fraction=0.2))
+    assert_matches(
+        lambda x: registry.op("label_supcon", "triton")(x, y, 0.1, 0.1, *roles)[0][start:stop],
+        lambda x: reference.label_supcon_anchor_rows(x, y, 0.1, 0.1, False, *roles),
+        [z],
+        torch.randn(stop - start, dtype=torch.float64, device=DEVICE),
+    )
+    kernels = {name: kwargs for name, _, kwargs in launched}
+    assert fwd in kernels and bwd in kernels, list(kernels)
+    assert kernels[fwd]["CONTRAST_START"] == contrast_start
+    assert kernels[bwd]["GRAD_STOP"] == (57 if grad_stop is None else grad_stop)
+    if not symmetric:
+        assert kernels[bwd]["ROLES"] is True
 
 
 def test_dot_precision_follows_allow_tf32():

@@ -4,7 +4,6 @@ error contract, use as the losses' reference rows, and the same queue on 2 gloo 
 from __future__ import annotations
 
 import datetime
-import inspect
 import io
 import os
 
@@ -284,10 +283,6 @@ def test_as_multihot_reference_rows():
     torch.testing.assert_close(q.grad, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(
-    "ref_features" not in inspect.signature(mlcontrast.label_supcon_loss).parameters,
-    reason="label_supcon_loss has no ref_features yet (DESIGN.md §10)",
-)
 def test_as_label_reference_rows():
     """A MoCo-style step with label_supcon_loss: the loss against the queue equals the loss over the
     batch and the rows held in which only the batch rows are anchors."""

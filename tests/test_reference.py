@@ -33,6 +33,45 @@ def test_label_supcon_reference_matches_loops(n, d, normalize, reduction):
     assert_close_by_norm(grads(ref, z, upstream)[0], grads(loop, z, upstream)[0], F64, "grad")
 
 
+@pytest.mark.parametrize("ref_grad", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("n,m", [(1, 4), (7, 5), (6, 0)])
+def test_label_supcon_reference_with_ref_rows_matches_loops(n, m, normalize, reduction, ref_grad):
+    z = torch.randn(n, 3, dtype=F64, requires_grad=True)
+    q = torch.randn(m, 3, dtype=F64, requires_grad=ref_grad)
+    y, yq = make_labels(n, 3, ignore_fraction=0.2), make_labels(m, 3, ignore_fraction=0.3)
+    upstream = torch.randn(n, dtype=F64) if reduction == "none" else None
+    ref = reference.label_supcon_loss(z, y, 0.3, 0.5, reduction, normalize, q, yq)
+    loop = loops.label_supcon(z, y, 0.3, 0.5, reduction, normalize, q, yq)
+    assert_close_by_norm(ref, loop, F64, "loss")
+    inputs = [z, q] if ref_grad else [z]
+    for a, b in zip(grads(ref, inputs, upstream), grads(loop, inputs, upstream)):
+        assert_close_by_norm(a, b, F64, "grad")
+
+
+# The op's roles (anchors, contrast_start, grad_stop): a batch with detached ref rows, a batch against a
+# memory only (its copy there detached, or not), anchors that are contrast rows past grad_stop, and ranges
+# that straddle each other.
+ROLES = [(0, 5, 0, 5), (0, 5, 5, 0), (0, 5, 5, None), (0, 5, 0, 0), (2, 9, 4, 6), (3, 11, 0, 11), (0, 0, 3, 2)]
+
+
+@pytest.mark.parametrize("start,stop,contrast_start,grad_stop", ROLES)
+def test_label_supcon_anchor_rows_with_roles_match_loops(start, stop, contrast_start, grad_stop):
+    z = torch.randn(11, 4, dtype=F64, requires_grad=True)
+    y = make_labels(11, 3, ignore_fraction=0.2)
+    upstream = torch.randn(stop - start, dtype=F64)
+    args = (0.3, 0.5, True, start, stop, contrast_start, grad_stop)
+    ref = reference.label_supcon_anchor_rows(z, y, *args)
+    loop = loops.label_supcon_rows(z, y, 0.3, 0.5, True, (start, stop), contrast_start, grad_stop)
+    loop = torch.stack(loop) if loop else torch.zeros(0, dtype=F64)
+    assert_close_by_norm(ref, loop, F64, "loss")
+    if ref.numel() and (ref.requires_grad or loop.requires_grad):
+        g_ref = grads((ref * upstream).sum() + 0 * z.sum(), z)[0]
+        g_loop = grads((loop * upstream).sum() + 0 * z.sum(), z)[0]
+        assert_close_by_norm(g_ref, g_loop, F64, "grad")
+
+
 @pytest.mark.parametrize("contrast_mode", ["all", "one"])
 @pytest.mark.parametrize("with_labels", [False, True])
 @pytest.mark.parametrize("b,v", [(1, 2), (4, 1), (5, 3)])

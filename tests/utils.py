@@ -259,7 +259,9 @@ def sample_inputs(op: str, dtype: torch.dtype, device, requires_grad: bool = Fal
     g = requires_grad
     if op == "label_supcon":
         z, y = leaf(7, 3, grad=g), ints([0, 0, 1, 1, 1, -1, 2])  # an ignored row, a singleton class 2
-        return [(z, y, 0.3, 0.2), (z, y, 0.3, 0.2, 2, 5)]  # every row, then anchor rows 2 .. 5
+        # Every row, then anchor rows 2 .. 5, then anchors 1 .. 6 against the rows from 2 on with every row's
+        # contrast-role gradient (grad_stop = R: the op's backward is the gradient of its forward only then).
+        return [(z, y, 0.3, 0.2), (z, y, 0.3, 0.2, 2, 5), (z, y, 0.3, 0.2, 1, 6, 2, 7)]
     if op == "multihot_supcon":
         z = leaf(7, 3, grad=g)
         # Rows 0 and 1 share a label set, row 2 overlaps row 0 at Jaccard 1/3 exactly (the threshold below),

@@ -392,9 +392,9 @@ struct SmemLayout {
 // ----------------------------------------------------------------------------------------------
 
 // Row LSE of the anchors. grid = lse_grid<Cfg>(p), 128 threads; block x covers rows
-// row_begin + BM x .. + BM. Thread t reads row r = t / TPR of each S tile, at columns
-// (t % TPR) + TPR c, and keeps an online (max, sum) for them; the TPR partial states of a row
-// (adjacent lanes) merge at the end.
+// row_begin + BM x .. + BM and streams the column tiles from col_begin on (the contrast rows). Thread t
+// reads row r = t / TPR of each S tile, at columns (t % TPR) + TPR c, and keeps an online (max, sum) for
+// them; the TPR partial states of a row (adjacent lanes) merge at the end.
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParams p) {
   using T = typename Cfg::Elem;
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParam
   // With a fixed shift c the running max is c from the start and never moves: one pass per tile.
   const bool fixed_shift = p.shift != nullptr;
   Acc run_max = fixed_shift ? *static_cast<const Acc*>(p.shift) : neg_inf, run_sum = Acc(0);
-  for (int64_t j0 = 0; j0 < n; j0 += BN) {
+  for (int64_t j0 = p.col_begin; j0 < n; j0 += BN) {
     Cfg::Score::run(z, p.ld_z, n, p.d, i0, j0, ab, S, Cfg::LDS, vec);
     __syncthreads();
     const Acc* srow = S + r * Cfg::LDS;
@@ -458,15 +458,17 @@ __global__ void __launch_bounds__(kThreads) lse_kernel(const LabelSupconFwdParam
     }
   }
   if (part == 0 && i < p.row_end) {
-    // A row with no other row (n == 1) has an empty set: -inf, as on the CPU (log 0 with a shift).
+    // A row with no other contrast row has an empty set: -inf, as on the CPU (log 0 with a shift).
     static_cast<Acc*>(p.lse)[i] = run_max > neg_inf ? run_max + acc_log(run_sum) : neg_inf;
   }
 }
 
 // Gradient of the LSE part. grid = lse_grad_grid<Cfg>(p) = (ceil(n / BM), ceil(d / DP)), 128
 // threads; block (x, y) writes dz rows [BM x, BM (x + 1)) and columns [DP y, DP (y + 1)),
-// overwriting them. A row block outside the anchors has w = 0, so its G is 0 but for the anchors'
-// columns: it visits only those tiles.
+// overwriting them. A row block visits the contrast rows' tiles if it holds anchors (their own terms)
+// and the anchors' tiles if it holds rows in [col_begin, grad_end) (their contrast role); a block outside
+// the anchors has w = 0, so its G is 0 but for the anchors' columns, and a block of neither (a detached
+// memory) visits nothing and writes zeros.
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwdParams p) {
   using T = typename Cfg::Elem;
@@ -500,9 +502,17 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
   // Padding rows (i >= n) get G = 0; their output is never written.
   const Acc w_i = i < n ? weight[i] : Acc(0);
   const Acc lse_i = i < n ? lse[i] : inf;
+  // Row i's own terms run over its contrast rows j >= col_begin; it takes the other anchors' terms (its
+  // contrast role) only from col_begin to grad_end. Both hold for every pair by default.
+  const bool side_i = i >= p.col_begin && i < p.grad_end;
 
   const bool anchor_block = i0 < p.anchor_end && i0 + BM > p.anchor_begin;
-  const int64_t j_begin = anchor_block ? 0 : p.anchor_begin, j_end = anchor_block ? n : p.anchor_end;
+  const bool side_block = i0 < p.grad_end && i0 + BM > p.col_begin && p.anchor_begin < p.anchor_end;
+  // The union of the two column ranges that apply, as one range (a gap between them holds only zeros of G).
+  const int64_t own_begin = anchor_block ? p.col_begin : n, side_begin = side_block ? p.anchor_begin : n;
+  const int64_t own_end = anchor_block ? n : 0, side_end = side_block ? p.anchor_end : 0;
+  const int64_t j_begin = own_begin < side_begin ? own_begin : side_begin;
+  const int64_t j_end = own_end > side_end ? own_end : side_end;
 
   typename Cfg::Grad grad;
   grad.init();
@@ -520,10 +530,11 @@ __global__ void __launch_bounds__(kThreads) lse_grad_kernel(const LabelSupconBwd
       Acc g = Acc(0);
       if (i < n && j < n && j != i) {
         const Acc s = S[r * Cfg::LDS + c] * inv_t;
+        const bool own = j >= p.col_begin;
         if (one_exp) {
-          g = acc_exp(s - shift) * (w_i + w_j[c]);
+          g = acc_exp(s - shift) * ((own ? w_i : Acc(0)) + (side_i ? w_j[c] : Acc(0)));
         } else {
-          g = w_i * acc_exp(s - lse_i) + w_j[c] * acc_exp(s - lse_j[c]);
+          g = (own ? w_i * acc_exp(s - lse_i) : Acc(0)) + (side_i ? w_j[c] * acc_exp(s - lse_j[c]) : Acc(0));
         }
       }
       // In place for fp32/fp64 G: each thread overwrites only the entries it has just read.

@@ -16,14 +16,14 @@ namespace mlcontrast {
 namespace cuda {
 namespace {
 
-using label_supcon::AnchorArgs;
-using label_supcon::Anchors;
+using label_supcon::RoleArgs;
+using label_supcon::Roles;
 
-void check_arguments(const at::Tensor& features, const at::Tensor& labels, const AnchorArgs& anchors) {
+void check_arguments(const at::Tensor& features, const at::Tensor& labels, const RoleArgs& roles) {
   MLC_CHECK_CUDA(features);
   MLC_CHECK_CUDA(labels);
   MLC_CHECK_SAME_DEVICE(features, labels);
-  label_supcon::check_inputs(features, labels, anchors);
+  label_supcon::check_inputs(features, labels, roles);
   dtype_of(features.scalar_type());
 }
 
@@ -43,10 +43,16 @@ ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
   return v;
 }
 
-// The class sums M_c as shared/label_supcon.h takes them; the caller keeps `stats`, whose sorted
-// order the backward's weighted sums reuse.
-ClassSums class_sums_of(const ValidSet& v, const ClassStats& stats) {
-  return {stats.inverse, stats.counts, class_sums(v.z, stats)};
+// The class sums M_c and counts of the contrast rows [contrast_begin, Nv) as shared/label_supcon.h takes
+// them, with the classes of all valid rows; the caller keeps `stats`, whose sorted order the backward's
+// weighted sums reuse.
+ClassSums class_sums_of(const ValidSet& v, const ClassStats& stats, int64_t contrast_begin) {
+  if (contrast_begin == 0) return {stats.inverse, stats.counts, class_sums(v.z, stats)};
+  // The same deterministic segmented sum, each row weighted 1 from contrast_begin on and 0 before.
+  const auto position = at::arange(v.z.size(0), stats.inverse.options());
+  const auto in_contrast = position.ge(contrast_begin).to(compute_dtype(v.z));
+  return {stats.inverse, label_supcon::contrast_counts(stats.inverse, stats.counts.size(0), contrast_begin),
+          class_sums(v.z, stats, in_contrast)};
 }
 
 // A row whose sum of exp(s_ij - c) falls below 2^-60 may have lost terms to underflow (each below
@@ -60,9 +66,9 @@ at::Tensor logit_bound(const at::Tensor& native, at::ScalarType dtype, double in
   return (largest * largest * inv_t).reshape({1});
 }
 
-// LSE_{j != i} z_i.z_j / t over the rows of `native` for the anchors (0 on the other rows), in the
-// compute dtype.
-at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t, const Anchors& a) {
+// LSE_{j != i, j >= contrast_begin} z_i.z_j / t over the rows of `native` for the anchors (0 on the other
+// rows), in the compute dtype.
+at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t, const Roles& a) {
   auto lse = at::zeros({native.size(0)}, native.options().dtype(dtype));
   LabelSupconFwdParams p;
   p.z = native.data_ptr();
@@ -70,6 +76,7 @@ at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t,
   p.n = native.size(0);
   p.row_begin = a.begin;
   p.row_end = a.end;
+  p.col_begin = a.contrast_begin;
   p.d = native.size(1);
   p.ld_z = native.size(1);
   p.inv_temperature = inv_t;
@@ -89,12 +96,13 @@ at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t,
   return lse;
 }
 
-// dZ = G Z with G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) (i != j), in the compute dtype.
+// dZ = G Z with G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) (i != j; each term within the roles,
+// see LabelSupconBwdParams), in the compute dtype.
 // Rows with w_i = 0 must have lse_i = +inf, and rows outside the anchors w_i = 0. Unless a row with a
 // weight lies far below the logit bound c (the forward redid it), G takes one exp per pair:
 // exp(s_ij - c) (alpha_i + alpha_j) with alpha = w exp(c - lse) <= w 2^60.
 at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Tensor& lse, double inv_t,
-                    const Anchors& a) {
+                    const Roles& a) {
   const int64_t n = native.size(0), d = native.size(1);
   auto dz = at::empty({n, d}, w.options());
   if (d == 0) return dz;
@@ -125,6 +133,8 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
   p.n = n;
   p.anchor_begin = a.begin;
   p.anchor_end = a.end;
+  p.col_begin = a.contrast_begin;
+  p.grad_end = a.grad_end;
   p.d = d;
   p.ld_z = d;
   p.ld_dz = d;
@@ -139,25 +149,28 @@ at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> label_supcon_cuda(const at::Tensor& features,
                                                                  const at::Tensor& labels, double temperature,
                                                                  double base_temperature, int64_t anchor_start,
-                                                                 std::optional<int64_t> anchor_stop) {
+                                                                 std::optional<int64_t> anchor_stop,
+                                                                 int64_t contrast_start,
+                                                                 std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
-  const AnchorArgs args{anchor_start, anchor_stop};
+  const RoleArgs args{anchor_start, anchor_stop, contrast_start, grad_stop};
   check_arguments(features, labels, args);
   const c10::cuda::CUDAGuard device_guard(features.device());
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return label_supcon::outputs_without_valid_rows(features);
-  const auto a = label_supcon::valid_anchors(labels, v.index, v.z.size(0), args);
-  const auto lse = row_lse(v.z, compute_dtype(features), 1.0 / temperature, a);
-  return label_supcon::outputs(lse, v.z, class_sums_of(v, class_stats(v.labels)), a, v.index, features.size(0),
-                               temperature, base_temperature);
+  const auto r = label_supcon::valid_roles(labels, v.index, v.z.size(0), args);
+  const auto lse = row_lse(v.z, compute_dtype(features), 1.0 / temperature, r);
+  return label_supcon::outputs(lse, v.z, class_sums_of(v, class_stats(v.labels), r.contrast_begin), r, v.index,
+                               features.size(0), temperature, base_temperature);
 }
 
 at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& features,
                                       const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& n_pos,
                                       double temperature, double base_temperature, int64_t anchor_start,
-                                      std::optional<int64_t> anchor_stop) {
+                                      std::optional<int64_t> anchor_stop, int64_t contrast_start,
+                                      std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
-  const AnchorArgs args{anchor_start, anchor_stop};
+  const RoleArgs args{anchor_start, anchor_stop, contrast_start, grad_stop};
   check_arguments(features, labels, args);
   MLC_CHECK_CUDA(grad_rows);
   MLC_CHECK_CUDA(lse);
@@ -170,16 +183,16 @@ at::Tensor label_supcon_backward_cuda(const at::Tensor& grad_rows, const at::Ten
   const auto dtype = compute_dtype(features);
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return at::zeros_like(features);
-  const auto a = label_supcon::valid_anchors(labels, v.index, v.z.size(0), args);
+  const auto r = label_supcon::valid_roles(labels, v.index, v.z.size(0), args);
 
-  const auto g = label_supcon::anchor_grads(grad_rows, v.index, a, dtype);
+  const auto g = label_supcon::anchor_grads(grad_rows, v.index, r, dtype);
   const auto stats = class_stats(v.labels);
-  const auto sums = class_sums_of(v, stats);
+  const auto sums = class_sums_of(v, stats, r.contrast_begin);
   const auto weights =
       label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype),
                                      label_supcon::valid_values(n_pos, v.index, dtype), temperature, base_temperature);
-  auto dz = lse_grad(v.z, weights.w, weights.lse, 1.0 / temperature, a);
-  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, class_sums(v.z, stats, weights.a));
+  auto dz = lse_grad(v.z, weights.w, weights.lse, 1.0 / temperature, r);
+  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, class_sums(v.z, stats, weights.a), r);
   return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }
 

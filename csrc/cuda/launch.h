@@ -19,6 +19,9 @@ void run_prototype_nce_bwd(const PrototypeNceBwdParams& params, cudaStream_t str
 // in its params (the caller sizes `partials` by it). A pure function of the sizes and the dtype.
 PrototypeNceSplit prototype_nce_bwd_split(int64_t b, int64_t c, int64_t d, DType dtype);
 void run_segment_sum(const SegmentSumParams& params, cudaStream_t stream);
+void run_pack_label_masks(const PackLabelMasksParams& params, cudaStream_t stream);
+void run_multihot_supcon_fwd(const MultihotSupconFwdParams& params, cudaStream_t stream);
+void run_multihot_supcon_bwd(const MultihotSupconBwdParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mlcontrast

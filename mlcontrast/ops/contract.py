@@ -131,6 +131,10 @@ def _columns(a: Mapping[str, Any]) -> tuple[int, int]:
 
 _TEMPERATURE = Arg("temperature", "float")
 _ANCHORS = (Arg("anchor_start", "int", 0), Arg("anchor_stop", "int?", None))
+# Rectangular work (reference rows, queues): rows before contrast_start are in no contrast set (they may be
+# anchors), and only rows before grad_stop (None: R) get the gradient of their role as another anchor's
+# contrast row; anchors always get the gradient of their own loss.
+_ROLES = (Arg("contrast_start", "int", 0), Arg("grad_stop", "int?", None))
 
 #: Every fused op of the package, by name.
 FUSED_OPS: dict[str, FusedOp] = {
@@ -139,18 +143,21 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp(
             name="label_supcon",
             args=(Arg("features", "Tensor"), Arg("labels", "Tensor"), _TEMPERATURE, Arg("base_temperature", "float"),
-                  *_ANCHORS),  # fmt: skip
+                  *_ANCHORS, *_ROLES),  # fmt: skip
             outputs=(
-                Output("loss", _rows, "[N] per-row loss; 0 on ignored rows, rows without positives and outside "
+                Output("loss", _rows, "[R] per-row loss; 0 on ignored rows, rows without positives and outside "
                        "the anchors"),  # fmt: skip
-                Output("lse", _rows, "[N] LSE_{j != i} s_ij of the anchors (-inf when there is nothing to contrast "
+                Output("lse", _rows, "[R] LSE_{j in A(i)} s_ij of the anchors (-inf when there is nothing to contrast "
                        "with); 0 on ignored rows and outside the anchors"),  # fmt: skip
-                Output("n_pos", _rows, "[N] |P(i)| of the valid anchors, 0 elsewhere"),
+                Output("n_pos", _rows, "[R] |P(i)| of the valid anchors, 0 elsewhere"),
             ),
             grads=("features",),
             grad_name="grad_rows",
             dtype_of=("features",),
-            doc="label-level SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: N) against all rows",
+            doc="label-level SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: R) against the "
+            "contrast set A(i) = {j != i : j >= contrast_start, label_j >= 0}, P(i) = its rows of i's label; the "
+            "backward gives rows j < grad_stop (None: R) their contrast-role gradient and the anchors their own "
+            "loss's (rows neither get 0, and no work)",
         ),
         FusedOp(
             name="multihot_supcon",
@@ -169,7 +176,6 @@ FUSED_OPS: dict[str, FusedOp] = {
             dtype_of=("features",),
             doc="multi-hot SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: R) against all R rows; "
             "targets [R, C] uint8 (1 = label present), positives 'jaccard' | 'any' | 'all' | 'mulsupcon'",
-            backends=("cpu", "triton"),
         ),
         FusedOp(
             name="prototype_ce",

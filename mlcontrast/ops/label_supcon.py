@@ -54,6 +54,15 @@ exponentials). Two kernels compute it from recomputed tiles:
   but the summation order, hence the last bits of the loss and the gradient, varies between runs on a
   GPU.
 
+Roles (reference rows, a batch against a memory): the columns of every kernel start at ``contrast_start``,
+and the rows before it that are no anchor enter as ignored rows. In the backward, a row block visits the
+contrast columns if it holds anchors and the anchors' columns if it holds rows that take their contrast
+role's gradient (``contrast_start <= i < grad_stop``); a block of neither (a detached queue) visits nothing.
+When every anchor is a contrast row below ``grad_stop`` G stays symmetric and the kernels are the ones above
+(rows past ``grad_stop`` take no side of a tile); otherwise (``ROLES``) each pair's two terms are gated by
+the roles of its row and column. The atomic kernels need every anchor among the columns (forward) and no
+``ROLES`` (backward); else the deterministic ones run.
+
 Select the atomic pair with ``MLCONTRAST_TRITON_ATOMIC=1`` or by setting :data:`ATOMIC` to True (read
 when the forward and the backward run; under ``torch.compile``, when they are traced).
 
@@ -193,6 +202,16 @@ def _anchor_range(n: int, anchor_start: int, anchor_stop: int | None) -> tuple[i
     return anchor_start, stop
 
 
+def _roles(n: int, contrast_start: int, grad_stop: int | None) -> tuple[int, int]:
+    """``(contrast_start, grad_stop)`` checked, ``grad_stop`` None as N."""
+    if not 0 <= contrast_start <= n:
+        raise ValueError(f"contrast_start must satisfy 0 <= contrast_start <= N = {n}, got {contrast_start}")
+    stop = n if grad_stop is None else grad_stop
+    if not 0 <= stop <= n:
+        raise ValueError(f"grad_stop must satisfy 0 <= grad_stop <= N = {n}, got {stop}")
+    return contrast_start, stop
+
+
 def _scale_and_shift(
     z: torch.Tensor, labels: torch.Tensor | None, temperature: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -206,23 +225,33 @@ def _scale_and_shift(
     return torch.stack([torch.full((), scale, dtype=dtype, device=z.device), largest * largest * scale])
 
 
-def _class_ids(labels: torch.Tensor, anchors: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense int32 class ids (-1 for ignored rows) and |P(i)|, the other valid rows of row i's class, for
-    the valid anchors (0 elsewhere).
+def _class_ids(
+    labels: torch.Tensor, anchors: torch.Tensor, dtype: torch.dtype, contrast_start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense int32 class ids (-1 for ignored rows, and for the rows before ``contrast_start`` that are no
+    anchor: they take no part) and |P(i)|, the other contrast rows of row i's class, for the valid anchors
+    (0 elsewhere).
 
     One sort of the labels serves both: a valid row's id is the position of its class's first row in
     the sorted labels (below N, so 32 bits hold it whatever the int64 ids are: ids equal modulo 2^32
-    stay apart), and its class's size is the distance to the class's end. Static shapes and no host
-    sync, unlike ``torch.unique``, so ``torch.compile(fullgraph=True)`` traces it; the kernels then
-    compare 32-bit ids and need not count pairs.
+    stay apart), and its class's size is the distance to the class's end (the contrast rows' size, from a
+    second sort of theirs, when ``contrast_start > 0``). Static shapes and no host sync, unlike
+    ``torch.unique``, so ``torch.compile(fullgraph=True)`` traces it; the kernels then compare 32-bit ids
+    and need not count pairs.
     """
     labels = labels.contiguous()  # searchsorted copies (and warns about) a strided query
     valid = labels >= 0
     ordered = torch.sort(torch.where(valid, labels, torch.full_like(labels, -1))).values
     first = torch.searchsorted(ordered, labels)
-    members = torch.searchsorted(ordered, labels, right=True) - first
+    members = torch.searchsorted(ordered, labels, right=True) - first - 1
+    if contrast_start > 0:
+        contrast = valid & (torch.arange(labels.shape[0], device=labels.device) >= contrast_start)
+        in_contrast = torch.sort(torch.where(contrast, labels, torch.full_like(labels, -1))).values
+        members = torch.searchsorted(in_contrast, labels, right=True) - torch.searchsorted(in_contrast, labels)
+        members = members - contrast.to(members.dtype)  # an anchor among the contrast rows is not its own positive
+        valid = valid & (anchors | contrast)
     ids = torch.where(valid, first, torch.full_like(first, -1)).to(torch.int32)
-    return ids, torch.where(valid & anchors, members - 1, 0).to(dtype)
+    return ids, torch.where(valid & anchors, members, 0).to(dtype)
 
 
 @triton_library_op("label_supcon", fake=contract.fake("label_supcon"))
@@ -233,6 +262,8 @@ def label_supcon(
     base_temperature: float,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
+    contrast_start: int = 0,
+    grad_stop: int | None = None,
     atomic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Per-row loss, row LSE and positive count of label-level SupCon (forward launcher).
@@ -242,10 +273,12 @@ def label_supcon(
         labels: ``[N]`` int64 class ids, -1 for a row that takes no part.
         temperature: :math:`\tau > 0`.
         base_temperature: :math:`\tau_{base} > 0`.
-        anchor_start, anchor_stop: the anchor rows (``anchor_stop=None``: N). Only they get a loss;
-            every valid row stays in their contrast sets (a process group's rows against all rows).
+        anchor_start, anchor_stop: the anchor rows (``anchor_stop=None``: N). Only they get a loss (a process
+            group's rows against all rows, a batch against reference rows).
+        contrast_start: anchor i's contrast set is the valid rows j != i from ``contrast_start`` on.
+        grad_stop: the backward's (see :func:`label_supcon_backward`); checked here.
         atomic: the symmetric-tile kernel (half the flops; atomics, so the last bits vary between runs)
-            instead of the deterministic one.
+            instead of the deterministic one, when every anchor is a contrast row (else the deterministic one).
 
     Returns:
         ``(loss, lse, n_pos)``, each ``[N]`` in fp32 (fp64 for fp64 features): :math:`\ell_i` (0 on
@@ -257,18 +290,20 @@ def label_supcon(
     z = features.contiguous()
     n, d = z.shape
     start, stop = _anchor_range(n, anchor_start, anchor_stop)
+    contrast_start, _ = _roles(n, contrast_start, grad_stop)
     dtype = compute_dtype(z.dtype)
     sums = torch.zeros(n, dtype=dtype, device=z.device)
     pos_dots = torch.zeros(n, dtype=dtype, device=z.device)
     lse2 = torch.zeros(n, dtype=dtype, device=z.device)
     rows = torch.arange(n, device=z.device)
     anchors = (rows >= start) & (rows < stop)
-    ids, n_pos = _class_ids(labels, anchors, dtype)
+    ids, n_pos = _class_ids(labels, anchors, dtype, contrast_start)
     if stop > start:
-        scale_shift = _scale_and_shift(z, labels, temperature, dtype)
+        scale_shift = _scale_and_shift(z, ids, temperature, dtype)
         common = {"Z": z, "stride_z": z.stride(0), "Y": ids, "N": n, "D": d, "ANCHOR_START": start,
-                  "ANCHOR_STOP": stop, "SCALE_SHIFT": scale_shift, "PRECISION": dot_precision(z.dtype)}  # fmt: skip
-        if atomic:
+                  "ANCHOR_STOP": stop, "CONTRAST_START": contrast_start, "SCALE_SHIFT": scale_shift,
+                  "PRECISION": dot_precision(z.dtype)}  # fmt: skip
+        if atomic and contrast_start <= start:  # the symmetric tiles need every anchor among the columns
             cfg = _config(d, z.dtype, "fwd-atomic")
             launch(_label_supcon_fwd_atomic_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
                 SUMS=sums, POS=pos_dots, **common, BLOCK=cfg["BLOCK_M"], **_chunks(d, cfg, z, True),
@@ -306,6 +341,8 @@ def label_supcon_backward(
     base_temperature: float,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
+    contrast_start: int = 0,
+    grad_stop: int | None = None,
     atomic: bool = False,
 ) -> torch.Tensor:
     r"""Gradient of :math:`\sum_i g_i \ell_i` with respect to the features (backward launcher).
@@ -313,10 +350,14 @@ def label_supcon_backward(
     Args:
         grad_rows: ``[N]`` upstream gradient :math:`g` of the per-row loss (rows outside the anchors,
             whose loss is the constant 0, contribute nothing).
-        features, labels, temperature, base_temperature, anchor_start, anchor_stop: as given to
-            :func:`label_supcon`.
+        features, labels, temperature, base_temperature, anchor_start, anchor_stop, contrast_start: as given
+            to :func:`label_supcon`.
         lse, n_pos: ``[N]`` statistics saved by :func:`label_supcon`.
-        atomic: use the symmetric-tile kernel with atomic accumulation instead of the deterministic one.
+        grad_stop: the rows before it (None: N) get the gradient of their contrast role (their terms in the
+            other anchors' losses); the anchors get that of their own loss. Other rows get 0, and their
+            blocks no work.
+        atomic: use the symmetric-tile kernel with atomic accumulation instead of the deterministic one,
+            when every anchor is a contrast row before ``grad_stop`` (else the deterministic one).
 
     Returns:
         ``[N, D]`` gradient in the dtype of ``features``.
@@ -324,6 +365,11 @@ def label_supcon_backward(
     z = features.contiguous()
     n, d = z.shape
     start, stop = _anchor_range(n, anchor_start, anchor_stop)
+    contrast_start, grad_stop = _roles(n, contrast_start, grad_stop)
+    # Without roles every anchor is a contrast row below grad_stop: G is symmetric (the rows before
+    # contrast_start that are no anchor come as ignored rows).
+    roles = stop > start and not (contrast_start <= start and stop <= grad_stop)
+    atomic = atomic and not roles
     dtype = compute_dtype(z.dtype)
     inv_t = 1.0 / temperature
     zero = torch.zeros((), dtype=dtype, device=z.device)
@@ -340,14 +386,15 @@ def label_supcon_backward(
     # The deterministic kernel writes every element once, in the features' dtype; the atomic one adds
     # into a zeroed fp32 (fp64) buffer.
     grad = torch.zeros_like(z, dtype=dtype) if atomic else torch.empty((n, d), dtype=features.dtype, device=z.device)
-    scale_shift = _scale_and_shift(z, labels, temperature, dtype)
+    ids = _class_ids(labels, anchors, dtype, contrast_start)[0]
+    scale_shift = _scale_and_shift(z, ids, temperature, dtype)
     # -log2 of each row's shifted sum: at most `limit` (60) unless the forward redid the row.
     below_shift, limit = scale_shift[1] - lse2, -math.log2(SHIFTED_SUM_FLOOR)
     alpha = torch.where(w != 0, w * torch.exp2(below_shift.clamp(max=limit)), zero)
     two_exp = ((w != 0) & (below_shift > limit)).any().to(torch.int32).reshape(1)
     args = {"DZ": grad, "stride_dz": grad.stride(0), "Z": z, "stride_z": z.stride(0),
-            "Y": _class_ids(labels, anchors, dtype)[0], "LSE2": lse2, "W": w, "A": a, "ALPHA": alpha, "N": n,
-            "D": d, "ANCHOR_START": start, "ANCHOR_STOP": stop, "SCALE_SHIFT": scale_shift, "TWO_EXP": two_exp,
+            "Y": ids, "LSE2": lse2, "W": w, "A": a, "ALPHA": alpha, "N": n, "D": d, "ANCHOR_START": start,
+            "ANCHOR_STOP": stop, "GRAD_STOP": grad_stop, "SCALE_SHIFT": scale_shift, "TWO_EXP": two_exp,
             "PRECISION": dot_precision(z.dtype), "SCALE_G": z.dtype == torch.float16,
             **_chunks(d, cfg, z, atomic, 2 if atomic else 1)}  # fmt: skip
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
@@ -356,8 +403,9 @@ def label_supcon_backward(
     else:
         slabs = max(1, triton.cdiv(d, cfg["BLOCK_DZ"]))
         launch(_label_supcon_bwd_kernel, (row_blocks, slabs))(
-            **args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DZ=cfg["BLOCK_DZ"], **cfg["options"]
-        )
+            **args, CONTRAST_START=contrast_start, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_DZ=cfg["BLOCK_DZ"], ROLES=roles, **cfg["options"],
+        )  # fmt: skip
     return grad.to(features.dtype)
 
 

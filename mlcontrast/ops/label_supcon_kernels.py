@@ -109,6 +109,7 @@ def _label_supcon_fwd_kernel(
     D,
     ANCHOR_START,
     ANCHOR_STOP,  # the anchor rows, whose statistics are written
+    CONTRAST_START,  # the columns: rows CONTRAST_START .. N (rows before it are in no contrast set)
     SCALE_SHIFT,  # [2] in the compute dtype: log2(e) / temperature, and the shift c log2(e)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,7 +129,7 @@ def _label_supcon_fwd_kernel(
     z_i0 = _row_chunk(Z, stride_z, rows, row_in, tl.arange(0, BLOCK_D), D)
     zero = tl.zeros([BLOCK_M], acc_dtype)
     sums, pos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, bias_i - shift, z_i0, i0, 0, N, D, scale, zero, zero,
+        Z, stride_z, Y, rows, row_in, y_i, bias_i - shift, z_i0, i0, CONTRAST_START, N, D, scale, zero, zero,
         BLOCK_M, BLOCK_N, BLOCK_D, NUM_D_CHUNKS, PRECISION,
     )  # fmt: skip
     tl.store(SUMS + rows, sums, mask=row_in)
@@ -146,6 +147,7 @@ def _label_supcon_fwd_atomic_kernel(
     D,
     ANCHOR_START,
     ANCHOR_STOP,
+    CONTRAST_START,  # at most ANCHOR_START: every anchor is a column of the others
     SCALE_SHIFT,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -189,7 +191,7 @@ def _label_supcon_fwd_atomic_kernel(
             tl.atomic_add(SUMS + cols, tl.sum(e, 0), mask=col_in, sem="relaxed")
             tl.atomic_add(POS + cols, tl.sum(s_pos, 0), mask=col_in, sem="relaxed")
     sums, pos = _shifted_row_sums(
-        Z, stride_z, Y, rows, row_in, y_i, offset_i, z_i0, i0, 0, ANCHOR_START, D, scale, sums, pos,
+        Z, stride_z, Y, rows, row_in, y_i, offset_i, z_i0, i0, CONTRAST_START, ANCHOR_START, D, scale, sums, pos,
         BLOCK, BLOCK, BLOCK_D, NUM_D_CHUNKS, PRECISION,
     )  # fmt: skip
     sums, pos = _shifted_row_sums(
@@ -212,6 +214,7 @@ def _label_supcon_lse_kernel(
     D,
     ANCHOR_START,
     ANCHOR_STOP,
+    CONTRAST_START,
     SCALE_SHIFT,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -230,13 +233,13 @@ def _label_supcon_lse_kernel(
     y_i, bias_i = _labels(Y, rows, row_in, -1)
     redo = row_in & (y_i >= 0) & (tl.load(SUMS + rows, mask=row_in, other=1.0) < FLOOR)
     any_redo = tl.max(redo.to(tl.int32), 0) > 0
-    j_end = tl.where(any_redo, N, 0)
+    j_end = tl.where(any_redo, N, CONTRAST_START)
     # Nothing is read from Z by a block without such a row (the usual case): a launch, and no traffic.
     z_i0 = _row_chunk(Z, stride_z, rows, row_in & any_redo, tl.arange(0, BLOCK_D), D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), acc_dtype)
     l_i = tl.zeros([BLOCK_M], acc_dtype)
-    for j0 in range(0, j_end, BLOCK_N):
+    for j0 in range(CONTRAST_START, j_end, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_in = cols < N
         y_j, bias_j = _labels(Y, cols, col_in, -2)
@@ -272,6 +275,7 @@ def _pair_weights(
     dots, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i,
     alpha_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # (See _role_pair_weights for rows with different roles.)
     # G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) - (a_i + a_j) [y_i = y_j] over valid pairs
     # i != j. With the fixed shift, one exp serves both terms: G = 2^(scale dots - shift) (alpha_i +
     # alpha_j). That needs alpha <= w 2^60, i.e. no row far below the shift (two_exp = 0: the forward
@@ -285,6 +289,28 @@ def _pair_weights(
     else:
         g = tl.exp2(s2 - shift) * (alpha_i[:, None] + alpha_j[None, :])
     return g - tl.where(positive, a_i[:, None] + a_j[None, :], 0.0)
+
+
+@triton.jit
+def _role_pair_weights(
+    dots, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j, alpha_i,
+    alpha_j, contrast_j, side_i, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # _pair_weights when the rows have roles: row i's own terms (w_i, a_i) count only for the columns j of
+    # its contrast set (contrast_j), and the terms of anchor j's loss only for the rows i that take their
+    # contrast role's gradient (side_i): G_ij = [contrast_j] (w_i E_ij - a_i [j in P(i)]) + [side_i] (w_j E_ji
+    # - a_j [i in P(j)]). G is not symmetric then; every row gets exactly its own gradient.
+    s2, positive = _tile_terms(dots, scale, bias_i, bias_j, y_i, y_j, i0, j0, BLOCK_M, BLOCK_N)
+    own = contrast_j[None, :]
+    side = side_i[:, None]
+    if two_exp:
+        g = tl.where(own, w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]), 0.0) + tl.where(
+            side, w_j[None, :] * tl.exp2(s2 - lse2_j[None, :]), 0.0
+        )
+    else:
+        g = tl.exp2(s2 - shift) * (tl.where(own, alpha_i[:, None], 0.0) + tl.where(side, alpha_j[None, :], 0.0))
+    pair = tl.where(own, a_i[:, None], 0.0) + tl.where(side, a_j[None, :], 0.0)
+    return g - tl.where(positive, pair, 0.0)
 
 
 @triton.jit
@@ -315,6 +341,8 @@ def _label_supcon_bwd_kernel(
     D,
     ANCHOR_START,
     ANCHOR_STOP,
+    CONTRAST_START,  # the contrast rows: CONTRAST_START .. N
+    GRAD_STOP,  # the rows that take their contrast role's gradient: 0 .. GRAD_STOP
     SCALE_SHIFT,  # [2]: log2(e) / temperature and the shift, as in the forward
     TWO_EXP,  # [1] int32: 1 when a row with a loss is far below the shift (see _pair_weights)
     BLOCK_M: tl.constexpr,
@@ -324,12 +352,17 @@ def _label_supcon_bwd_kernel(
     BLOCK_DZ: tl.constexpr,  # the columns of dZ a program owns (program_id(1) picks which)
     PRECISION: tl.constexpr,
     SCALE_G: tl.constexpr,
+    ROLES: tl.constexpr,  # some anchor is no contrast row, or at or past GRAD_STOP: _role_pair_weights
 ):
     # Deterministic: program (I, c) owns the rows I and the columns c BLOCK_DZ + [0, BLOCK_DZ) of dZ,
     # visits every column tile and accumulates dZ_I,c += G_IJ Z_J,c in registers: each element of dZ is
     # stored once, never read back (no read-modify-write through global memory). G needs S over all of
     # D, so when D spans several slabs (D > BLOCK_DZ) each slab's program recomputes it. A row block
-    # outside the anchors has w = a = 0, so its G is 0 but for the anchors' columns: it visits only those.
+    # visits the columns of its anchors' contrast sets (CONTRAST_START .. N) and, if it holds rows that take
+    # their contrast role's gradient, the anchors' columns: a block of neither (a detached memory) visits
+    # nothing and writes zeros. Without ROLES every anchor is a contrast row below GRAD_STOP, the rows
+    # before CONTRAST_START come as ignored rows and G is symmetric; rows past GRAD_STOP that are no anchor
+    # are zeroed at the store.
     pid = tl.program_id(0).to(tl.int64)
     slab = tl.program_id(1)
     acc_dtype = W.dtype.element_ty
@@ -344,8 +377,10 @@ def _label_supcon_bwd_kernel(
     offs_dz = slab * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
 
     anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK_M > ANCHOR_START)
-    j_start = tl.where(anchor_block, 0, ANCHOR_START)
-    j_stop = tl.where(anchor_block, N, ANCHOR_STOP)
+    side_block = (i0 < GRAD_STOP) & (i0 + BLOCK_M > CONTRAST_START) & (ANCHOR_START < ANCHOR_STOP)
+    j_start = tl.minimum(tl.where(anchor_block, CONTRAST_START, N), tl.where(side_block, ANCHOR_START, N))
+    j_stop = tl.maximum(tl.where(anchor_block, N, 0), tl.where(side_block, ANCHOR_STOP, 0))
+    side_i = (rows >= CONTRAST_START) & (rows < GRAD_STOP)
     dz = tl.zeros([BLOCK_M, BLOCK_DZ], acc_dtype)
     for j0 in range(j_start, j_stop, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -355,15 +390,23 @@ def _label_supcon_bwd_kernel(
         s, z_j0 = _similarity_tile(
             Z, stride_z, rows, row_in, z_i0, cols, col_in, D, s, BLOCK_D, NUM_D_CHUNKS, PRECISION
         )
-        g = _pair_weights(
-            s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
-            alpha_i, alpha_j, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
+        if ROLES:
+            g = _role_pair_weights(
+                s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
+                alpha_i, alpha_j, cols >= CONTRAST_START, side_i, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+        else:
+            g = _pair_weights(
+                s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
+                alpha_i, alpha_j, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
         if (NUM_D_CHUNKS == 1) and (BLOCK_DZ == BLOCK_D):
             z_j = z_j0  # one chunk is all of D and the slab: the tile already loaded
         else:
             z_j = _row_chunk(Z, stride_z, cols, col_in, offs_dz, D)
         dz += _weighted_rows(g, z_j, PRECISION, SCALE_G)
+    if not ROLES:  # rows past GRAD_STOP but the anchors take no gradient
+        dz = tl.where(((rows < GRAD_STOP) | ((rows >= ANCHOR_START) & (rows < ANCHOR_STOP)))[:, None], dz, 0.0)
     tl.store(
         DZ + rows[:, None] * stride_dz + offs_dz[None, :],
         dz.to(DZ.dtype.element_ty),
@@ -373,17 +416,17 @@ def _label_supcon_bwd_kernel(
 
 @triton.jit
 def _add_chunk_atomic(
-    DZ, stride_dz, Z, stride_z, g, rows, row_in, cols, col_in, d, D, off_diagonal,
+    DZ, stride_dz, Z, stride_z, g, rows, row_in, row_out, cols, col_in, col_out, d, D, off_diagonal,
     PRECISION: tl.constexpr, SCALE_G: tl.constexpr,
 ):  # fmt: skip
     # The D chunk d of both sides of a symmetric tile: dZ[rows, d] += G Z[cols, d] and, off the
-    # diagonal, dZ[cols, d] += G^T Z[rows, d].
+    # diagonal, dZ[cols, d] += G^T Z[rows, d] (row_out, col_out: the rows that take a gradient).
     d_in = d < D
     z_j = _row_chunk(Z, stride_z, cols, col_in, d, D)
     tl.atomic_add(
         DZ + rows[:, None] * stride_dz + d[None, :],
         _weighted_rows(g, z_j, PRECISION, SCALE_G),
-        mask=row_in[:, None] & d_in[None, :],
+        mask=row_out[:, None] & d_in[None, :],
         sem="relaxed",
     )
     if off_diagonal:
@@ -391,7 +434,7 @@ def _add_chunk_atomic(
         tl.atomic_add(
             DZ + cols[:, None] * stride_dz + d[None, :],
             _weighted_rows(tl.trans(g), z_i, PRECISION, SCALE_G),
-            mask=col_in[:, None] & d_in[None, :],
+            mask=col_out[:, None] & d_in[None, :],
             sem="relaxed",
         )
 
@@ -411,6 +454,7 @@ def _label_supcon_bwd_atomic_kernel(
     D,
     ANCHOR_START,
     ANCHOR_STOP,
+    GRAD_STOP,  # at least ANCHOR_STOP: the rows past it take no gradient
     SCALE_SHIFT,
     TWO_EXP,
     BLOCK: tl.constexpr,
@@ -425,7 +469,8 @@ def _label_supcon_bwd_atomic_kernel(
     # covers both orders of its pairs. Other programs add into the same rows: atomics throughout (the
     # first D chunk of the program's own rows accumulates in registers until the end).
     # Outside the anchors w = a = 0, so a tile of two blocks outside them is 0: a row block outside
-    # the anchors visits only the tiles J >= I that overlap them.
+    # the anchors visits only the tiles J >= I that overlap them. Rows past GRAD_STOP (no anchors) take no
+    # gradient: their sides of the tiles are not added.
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = DZ.dtype.element_ty
     scale = tl.load(SCALE_SHIFT)
@@ -435,6 +480,7 @@ def _label_supcon_bwd_atomic_kernel(
     rows = i0 + tl.arange(0, BLOCK)
     row_in = rows < N
     y_i, bias_i, lse2_i, w_i, a_i, alpha_i = _row_stats(Y, LSE2, W, A, ALPHA, rows, row_in, -1)
+    row_out = rows < GRAD_STOP
     offs_d = tl.arange(0, BLOCK_D)
     d0_in = offs_d < D
     z_i0 = _row_chunk(Z, stride_z, rows, row_in, offs_d, D)
@@ -455,22 +501,25 @@ def _label_supcon_bwd_atomic_kernel(
             s, scale, shift, two_exp, i0, j0, y_i, y_j, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, a_i, a_j,
             alpha_i, alpha_j, BLOCK, BLOCK,
         )  # fmt: skip
-        off_diagonal = j0 != i0
+        # The columns' side, but on the diagonal (its rows cover it) and for columns past GRAD_STOP (none
+        # of a tile past it: a detached queue costs no product for it).
+        off_diagonal = (j0 != i0) & (j0 < GRAD_STOP)
+        col_out = cols < GRAD_STOP
         dz0 += _weighted_rows(g, z_j0, PRECISION, SCALE_G)
         if off_diagonal:
             tl.atomic_add(
                 DZ + cols[:, None] * stride_dz + offs_d[None, :],
                 _weighted_rows(tl.trans(g), z_i0, PRECISION, SCALE_G),
-                mask=col_in[:, None] & d0_in[None, :],
+                mask=col_out[:, None] & d0_in[None, :],
                 sem="relaxed",
             )
         for k in tl.static_range(1, NUM_D_CHUNKS):
-            _add_chunk_atomic(DZ, stride_dz, Z, stride_z, g, rows, row_in, cols, col_in, k * BLOCK_D + offs_d, D,
-                              off_diagonal, PRECISION, SCALE_G)  # fmt: skip
+            _add_chunk_atomic(DZ, stride_dz, Z, stride_z, g, rows, row_in, row_out, cols, col_in, col_out,
+                              k * BLOCK_D + offs_d, D, off_diagonal, PRECISION, SCALE_G)  # fmt: skip
         if NUM_D_CHUNKS == 0:
             for d0 in range(BLOCK_D, D, BLOCK_D):
-                _add_chunk_atomic(DZ, stride_dz, Z, stride_z, g, rows, row_in, cols, col_in, d0 + offs_d, D,
-                                  off_diagonal, PRECISION, SCALE_G)  # fmt: skip
+                _add_chunk_atomic(DZ, stride_dz, Z, stride_z, g, rows, row_in, row_out, cols, col_in, col_out,
+                                  d0 + offs_d, D, off_diagonal, PRECISION, SCALE_G)  # fmt: skip
     tl.atomic_add(
-        DZ + rows[:, None] * stride_dz + offs_d[None, :], dz0, mask=row_in[:, None] & d0_in[None, :], sem="relaxed"
+        DZ + rows[:, None] * stride_dz + offs_d[None, :], dz0, mask=row_out[:, None] & d0_in[None, :], sem="relaxed"
     )

@@ -291,7 +291,7 @@ def multihot_supcon(
         launch(_label_supcon_lse_kernel, (triton.cdiv(stop - start, cfg["BLOCK_M"]),))(
             LSE2=lse2, SUMS=sums, FLOOR=SHIFTED_SUM_FLOOR, Z=z, stride_z=z.stride(0),
             Y=torch.zeros(n, dtype=torch.int32, device=z.device), N=n, D=d, ANCHOR_START=start, ANCHOR_STOP=stop,
-            SCALE_SHIFT=scale_shift, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=lse_chunks["BLOCK_D"],
+            CONTRAST_START=0, SCALE_SHIFT=scale_shift, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=lse_chunks["BLOCK_D"],
             NUM_D_CHUNKS=lse_chunks["NUM_D_CHUNKS"], PRECISION=common["PRECISION"], **cfg["options"],
         )  # fmt: skip
     lse = lse2 * _LN2

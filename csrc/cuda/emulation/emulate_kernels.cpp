@@ -1,8 +1,12 @@
 // Runs the CUDA kernel templates of csrc/cuda on the CPU through host_emulation.h (see there).
 // Used by tests/test_cuda_build.py; not part of the extension.
 //
-//   emulate_kernels supcon_fwd  DTYPE TC N D INV_T BEGIN END SHIFT          z lse
-//   emulate_kernels supcon_bwd  DTYPE TC N D INV_T BEGIN END G_SCALE SHIFT  z w lse alpha dz
+//   emulate_kernels supcon_fwd  DTYPE TC N D INV_T BEGIN END SHIFT          z lse [COL_BEGIN]
+//   emulate_kernels supcon_bwd  DTYPE TC N D INV_T BEGIN END G_SCALE SHIFT  z w lse alpha dz [COL_BEGIN GRAD_END]
+//   emulate_kernels multihot_fwd DTYPE TC N D C INV_T BEGIN END SHIFT RULE THRESHOLD
+//                                z targets lse count coef b
+//   emulate_kernels multihot_bwd DTYPE TC N D C INV_T BEGIN END G_SCALE SHIFT RULE THRESHOLD
+//                                z targets w lse pair alpha dz
 //   emulate_kernels nce_fwd     DTYPE ROWS C D INV_T                  z unit_p logits norm
 //   emulate_kernels nce_bwd     DTYPE ROWS C D INV_T                  z unit_p dlogits grad_z grad_unit_p
 //   emulate_kernels nce_grid    DTYPE B C D     (prints the backward's split and grids; runs nothing)
@@ -13,12 +17,19 @@
 // TC = 1 picks the tensor-core (WMMA) configuration (fp32 as TF32), 0 the SIMT one. G_SCALE = 0
 // means none. SHIFT is the logit bound c of the fixed-shift forward and the one-exp backward, or "-"
 // for the online max and two exps (the backward's alpha file is then "-" too). BEGIN END are the
-// anchor rows. Arrays are raw little-endian files; outputs are written the same way (lse outside the
+// anchor rows; the optional COL_BEGIN (default 0) and GRAD_END (default N) the roles of the rows
+// (params.h). Arrays are raw little-endian files; outputs are written the same way (lse outside the
 // anchors keeps the input's zeros).
+//
+// multihot_*: the pair kernels of multihot_supcon.cuh with C labels, the targets [N, C] uint8 packed by
+// the emulated pack_masks_kernel; RULE is jaccard, any or all, THRESHOLD jaccard's (least_passing_ratio,
+// as the api); the forward's SHIFT is required. RULE mulsupcon runs label_supcon's kernels on the same
+// parameters, as the api does (count, coef and b then stay 0).
 #include "host_emulation.h"
 
 // The kernel templates under test (after the emulation header, which redefines the CUDA keywords).
 #include "../label_supcon.cuh"
+#include "../multihot_supcon.cuh"
 #include "../prototype_nce.cuh"
 #include "../segment_sum.cuh"
 
@@ -101,6 +112,124 @@ void dispatch(DType t, bool tc, F f) {
   }
 }
 
+// The label sets of a targets file as the api builds them (the emulated pack kernel), and the pair rule.
+struct PackedLabels {
+  Buffer masks{0}, sizes{0};
+  LabelPairs pairs;
+};
+
+PackedLabels pack_labels(const std::string& path, int64_t n, int64_t c, const std::string& rule, double threshold) {
+  const int64_t words = std::max<int64_t>(1, (c + 63) / 64);
+  Buffer targets = Buffer::from_file(path, n * c);
+  PackedLabels l{Buffer(words * n * 8), Buffer(n * 4), LabelPairs{}};
+  PackLabelMasksParams p;
+  p.targets = static_cast<const uint8_t*>(targets.get());
+  p.masks = static_cast<uint64_t*>(l.masks.get());
+  p.sizes = static_cast<int32_t*>(l.sizes.get());
+  p.n = n;
+  p.c = c;
+  p.ld_targets = c;
+  p.words = words;
+  if (n > 0) emu::launch(multihot::pack_grid(p), kThreads, multihot::pack_masks_kernel, p);
+  l.pairs.masks = p.masks;
+  l.pairs.sizes = p.sizes;
+  l.pairs.words = words;
+  if (rule == "jaccard") {
+    l.pairs.rule = PairRule::kJaccard;
+    least_passing_ratio(threshold, c, l.pairs.o_star, l.pairs.u_star);
+  } else if (rule == "any" || rule == "all") {
+    l.pairs.rule = rule == "any" ? PairRule::kAny : PairRule::kAll;
+  } else {
+    throw std::runtime_error("unknown rule " + rule);
+  }
+  return l;
+}
+
+// The fields that label_supcon's forward and backward parameters share, as the api sets them.
+template <class Params>
+void set_rows(Params& p, void* z, int64_t n, int64_t d, double inv_t, DType dtype, const void* shift) {
+  p.z = z;
+  p.n = n;
+  p.d = d;
+  p.ld_z = d;
+  p.inv_temperature = inv_t;
+  p.dtype = dtype;
+  p.shift = shift;
+}
+
+// multihot_fwd / multihot_bwd (see the header): arguments from argv[3].
+int run_multihot(const std::string& op, DType dtype, char** argv) {
+  const std::size_t es = elem_size(dtype), as = acc_size(dtype);
+  const bool tc = std::stoi(argv[3]) != 0;
+  const int64_t n = std::stoll(argv[4]), d = std::stoll(argv[5]), c = std::stoll(argv[6]);
+  const double inv_t = std::stod(argv[7]);
+  const int64_t begin = std::stoll(argv[8]), end = std::stoll(argv[9]);
+  const bool fwd = op == "multihot_fwd";
+  char** rest = argv + (fwd ? 10 : 11);  // SHIFT RULE THRESHOLD z targets ...
+  const std::string shift_arg = rest[0];
+  const double shift_value = shift_arg != "-" ? std::stod(shift_arg) : 0.0;
+  const float shift_f32 = static_cast<float>(shift_value);
+  const void* shift = shift_arg == "-" ? nullptr : (as == 8 ? static_cast<const void*>(&shift_value) : &shift_f32);
+  // "mulsupcon" runs label_supcon's kernels on the same parameters, as the api does (no label masks).
+  const bool pairs = std::string(rest[1]) != "mulsupcon";
+  const PackedLabels labels = pairs ? pack_labels(rest[4], n, c, rest[1], std::stod(rest[2])) : PackedLabels{};
+  Buffer z = Buffer::from_file(rest[3], n * d * es);
+  if (fwd) {
+    if (shift == nullptr) throw std::runtime_error("multihot_fwd needs the shift");
+    Buffer lse(n * as), count(n * as), coef(n * as), b(n * as);
+    MultihotSupconFwdParams p;
+    set_rows(p.lse, z.get(), n, d, inv_t, dtype, shift);
+    p.lse.lse = lse.get();
+    p.lse.row_begin = begin;
+    p.lse.row_end = end;
+    p.pairs = labels.pairs;
+    p.count = count.get();
+    p.coef = coef.get();
+    p.b = b.get();
+    dispatch(dtype, tc, [&]<typename T, bool TC>() {
+      using Cfg = supcon::KernelConfig<T, TC>;
+      if (end <= begin) return;
+      if (pairs) {
+        emu::launch(supcon::lse_grid<Cfg>(p.lse), kThreads, multihot::pairs_fwd_kernel<Cfg>, p);
+      } else {
+        emu::launch(supcon::lse_grid<Cfg>(p.lse), kThreads, supcon::lse_kernel<Cfg>, p.lse);
+      }
+    });
+    lse.save(rest[5]);
+    count.save(rest[6]);
+    coef.save(rest[7]);
+    b.save(rest[8]);
+    return 0;
+  }
+  const double g_scale_value = std::stod(argv[10]);
+  float g_scale = static_cast<float>(g_scale_value);
+  Buffer w = Buffer::from_file(rest[5], n * as), lse = Buffer::from_file(rest[6], n * as),
+         pair = Buffer::from_file(rest[7], n * as), dz(n * d * as);
+  Buffer alpha = shift != nullptr ? Buffer::from_file(rest[8], n * as) : Buffer(0);
+  MultihotSupconBwdParams p;
+  set_rows(p.softmax, z.get(), n, d, inv_t, dtype, shift);
+  p.softmax.w = w.get();
+  p.softmax.lse = lse.get();
+  p.softmax.g_scale = g_scale_value != 0 ? &g_scale : nullptr;
+  p.softmax.dz = dz.get();
+  p.softmax.anchor_begin = begin;
+  p.softmax.anchor_end = end;
+  p.softmax.ld_dz = d;
+  p.softmax.alpha = shift != nullptr ? alpha.get() : nullptr;
+  p.pairs = labels.pairs;
+  p.pair = pair.get();
+  dispatch(dtype, tc, [&]<typename T, bool TC>() {
+    using Cfg = supcon::KernelConfig<T, TC>;
+    if (pairs) {
+      emu::launch(supcon::lse_grad_grid<Cfg>(p.softmax), kThreads, multihot::pairs_grad_kernel<Cfg>, p);
+    } else {
+      emu::launch(supcon::lse_grad_grid<Cfg>(p.softmax), kThreads, supcon::lse_grad_kernel<Cfg>, p.softmax);
+    }
+  });
+  dz.save(rest[9]);
+  return 0;
+}
+
 int run(int argc, char** argv) {
   if (argc < 3) throw std::runtime_error("usage: see the header of emulate_kernels.cpp");
   const std::string op = argv[1];
@@ -127,6 +256,7 @@ int run(int argc, char** argv) {
       p.n = n;
       p.row_begin = begin;
       p.row_end = end;
+      p.col_begin = argc > 12 ? std::stoll(argv[12]) : 0;
       p.d = d;
       p.ld_z = d;
       p.inv_temperature = inv_t;
@@ -153,6 +283,8 @@ int run(int argc, char** argv) {
       p.n = n;
       p.anchor_begin = begin;
       p.anchor_end = end;
+      p.col_begin = argc > 16 ? std::stoll(argv[16]) : 0;
+      p.grad_end = argc > 17 ? std::stoll(argv[17]) : n;
       p.d = d;
       p.ld_z = d;
       p.ld_dz = d;
@@ -165,6 +297,11 @@ int run(int argc, char** argv) {
       dz.save(argv[15]);
     }
     return 0;
+  }
+
+  if (op == "multihot_fwd" || op == "multihot_bwd") {
+    if (argc < (op == "multihot_fwd" ? 19 : 21)) throw std::runtime_error("too few arguments for " + op);
+    return run_multihot(op, dtype, argv);
   }
 
   if (op == "nce_grid") {

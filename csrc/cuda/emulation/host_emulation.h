@@ -2,7 +2,7 @@
 //
 // Not part of the extension (setup.py compiles csrc/cuda/*.cu and *.cpp only): tests/test_cuda_build.py
 // compiles emulate_kernels.cpp with g++ against this header and runs the real kernel code of
-// label_supcon.cuh, prototype_nce.cuh and segment_sum.cuh on small inputs, then compares the results
+// label_supcon.cuh, multihot_supcon.cuh, prototype_nce.cuh and segment_sum.cuh on small inputs, then compares the results
 // with reference.py. Built with -fsanitize=thread it also checks the kernels' barrier protocol:
 // every block runs as one std::thread per CUDA thread, __syncthreads() is a std::barrier, so a
 // shared-memory access that no barrier orders against a conflicting one is a data race for TSan.
@@ -118,6 +118,7 @@ inline T __shfl_xor_sync(unsigned, T v, int offset) {
   return emu::shfl_xor(v, offset);
 }
 [[noreturn]] inline void __trap() { std::abort(); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 
 using std::fma;
 using std::max;
