@@ -15,7 +15,7 @@ from mlcontrast.train.argtypes import decay, non_negative_int, optional, positiv
 from mlcontrast.train.data import DATASETS, EMBEDDED
 from mlcontrast.train.data.transforms import AUGMENTS
 from mlcontrast.train.methods import METHODS
-from mlcontrast.train.recipes import RECIPES, recipe_values
+from mlcontrast.train.recipes import RECIPES, recipe_values, released_files
 
 __all__ = ["DESCRIPTION", "build_parser", "apply_recipe", "resolve_args", "build_method", "resolved_config",
            "method_options"]
@@ -185,7 +185,9 @@ _CONFIG_KEYS = ("method", "dataset", "recipe", "optimizer", "lr", "weight_decay"
 
 def resolved_config(args: argparse.Namespace) -> dict:
     """The resolved configuration (``--print-config``): the keys above (``None`` where unused, e.g.
-    ``step_size`` under OneCycle) plus the method's own options; JSON-serialisable."""
+    ``step_size`` under OneCycle) plus the method's own options; JSON-serialisable. Under ``--recipe paper``,
+    ``released_files`` maps each option that takes a file the release loads (``weights``, ``sadcl_init``,
+    ``sadcl_prototypes``, ``hst_class_embeddings``, ...) to where the release gets that file."""
     args = resolve_args(args)
     cfg = {}
     for key in _CONFIG_KEYS:
@@ -195,6 +197,9 @@ def resolved_config(args: argparse.Namespace) -> dict:
         cfg[key] = value
     for key in method_options(args.method):
         cfg[key] = getattr(args, key, None)
+    files = released_files(args.recipe, args.method, args.dataset)
+    if files:
+        cfg["released_files"] = files
     return cfg
 
 

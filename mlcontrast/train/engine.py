@@ -242,7 +242,8 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
                                train_targets=train_set.targets[: len(train_plain)])
     model = build_method(args.method, num_classes, margs).to(device)
     configure_backbones(model, args)
-    if getattr(args, "recipe", "digits") == "paper" and args.weights is None and dist.main:
+    from_checkpoint = getattr(args, "sadcl_init", None) is not None  # a stage-1 checkpoint holds the backbone
+    if getattr(args, "recipe", "digits") == "paper" and args.weights is None and not from_checkpoint and dist.main:
         print("mlcontrast-train: warning: --recipe paper starts from ImageNet weights in the releases; without "
               "--weights the backbone starts from random weights", file=sys.stderr)
     ema = ModelEMA(model, args.model_ema) if getattr(args, "model_ema", None) else None  # before process_group

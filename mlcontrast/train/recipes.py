@@ -21,7 +21,7 @@ everywhere in the package: SADCL's released global batch of 64 is 32 on each of 
 
 from __future__ import annotations
 
-__all__ = ["RECIPES", "PAPER", "recipe_values"]
+__all__ = ["RECIPES", "PAPER", "RELEASED_FILES", "recipe_values", "released_files"]
 
 RECIPES = ("digits", "paper")
 
@@ -80,7 +80,7 @@ HST_COCO = {
     "hidden_dim": 1024,                # H model/HST.py:15 imageFeatureDim=1024 (= outputDim)
     "hst_sd_dim": 512,                 # H model/HST.py:15 intermediaDim=512
     "hst_pair_dim": 1024,              # H model/HST.py:15,47 intra_fc_2 → outputDim=1024
-    "hst_embed_dim": 300,              # H model/HST.py:16 wordFeatureDim=300 (GloVe: --hst-class-embeddings)
+    "hst_embed_dim": 300,              # H model/HST.py:16 wordFeatureDim=300 (GloVe file: --hst-word-vectors)
     "hst_ggnn_steps": 3,               # H model/HST.py:16 timeStep=3
     "hst_generate_label_epoch": 5,     # H scripts/HST.sh:32 generateLabelEpoch=5 (= computePrototypeEpoch, :49)
     "hst_prototypes": 10,              # H scripts/HST.sh:47 prototypeNumber=10
@@ -133,6 +133,49 @@ PAPER: dict[tuple[str, str], dict] = {
     ("trmml", "coco2014"): TRMML_COCO, ("trmml", "voc2007"): TRMML_VOC, ("trmml", "nuswide"): TRMML_NUSWIDE,
     ("trmml", "vg"): TRMML_VG, ("trmml", "cub"): TRMML_CUB,
 }
+
+
+# ----------------------------------------------------------------------------------- files the releases load
+# The recipe cannot know where a user keeps them: each entry is an option (left null) and where the release
+# gets the file. ``--print-config`` shows them under ``released_files``; README "Reproducing a published result".
+_S, _H = "yu-gi-oh-leilei/SADCL@ba9a7ec", "HCPLab-SYSU/HCP-MLR-PL@d9fd300"
+_S_PROTO = ("float32 [{c}, 2048] .npy shipped in " + _S + ": data/prototype/vis_prototype_embed_file_select_"
+            "resnet101_{px}_{name}_085.npy (code/lib_sadcl/models/sadcl.py:88-111: the prototypes and every "
+            "memory-bank slot)")
+_S_INIT = ("the stage-1 Query2Label checkpoint, not shipped: " + _S + " scripts/sadcl/coco.sh step 1 trains it, "
+           "step 2 passes its model_best.pth.tar as --resume (code/lib_sadcl/utils/util.py:85-132 copies the "
+           "matching keys{voc})")
+_S_VOC = "; a COCO model's class rows through the VOC ← COCO map"
+_H_WORDS = ("GloVe class vectors, float [{c}, 300] .npy: {path} from the data.zip linked in " + _H + " README.md:23 "
+            "(utils/dataloader.py:34-44; frozen at model/HST.py:108-109)")
+_WEIGHTS = "ImageNet ResNet-101 weights as a local file ({where})"
+
+RELEASED_FILES: dict[tuple[str, str], dict[str, str]] = {
+    **{("sadcl", ds): {
+        "weights": _WEIGHTS.format(where=_S + " code/lib_sadcl/models/backbone.py:116-137: torchvision "
+                                         "IMAGENET1K_V1, what stage 1 starts from; not needed with --sadcl-init, "
+                                         "whose checkpoint holds the backbone"),
+        "sadcl_init": _S_INIT.format(voc=_S_VOC if ds == "voc2007" else ""),
+        "sadcl_prototypes": _S_PROTO.format(c=c, px=px, name=name),
+    } for ds, c, px, name in (("coco2014", 80, 448, "coco"), ("voc2007", 20, 448, "voc"),
+                              ("nuswide", 81, 448, "nuswide"), ("vg", 500, 576, "vg500"))},
+    **{("hst", ds): {
+        "weights": _WEIGHTS.format(where=_H + " utils/checkpoint.py:8-25: resnet101.pth, fc.* skipped"),
+        "hst_class_embeddings": _H_WORDS.format(c=c, path=path),
+    } for ds, c, path in (("coco2014", 80, "data/coco/vectors.npy"),
+                          ("voc2007", 20, "data/voc_devkit/VOC2007/voc07_vector.npy"),
+                          ("vg", 200, "data/vg/vg_200_vector.npy"))},
+    **{("trmml", ds): {
+        "trmml_clip_checkpoint": "CLIP RN101 weights as a local open_clip file (guess: the author's DualCoOp "
+                                 "config; TRM-ML released no code)",
+    } for ds in ("coco2014", "voc2007", "nuswide", "vg", "cub")},
+}
+
+
+def released_files(recipe: str, method: str, dataset: str) -> dict[str, str]:
+    """The files ``recipe`` expects for ``method`` on ``dataset``: option name → where the release gets the
+    file (empty for ``digits`` and where no release loads one)."""
+    return dict(RELEASED_FILES.get((method, dataset), {})) if recipe == "paper" else {}
 
 
 def recipe_values(recipe: str, method: str, dataset: str) -> dict:

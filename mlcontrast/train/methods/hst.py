@@ -5,7 +5,7 @@ Targets: 1 positive, 0 negative, -1 unknown (the released code uses 1 / -1 / 0; 
 written in this package's encoding).
 
 **Model** (§3.1, scaled by ``hidden_dim`` = d). Backbone map → 1×1 conv + BN to d channels, X ``[B, d, H, W]``.
-Semantic decoupling with class embeddings x_c (a frozen ``[C, E]`` table from ``--hst-class-embeddings``,
+Semantic decoupling with class embeddings x_c (a frozen ``[C, E]`` table from ``--hst-word-vectors``,
 else a learned one): e_cu = fc4(fc3(tanh(fc1(X_u) ⊙ fc2(x_c)))), α_c = softmax_u(e_c·), f_c = Σ_u α_cu X_u —
 the label-level features f ``[B, C, d]``. A GGNN (3 steps) over A_in = G, A_out = Gᵀ with
 G[i, j] = #(y_i = 1 ∧ y_j = 1) / #(y_i = 1) counted on the *partial* training labels (known positives only),
@@ -78,7 +78,6 @@ sank to 82 % and a lower CF1 (95.1 against 97.7), so 1.0 stays the default (``--
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,6 +86,7 @@ import torch.nn.functional as F
 
 from mlcontrast.train.argtypes import positive
 from mlcontrast.train.models import Backbone, GroupWiseLinear, asymmetric_loss_terms, masked_bce
+from mlcontrast.train.released_files import load_class_matrix
 
 __all__ = [
     "HST", "SemanticDecoupling", "GGNN", "CooccurrenceHead", "cooccurrence_adjacency", "ist_scores",
@@ -396,8 +396,10 @@ class HST(nn.Module):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("HST (heterogeneous semantic transfer, partial labels)")
-        g.add_argument("--hst-class-embeddings", default=None,
-                       help="[C, E] .npy of frozen class word vectors (default: a learned table)")
+        g.add_argument("--hst-word-vectors", "--hst-class-embeddings", dest="hst_class_embeddings", default=None,
+                       metavar="FILE", help="local [C, E] float .npy of frozen class word vectors, E setting the "
+                       "width (released: GloVe [C, 300], data/coco/vectors.npy of the repo's data.zip); default: "
+                       "a learned table of --hst-embed-dim")
         g.add_argument("--hst-embed-dim", type=positive(int), default=64,
                        help="width of the learned class-embedding table")
         g.add_argument("--hst-sd-dim", type=positive(int), default=None,
@@ -426,12 +428,9 @@ class HST(nn.Module):
 
     @classmethod
     def from_args(cls, num_classes: int, args: argparse.Namespace) -> "HST":
-        emb = None
         path = getattr(args, "hst_class_embeddings", None)
-        if path is not None:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"--hst-class-embeddings: file not found: {path}")
-            emb = torch.from_numpy(np.asarray(np.load(path), dtype=np.float32))
+        emb = None if path is None else load_class_matrix(path, option="--hst-word-vectors", num_classes=num_classes,
+                                                            what="class embeddings")
         return cls(
             num_classes, backbone=args.backbone, feature_index=args.feature_index, weights=args.weights,
             hidden_dim=args.hidden_dim, embed_dim=args.hst_embed_dim, class_embeddings=emb, sd_dim=args.hst_sd_dim,

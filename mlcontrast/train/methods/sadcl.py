@@ -15,6 +15,13 @@ where ``targets[b, c] == 1`` and ``sigmoid(logit) > memory_threshold`` (0.8, str
 (a :class:`mlcontrast.PrototypeBank`) move by EMA towards the mean of the positive label-level features.
 The released code instead learns the prototypes by gradient and never updates them by EMA; that is
 ``legacy_learned_prototypes=True``. The memory bank is indexed by batch slot, as in the released code.
+
+**Initialisation from files** (the released stage 2 starts from them; :mod:`mlcontrast.train.released_files`):
+``--sadcl-init FILE`` copies a stage-1 Query2Label checkpoint's weights in by name (the projector, the prototypes
+and the memory bank are new in stage 2); ``--sadcl-prototypes FILE`` loads the shipped ``[C, d]`` prototype
+``.npy`` into the prototypes and every memory slot; ``--sadcl-build-prototypes`` instead averages the confident
+positive label-level features of the training set before the first epoch (:func:`build_prototypes`, the
+likely recipe of the unreleased generation script). Without them the prototypes start as Gaussian rows.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch.nn as nn
 from mlcontrast import PrototypeBank, multilabel_supcon_loss, prototype_nce_loss
 from mlcontrast.train.argtypes import positive, unit_interval
 from mlcontrast.train.models import Backbone, GroupWiseLinear, LabelDecoder, Projector, masked_bce
+from mlcontrast.train.released_files import load_class_matrix, load_sadcl_state
 
 __all__ = ["SADCL", "build_prototypes"]
 
@@ -61,6 +69,8 @@ class SADCL(nn.Module):
         legacy_sadcl_mask: bool = False,
         legacy_learned_prototypes: bool = False,
         sscl_scope: str = "global",
+        build_prototypes_from_data: bool = False,
+        prototype_threshold: float = 0.85,
         **_: object,
     ) -> None:
         super().__init__()
@@ -86,6 +96,7 @@ class SADCL(nn.Module):
         if sscl_scope not in ("global", "local"):
             raise ValueError(f"sscl_scope must be 'global' or 'local', got {sscl_scope!r}")
         self.sscl_scope = sscl_scope
+        self.build_prototypes_from_data, self.prototype_threshold = build_prototypes_from_data, prototype_threshold
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -105,22 +116,62 @@ class SADCL(nn.Module):
                        help="under torchrun: global contrasts every rank's rows in SSCL (N processes train like "
                             "one with N times the batch, so results do not depend on the GPU count); local "
                             "contrasts each process's rows only, as the released code (per GPU)")
+        g.add_argument("--sadcl-init", default=None, metavar="FILE",
+                       help="local stage-1 checkpoint (the released Query2Label model_best.pth.tar, or a SADCL one): "
+                            "its weights are copied in by name; every tensor must fit (shapes, names)")
+        g.add_argument("--sadcl-prototypes", default=None, metavar="FILE",
+                       help="local [C, hidden_dim] float .npy of class prototypes (the released "
+                            "data/prototype/vis_prototype_embed_file_select_resnet101_448_<dataset>_085.npy); they "
+                            "also fill every memory-bank slot")
+        g.add_argument("--sadcl-build-prototypes", action=argparse.BooleanOptionalAction, default=False,
+                       help="before the first epoch, set each class's prototype to the mean of its training "
+                            "positives' label-level features scored above --sadcl-prototype-threshold (use after "
+                            "--sadcl-init)")
+        g.add_argument("--sadcl-prototype-threshold", type=unit_interval, default=0.85,
+                       help="probability a positive must exceed to join --sadcl-build-prototypes' mean")
 
     @classmethod
     def from_args(cls, num_classes: int, args: argparse.Namespace) -> "SADCL":
-        return cls(
+        init, protos = getattr(args, "sadcl_init", None), getattr(args, "sadcl_prototypes", None)
+        build = getattr(args, "sadcl_build_prototypes", False)
+        if protos is not None and build:
+            raise ValueError("--sadcl-prototypes and --sadcl-build-prototypes both set the prototypes; give one")
+        model = cls(
             num_classes, backbone=args.backbone, feature_index=args.feature_index, weights=args.weights,
             hidden_dim=args.hidden_dim, proj_dim=args.proj_dim, batch_size=args.batch_size, backend=args.backend,
             cls_weight=args.cls_weight, sscl_weight=args.sscl_weight, pscl_weight=args.pscl_weight,
             sscl_temperature=args.sscl_temperature, pscl_temperature=args.pscl_temperature,
             proto_momentum=args.proto_momentum, memory_threshold=args.memory_threshold,
             legacy_sadcl_mask=args.legacy_sadcl_mask, legacy_learned_prototypes=args.legacy_learned_prototypes,
-            sscl_scope=getattr(args, "sscl_scope", "global"),
+            sscl_scope=getattr(args, "sscl_scope", "global"), build_prototypes_from_data=build,
+            prototype_threshold=getattr(args, "sadcl_prototype_threshold", 0.85),
         )
+        if init is not None:
+            load_sadcl_state(model, init, option="--sadcl-init")
+        if protos is not None:  # after the checkpoint: the file's prototypes win
+            model.set_prototypes_(load_class_matrix(protos, option="--sadcl-prototypes", what="prototypes",
+                                                    num_classes=num_classes, width=args.hidden_dim))
+        return model
 
     @property
     def prototypes(self) -> torch.Tensor:
         return self.learned_prototypes if self.legacy_learned_prototypes else self.prototype_bank()
+
+    @torch.no_grad()
+    def set_prototypes_(self, prototypes: torch.Tensor, classes: torch.Tensor | None = None) -> None:
+        """Set the prototypes ``[C, d]`` (only the rows of ``classes``, a ``[C]`` bool mask, when given) and
+        the memory-bank slots of those classes, as the released model fills its bank from the prototype file."""
+        target = self.learned_prototypes if self.legacy_learned_prototypes else self.prototype_bank.prototypes
+        if prototypes.shape != target.shape:
+            raise ValueError(f"prototypes must be {tuple(target.shape)}, got {tuple(prototypes.shape)}")
+        rows = slice(None) if classes is None else classes.to(target.device)
+        target.data[rows] = prototypes.to(target)[rows]
+        self.memory[:, rows] = target.data[rows].to(self.memory.dtype)
+
+    def start_epoch(self, epoch: int, loader, device) -> None:
+        """``--sadcl-build-prototypes``: the prototypes from the training data, once, before epoch 0."""
+        if self.build_prototypes_from_data and epoch == 0:
+            build_prototypes(self, loader, self.prototype_threshold, device)
 
     def label_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.backbone(x))
@@ -178,10 +229,8 @@ def build_prototypes(model: SADCL, loader, score_thr: float = 0.85, device: str 
         sums += torch.einsum("bc,bcd->cd", keep, h.double())
         counts += keep.sum(0)
     present = counts > 0
-    protos = model.prototypes.detach().clone()
+    protos = model.prototypes.detach().clone().cpu()
     protos[present] = (sums[present] / counts[present, None]).to(protos.dtype)
-    target = model.learned_prototypes if model.legacy_learned_prototypes else model.prototype_bank.prototypes
-    target.data.copy_(protos)
-    model.memory[:, present] = protos[present].to(model.memory.dtype)
+    model.set_prototypes_(protos, present)
     model.train(was_training)
     return protos
