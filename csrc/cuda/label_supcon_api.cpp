@@ -5,11 +5,10 @@
 // segmented-sum kernel, so two runs give the same bits.
 #include <torch/library.h>
 
-#include <algorithm>
 #include <optional>
 
 #include "cuda/class_sums.h"
-#include "cuda/tf32.h"
+#include "cuda/supcon_shift.h"
 #include "shared/label_supcon.h"
 
 namespace mlcontrast {
@@ -55,93 +54,31 @@ ClassSums class_sums_of(const ValidSet& v, const ClassStats& stats, int64_t cont
           class_sums(v.z, stats, in_contrast)};
 }
 
-// A row whose sum of exp(s_ij - c) falls below 2^-60 may have lost terms to underflow (each below
-// 2^-126 flushes; N of them stay under fp32's rounding of the sum for N < 2^40): its LSE is redone
-// with the online max. With unit rows this happens only for temperatures below 2 / (60 ln 2) = 0.048.
-constexpr double kLogShiftedSumFloor = -60.0 * 0.69314718055994531;
-
-// c = max_i |z_i|^2 / t >= s_ij for every pair (Cauchy-Schwarz), as a one-element device tensor.
-at::Tensor logit_bound(const at::Tensor& native, at::ScalarType dtype, double inv_t) {
-  const auto largest = at::linalg_vector_norm(native, 2, at::IntArrayRef{1}, false, dtype).max();
-  return (largest * largest * inv_t).reshape({1});
-}
-
 // LSE_{j != i, j >= contrast_begin} z_i.z_j / t over the rows of `native` for the anchors (0 on the other
-// rows), in the compute dtype.
+// rows), in the compute dtype: the fixed-shift pass of supcon_shift.h, redone with the online max for
+// rows whose shifted sum underflowed.
 at::Tensor row_lse(const at::Tensor& native, at::ScalarType dtype, double inv_t, const Roles& a) {
   auto lse = at::zeros({native.size(0)}, native.options().dtype(dtype));
-  LabelSupconFwdParams p;
-  p.z = native.data_ptr();
-  p.lse = lse.data_ptr();
-  p.n = native.size(0);
-  p.row_begin = a.begin;
-  p.row_end = a.end;
-  p.col_begin = a.contrast_begin;
-  p.d = native.size(1);
-  p.ld_z = native.size(1);
-  p.inv_temperature = inv_t;
-  p.dtype = dtype_of(native.scalar_type());
-  p.allow_tf32 = mlcontrast::tf32_allowed();
   const auto bound = logit_bound(native, dtype, inv_t);
-  p.shift = bound.data_ptr();
+  auto p = lse_params(native, lse, bound, inv_t, a.begin, a.end);
+  p.col_begin = a.contrast_begin;
   run_label_supcon_fwd(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // lse_i - c = log of row i's shifted sum (a host sync, as the valid rows already made one).
-  const auto anchors = lse.narrow(0, a.begin, a.end - a.begin);
-  if (anchors.numel() > 0 && (anchors - bound).lt(kLogShiftedSumFloor).any().item<bool>()) {
-    p.shift = nullptr;
-    run_label_supcon_fwd(p, current_stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  redo_underflowed_rows(p, lse, bound);
   return lse;
 }
 
 // dZ = G Z with G_ij = w_i exp(s_ij - lse_i) + w_j exp(s_ij - lse_j) (i != j; each term within the roles,
-// see LabelSupconBwdParams), in the compute dtype.
-// Rows with w_i = 0 must have lse_i = +inf, and rows outside the anchors w_i = 0. Unless a row with a
-// weight lies far below the logit bound c (the forward redid it), G takes one exp per pair:
-// exp(s_ij - c) (alpha_i + alpha_j) with alpha = w exp(c - lse) <= w 2^60.
+// see LabelSupconBwdParams), in the compute dtype; the parameters (one exp per pair, fp16 G scaling) are
+// supcon_shift.h's softmax_grad.
 at::Tensor lse_grad(const at::Tensor& native, const at::Tensor& w, const at::Tensor& lse, double inv_t,
                     const Roles& a) {
-  const int64_t n = native.size(0), d = native.size(1);
-  auto dz = at::empty({n, d}, w.options());
-  if (d == 0) return dz;
-  at::Tensor g_scale;
-  if (native.scalar_type() == at::kHalf) {
-    // |G_ij| <= 2 max|w| and a typical entry is ~ max|w| / N, which for large N sits in fp16's
-    // subnormals (bf16 has fp32's exponent range: no scaling). Scaled by min(N, 2^14) / max|w|,
-    // typical entries are ~1 and none exceeds 2^15 (fp16 max 65504). The factor stays on the device
-    // (no host sync); the kernel divides the fp32 result by it.
-    const double target = static_cast<double>(std::min<int64_t>(n, int64_t(1) << 14));
-    g_scale = (target / w.abs().max().clamp_min(1e-30)).to(at::kFloat);
-  }
-  LabelSupconBwdParams p;
-  p.z = native.data_ptr();
-  p.w = w.data_ptr();
-  p.lse = lse.data_ptr();
-  p.g_scale = g_scale.defined() ? g_scale.data_ptr<float>() : nullptr;
-  const auto dtype = w.scalar_type();
-  const auto bound = logit_bound(native, dtype, inv_t);
-  const auto below_bound = bound - lse;  // -inf where w = 0 (lse = +inf)
-  at::Tensor alpha;
-  if (!(below_bound.gt(-kLogShiftedSumFloor) & w.ne(0)).any().item<bool>()) {
-    alpha = at::where(w.ne(0), w * below_bound.exp(), at::zeros({}, w.options()));
-    p.shift = bound.data_ptr();
-    p.alpha = alpha.data_ptr();
-  }
-  p.dz = dz.data_ptr();
-  p.n = n;
-  p.anchor_begin = a.begin;
-  p.anchor_end = a.end;
-  p.col_begin = a.contrast_begin;
-  p.grad_end = a.grad_end;
-  p.d = d;
-  p.ld_z = d;
-  p.ld_dz = d;
-  p.inv_temperature = inv_t;
-  p.dtype = dtype_of(native.scalar_type());
-  p.allow_tf32 = mlcontrast::tf32_allowed();
-  run_label_supcon_bwd(p, current_stream());
+  auto dz = at::empty({native.size(0), native.size(1)}, w.options());
+  if (native.size(1) == 0) return dz;
+  auto grad = softmax_grad(native, w, lse, dz, inv_t, a.begin, a.end);
+  grad.params.col_begin = a.contrast_begin;
+  grad.params.grad_end = a.grad_end;
+  run_label_supcon_bwd(grad.params, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dz;
 }
