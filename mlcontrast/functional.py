@@ -207,6 +207,12 @@ def label_supcon_loss(
         world_size = distributed.check_process_group(process_group)[1]
     backend = _backends.resolve(backend, device, "label_supcon", features, n + m)
     if process_group is not None or ref_features is not None:
+        if normalize and backend != "torch":
+            # Row-wise, so it commutes with the gather and the cat: each part normalised on its own keeps a
+            # detached queue out of the backward (normalising the cat would send an [N + M, D] gradient back).
+            features, normalize = unit_rows(features, backend), False
+            if ref_features is not None:
+                ref_features = unit_rows(ref_features, backend)
         rows, all_labels, start = features, labels, 0
         if process_group is not None:
             rows, sizes, start = distributed.gather_with_sizes(features, process_group)

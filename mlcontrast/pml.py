@@ -23,7 +23,7 @@ Anything else (another distance, triplet or mined ``indices_tuple``, ``labels=No
 requires grad and holds copies of the anchors) takes PML's dense path. PML's quirks are kept: the loss is 0
 when there is no positive or no negative pair at all, and its default ``AvgNonZeroReducer`` averages the
 anchors whose loss is > 0. PML's own index tuples (``CrossBatchMemory`` builds them) still cost
-O(N M); this class checks them with O(N M) bits, not floats.
+O(N M); this class checks them in one O(pairs) pass of integer work, without an N x M matrix.
 
 Example:
     >>> from pytorch_metric_learning.losses import CrossBatchMemory
@@ -82,7 +82,8 @@ class SupConLoss(_PMLSupConLoss):
 
     def _fused_plan(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict | None:
         """How the fused kernels can compute this call, or None for PML's dense path. The plan's ``self``
-        is None (no anchor skips a ref row) or the ``[N]`` ref row each anchor skips."""
+        is None (no anchor skips a ref row) or the ``[N]`` ref row each anchor skips; ``ids`` holds the
+        labels as dense class ids (:func:`_dense_ids`)."""
         if labels is None or ref_labels is None or not self._fusable_distance():
             return None
         if not isinstance(self.temperature, (int, float)) or embeddings.dim() != 2 or ref_emb.dim() != 2:
@@ -92,23 +93,24 @@ class SupConLoss(_PMLSupConLoss):
             return None
         if self._backend(embeddings, n + m) == "torch":
             return None  # PML's own dense path is the reference
+        ids = _dense_ids(labels, ref_labels)
         if indices_tuple is None:
             skipped = torch.arange(n, device=labels.device) if ref_labels is labels else None
         else:
-            skipped = _all_pairs_but_self(indices_tuple, labels, ref_labels, n, m)
+            skipped = _all_pairs_but_self(indices_tuple, ids, n, m)
             if skipped is False:
                 return None
         if skipped is None or (ref_emb is embeddings and ref_labels is labels):
-            return {"self": skipped}
+            return {"self": skipped, "ids": ids}
         # An anchor skips a ref row: that row must be the anchor itself (its values and label), as in
         # CrossBatchMemory's memory; the ref rows are then contrast-only (no gradient to the copies).
         if ref_emb.requires_grad or skipped.unique().numel() != n:
             return None
         if not torch.equal(ref_emb[skipped].to(embeddings.dtype), embeddings.detach()):
             return None
-        if not torch.equal(ref_labels[skipped], labels.to(ref_labels.dtype)):
+        if not torch.equal(ids[1][skipped], ids[0]):
             return None
-        return {"self": skipped}
+        return {"self": skipped, "ids": ids}
 
     def _backend(self, embeddings: torch.Tensor, rows: int) -> str:
         return _backends.resolve(self.backend, embeddings.device, "label_supcon", embeddings, rows)
@@ -118,27 +120,30 @@ class SupConLoss(_PMLSupConLoss):
     def _fused_loss(self, embeddings, labels, ref_emb, ref_labels, plan):
         n, m = embeddings.shape[0], ref_emb.shape[0]
         skipped = plan["self"]
+        # Any integer is a class in PML (-1 too): the kernels take the dense class ids >= 0 of the plan.
+        ids, ref_ids, classes = plan["ids"]
         same_set = ref_emb is embeddings and ref_labels is labels
-        if not _has_positive_and_negative_pairs(labels, ref_labels, skipped):
+        if not _has_positive_and_negative_pairs(ids, ref_ids, classes, skipped):
             return self.zero_losses()
+        backend = self._backend(embeddings, n + m)
+        # Each part normalised on its own: a detached memory then stays out of the backward.
+        anchors = unit_rows(embeddings, backend)
         if same_set:  # the batch against itself, minus self
-            rows, row_labels = embeddings, labels
-            anchors, contrast_start, grad_stop = (0, n), 0, None
+            rows, row_ids = anchors, ids
+            contrast_start, grad_stop = 0, None
         elif skipped is None:  # the ref rows replace the contrast set
-            rows = torch.cat([embeddings, ref_emb.to(embeddings.dtype)])
-            row_labels = torch.cat([labels, ref_labels.to(labels.dtype)])
-            anchors, contrast_start, grad_stop = (0, n), n, (n + m if ref_emb.requires_grad else 0)
+            rows = torch.cat([anchors, unit_rows(ref_emb, backend).to(anchors.dtype)])
+            row_ids = torch.cat([ids, ref_ids])
+            contrast_start, grad_stop = n, (n + m if ref_emb.requires_grad else 0)
         else:  # the memory without the anchors' own slots, the anchors in their place
             keep = torch.ones(m, dtype=torch.bool, device=ref_emb.device)
             keep[skipped] = False
-            rows = torch.cat([embeddings, ref_emb[keep].detach().to(embeddings.dtype)])
-            row_labels = torch.cat([labels, ref_labels[keep].to(labels.dtype)])
-            anchors, contrast_start, grad_stop = (0, n), 0, 0
-        # Any integer is a class in PML (-1 too): dense class ids >= 0 for the kernels.
-        row_labels = torch.unique(row_labels, return_inverse=True)[1]
-        backend = self._backend(embeddings, rows.shape[0])
-        losses = _anchor_losses(backend, rows, row_labels, float(self.temperature), anchors, contrast_start,
-                                grad_stop)  # fmt: skip
+            rows = torch.cat([anchors, unit_rows(ref_emb[keep].detach(), backend).to(anchors.dtype)])
+            row_ids = torch.cat([ids, ref_ids[keep]])
+            contrast_start, grad_stop = 0, 0
+        label_supcon = registry.op("label_supcon", backend)
+        t = float(self.temperature)  # τ_base = τ: PML has no base temperature
+        losses = label_supcon(rows, row_ids, t, t, 0, n, contrast_start, grad_stop)[0][:n]
         return {
             "loss": {
                 "losses": losses.to(embeddings.dtype),
@@ -148,48 +153,81 @@ class SupConLoss(_PMLSupConLoss):
         }
 
 
-def _anchor_losses(backend, rows, labels, temperature, anchors, contrast_start, grad_stop) -> torch.Tensor:
-    """The fused per-anchor losses of the L2-normalised ``rows`` (τ_base = τ: PML has no base temperature)."""
-    label_supcon = registry.op("label_supcon", backend)
-    z = unit_rows(rows, backend)
-    out = label_supcon(z, labels, temperature, temperature, anchors[0], anchors[1], contrast_start, grad_stop)
-    return out[0][anchors[0] : anchors[1]]
+def _dense_ids(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The labels and ref labels as dense class ids ``0 .. K-1`` (one numbering for both), and K."""
+    classes, inverse = torch.unique(torch.cat([labels, ref_labels.to(labels.dtype)]), return_inverse=True)
+    return inverse[: labels.shape[0]], inverse[labels.shape[0] :], classes.numel()
 
 
-def _all_pairs_but_self(indices_tuple, labels, ref_labels, n: int, m: int):
+#: Pairs checked at a time: the scratch stays in cache and no O(pairs) buffer is allocated per call.
+_PAIR_CHUNK = 1 << 18
+
+
+def _pairs_of_kind(rows: torch.Tensor, cols: torch.Tensor, n: int, m: int, same_pair: torch.Tensor, same: bool) -> bool:
+    """Whether ``(rows, cols)`` are distinct pairs of ``[0, n) x [0, m)`` in row-major order, as
+    ``torch.where`` lists them (and ``CrossBatchMemory`` keeps them), and all of one kind: same-label pairs
+    (``same_pair``, the ``[N * M]`` flags) if ``same``, other-label pairs otherwise. Their positions
+    ``rows * m + cols`` must strictly increase (with ``cols`` in range, ``rows`` then never decrease, so the
+    ends bound them all). One O(pairs) pass, in chunks: no O(pairs) buffer is allocated."""
+    if rows.dim() != 1 or rows.shape != cols.shape or rows.is_floating_point() or cols.is_floating_point():
+        return False
+    total = rows.numel()
+    keys = torch.empty(min(total, _PAIR_CHUNK), dtype=torch.int64, device=rows.device)
+    flags = torch.empty(keys.shape, dtype=torch.bool, device=rows.device)
+    last = -1
+    for start in range(0, total, _PAIR_CHUNK):
+        count = min(_PAIR_CHUNK, total - start)
+        c = cols[start : start + count]
+        low, high = torch.aminmax(c)
+        if int(low) < 0 or int(high) >= m:
+            return False
+        k, f = keys[:count], flags[:count]
+        torch.add(c, rows[start : start + count], alpha=m, out=k)
+        if int(k[0]) <= last or int(k[-1]) >= n * m:
+            return False
+        if count > 1 and not bool(torch.gt(k[1:], k[:-1], out=f[: count - 1]).all()):
+            return False
+        last = int(k[-1])
+        torch.take(same_pair, k, out=f)
+        if not (bool(f.all()) if same else not bool(f.any())):
+            return False
+    return True
+
+
+def _all_pairs_but_self(indices_tuple, ids, n: int, m: int):
     """The ref row each anchor skips (``[N]``), None if none skips one, or False if ``indices_tuple`` is not
-    all pairs by label minus at most one ref row per anchor (the same number for every anchor)."""
+    all pairs by label minus one same-label ref row per anchor, or none, in row-major order (other orders
+    take PML's dense path). Exact in O(pairs): distinct pairs of the right kind and the right number are
+    the whole set."""
     if len(indices_tuple) != 4:
         return False
-    a1, p, a2, n_idx = indices_tuple
-    device = labels.device
-    positive = torch.zeros(n, m, dtype=torch.bool, device=device)
-    negative = torch.zeros(n, m, dtype=torch.bool, device=device)
-    positive[a1, p] = True
-    negative[a2, n_idx] = True
-    if int(positive.sum()) != a1.numel() or int(negative.sum()) != a2.numel() or (positive & negative).any():
-        return False  # repeated or contradictory pairs
-    same = labels[:, None] == ref_labels[None, :].to(labels.dtype)
-    paired = positive | negative
-    if not (torch.equal(positive, same & paired) and torch.equal(negative, ~same & paired)):
-        return False  # pairs that are not "same label" / "other label"
-    missing = m - paired.sum(dim=1)
+    a1, p, a2, q = indices_tuple
+    lab, ref, classes = ids
+    same = torch.bincount(ref, minlength=classes)[lab]  # each anchor's same-label ref rows
+    if a2.numel() != n * m - int(same.sum()):
+        return False
+    same_pair = (lab[:, None] == ref[None, :]).view(-1)  # N x M bits, read at the listed pairs only
+    if not (_pairs_of_kind(a2, q, n, m, same_pair, same=False) and _pairs_of_kind(a1, p, n, m, same_pair, same=True)):
+        return False
+    missing = same - torch.bincount(a1, minlength=n)
     if bool((missing == 0).all()):
         return None
-    if bool((missing == 1).all()):
-        return (~paired).int().argmax(dim=1)
-    return False
+    if not bool((missing == 1).all()):
+        return False
+    # The one positive each anchor lacks: its class's ref indices summed, minus those it lists.
+    index_sums = torch.zeros(classes, dtype=torch.int64, device=ref.device)
+    index_sums.index_add_(0, ref, torch.arange(m, device=ref.device))
+    listed = torch.zeros(n, dtype=torch.int64, device=ref.device).index_add_(0, a1.to(torch.int64), p.to(torch.int64))
+    return index_sums[lab] - listed
 
 
-def _has_positive_and_negative_pairs(labels, ref_labels, skipped) -> bool:
+def _has_positive_and_negative_pairs(ids, ref_ids, classes: int, skipped) -> bool:
     """PML computes the loss only if some pair is positive and some pair is negative (and not when every
     index list has at most one entry), counted from the labels without pairs."""
-    classes, inverse = torch.unique(torch.cat([labels, ref_labels.to(labels.dtype)]), return_inverse=True)
-    per_class = torch.bincount(inverse[labels.shape[0] :], minlength=classes.numel())
-    same = per_class[inverse[: labels.shape[0]]]
+    same = torch.bincount(ref_ids, minlength=classes)[ids]
     if skipped is not None:
         same = same - 1  # each anchor's skipped row is itself, of its own class
-    pairs = ref_labels.shape[0] - (0 if skipped is None else 1)
+    pairs = ref_ids.shape[0] - (0 if skipped is None else 1)
     positives = int(same.sum())
-    negatives = labels.shape[0] * pairs - positives
+    negatives = ids.shape[0] * pairs - positives
     return positives > 0 and negatives > 0 and not (positives <= 1 and negatives <= 1)

@@ -107,6 +107,63 @@ def test_a_partial_indices_tuple_takes_the_dense_path():
     assert ours.last_path == "dense"
 
 
+def _all_pairs(y, ref_y):
+    return pml.utils.loss_and_miner_utils.get_all_pairs_indices(y, ref_y)
+
+
+def _reordered(pairs, order):
+    return tuple(t[order] for t in pairs)
+
+
+@pytest.mark.parametrize("change", ["shuffled negatives", "a repeated negative", "a positive as negative",
+                                    "an anchor out of range"])
+def test_index_tuples_that_are_not_all_pairs_in_order_take_the_dense_path(change):
+    """The O(pairs) check: PML's own order (row-major, as torch.where lists pairs) is fused; anything else
+    is PML's path, with PML's result (or PML's error)."""
+    e, y = _data(n=10)
+    r, ry = _data(n=14, seed=3)
+    a1, p, a2, n = _all_pairs(y, ry)
+    if change == "shuffled negatives":
+        a2, n = _reordered((a2, n), torch.randperm(a2.numel(), generator=torch.Generator().manual_seed(0)))
+    elif change == "a repeated negative":
+        a2, n = a2.clone(), n.clone()
+        a2[5], n[5] = a2[4], n[4]
+    elif change == "a positive as negative":  # the negatives' count stays right; their kinds do not
+        a2, n = torch.cat([a2[1:], a1[:1]]), torch.cat([n[1:], p[:1]])
+        a1, p = a1[1:], p[1:]
+        order = torch.argsort(a2 * 14 + n)
+        a2, n = a2[order], n[order]
+    else:
+        a2 = a2.clone()
+        a2[-1] = 10
+    ours = SupConLoss(0.1)
+    if change == "an anchor out of range":
+        with pytest.raises(IndexError):
+            losses.SupConLoss(0.1)(e, y, indices_tuple=(a1, p, a2, n), ref_emb=r, ref_labels=ry)
+        with pytest.raises(IndexError):
+            ours(e, y, indices_tuple=(a1, p, a2, n), ref_emb=r, ref_labels=ry)
+    else:
+        _compare(ours, losses.SupConLoss(0.1), e, y, indices_tuple=(a1, p, a2, n), ref_emb=r, ref_labels=ry)
+    assert ours.last_path == "dense"
+
+
+def test_pairs_checked_across_chunk_boundaries(monkeypatch):
+    """The pair lists are checked in chunks: a chunk size of 7 makes every boundary a case, in order
+    (fused) and with one swap across a boundary (dense)."""
+    monkeypatch.setattr(__import__("mlcontrast.pml").pml, "_PAIR_CHUNK", 7)
+    e, y = _data(n=9)
+    r, ry = _data(n=11, seed=4)
+    a1, p, a2, n = _all_pairs(y, ry)
+    ours = SupConLoss(0.1)
+    _compare(ours, losses.SupConLoss(0.1), e, y, indices_tuple=(a1, p, a2, n), ref_emb=r, ref_labels=ry)
+    assert ours.last_path == "fused"
+    order = torch.arange(a2.numel())
+    order[6], order[7] = 7, 6  # the last pair of the first chunk and the first of the second
+    _compare(ours, losses.SupConLoss(0.1), e, y, indices_tuple=(a1, p, *_reordered((a2, n), order)),
+             ref_emb=r, ref_labels=ry)  # fmt: skip
+    assert ours.last_path == "dense"
+
+
 @pytest.mark.parametrize("memory_size, batches", [(64, [16, 16, 16, 16, 16]), (50, [12, 7, 20, 13, 9])])
 def test_inside_cross_batch_memory(memory_size, batches):
     """Several steps, the memory filling up and wrapping around (uneven batches too)."""
@@ -174,7 +231,8 @@ def _distributed_worker(rank, world, port, efficient, out):
             leaf = mine.clone().requires_grad_()
             value = wrapper(leaf, y[shard])
             value.backward()
-            result[name] = (value.detach(), leaf.grad, getattr(loss, "last_path", None))
+            # NumPy arrays travel by value: a shared tensor's memory could go with this process before it is read
+            result[name] = (value.detach().numpy(), leaf.grad.numpy(), getattr(loss, "last_path", None))
         out.put((rank, result))
     finally:
         torch.distributed.destroy_process_group()
@@ -200,6 +258,7 @@ def test_inside_distributed_loss_wrapper(efficient):
         assert p.exitcode == 0
     for rank, result in results.items():
         (v_ours, g_ours, path), (v_pml, g_pml, _) = result["ours"], result["pml"]
+        v_ours, g_ours, v_pml, g_pml = map(torch.as_tensor, (v_ours, g_ours, v_pml, g_pml))
         torch.testing.assert_close(v_ours, v_pml, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(g_ours, g_pml, rtol=1e-8, atol=1e-12)
         # efficient=True passes ref rows that hold the anchors with their gradient: PML's dense path

@@ -247,7 +247,12 @@ at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tens
   auto scratch = at::mul(v.z.narrow(0, 0, rows), weights.a.narrow(0, 0, rows).unsqueeze(1));
   const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse.narrow(0, 0, rows), scratch);
   label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted, r, scratch);
-  if (rows < v.z.size(0)) dz = at::cat({dz, at::zeros({v.z.size(0) - rows, dz.size(1)}, dz.options())});
+  if (rows < v.z.size(0)) {  // one zero fill for the detached rows, not a cat's second pass over them
+    auto full = at::empty({v.z.size(0), dz.size(1)}, dz.options());
+    full.narrow(0, 0, rows).copy_(dz);
+    full.narrow(0, rows, v.z.size(0) - rows).zero_();
+    dz = full;
+  }
   return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }
 
