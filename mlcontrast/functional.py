@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from mlcontrast import _backends, _temperature, distributed, reference
+from mlcontrast._base import compute_dtype
+from mlcontrast._detached_rows import DetachedRowsScaled
 from mlcontrast._layout import legacy_sadcl_gate, multilabel_rows, unit_rows
 from mlcontrast._multihot import multihot_supcon_loss
 from mlcontrast._temperature import Temperature, pair_scaled
@@ -63,11 +65,17 @@ def _label_supcon_rows(
     """The ``[N]`` per-row losses of the fused ``backend``: those of the anchor rows, 0 elsewhere; the rows from
     ``grad_stop`` on get gradients only as anchors (detached reference rows: no gradient work). A tensor
     temperature scales the rows instead (:func:`mlcontrast._temperature.pair_scaled`)."""
-    label_supcon = registry.op("label_supcon", backend)
-    z, tau, base, factor = pair_scaled(features, temperature, base_temperature)
-    if _temperature.is_tensor(temperature) and temperature.requires_grad:
-        grad_stop = None  # the gradient of a learned temperature flows through every scaled row, detached ones too
-    rows = label_supcon(z, labels, tau, base, anchor_start, anchor_stop, 0, grad_stop)[0]
+    n = features.shape[0]
+    learned = _temperature.is_tensor(temperature) and temperature.requires_grad
+    if learned and grad_stop is not None and grad_stop < n:
+        # τ's gradient flows through every scaled row, detached ones too: taken from the others' work alone.
+        tau = temperature.to(device=features.device, dtype=compute_dtype(features.dtype))
+        factor = None if base_temperature is temperature else tau / base_temperature
+        anchors = (anchor_start, n if anchor_stop is None else anchor_stop)
+        rows = DetachedRowsScaled.apply(features, tau.rsqrt(), labels, backend, anchors, grad_stop)
+    else:
+        z, tau, base, factor = pair_scaled(features, temperature, base_temperature)
+        rows = registry.op("label_supcon", backend)(z, labels, tau, base, anchor_start, anchor_stop, 0, grad_stop)[0]
     return rows if factor is None else rows * factor
 
 

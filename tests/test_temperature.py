@@ -23,7 +23,16 @@ def _problems(device):
     f4 = torch.randn(6, 2, 12, generator=g, dtype=torch.float64)
     protos = torch.randn(5, 12, generator=g, dtype=torch.float64)
     y_sup = torch.randint(0, 3, (6,), generator=g).to(device)
+    queue = torch.randn(31, 12, generator=g, dtype=torch.float64).to(device)  # detached reference rows
+    y_queue = make_labels(31, 4, ignore_fraction=0.2).to(device)
+    refs = {"ref_features": queue, "ref_labels": y_queue}
     return [
+        ("label_supcon_queue", lambda tau, z, b: mlcontrast.label_supcon_loss(z, y, tau, 0.07, normalize=True,
+                                                                              backend=b, **refs),
+         lambda tau, z: reference.label_supcon_loss(z, y, tau, 0.07, normalize=True, **refs), [z]),
+        ("label_supcon_queue_default_base", lambda tau, z, b: mlcontrast.label_supcon_loss(z, y, tau, backend=b,
+                                                                                            **refs),
+         lambda tau, z: reference.label_supcon_loss(z, y, tau, **refs), [z]),
         ("label_supcon", lambda tau, z, b: mlcontrast.label_supcon_loss(z, y, tau, 0.07, normalize=True, backend=b),
          lambda tau, z: reference.label_supcon_loss(z, y, tau, 0.07, normalize=True), [z]),
         ("label_supcon_default_base", lambda tau, z, b: mlcontrast.label_supcon_loss(z, y, tau, reduction="sum",
@@ -136,17 +145,53 @@ def test_base_temperature_stays_a_number():
         mlcontrast.label_supcon_loss(z, y, 0.1, torch.tensor(0.1))
 
 
-def test_a_tensor_temperature_compiles_without_graph_breaks():
+@pytest.mark.parametrize("queue", [False, True])
+def test_a_tensor_temperature_compiles_without_graph_breaks(queue):
     z = torch.randn(16, 8, requires_grad=True)
     y = make_labels(16, 3)
+    refs = {"ref_features": torch.randn(20, 8), "ref_labels": make_labels(20, 3)} if queue else {}
     log_t = torch.tensor(-2.0, requires_grad=True)
 
     @torch.compile(fullgraph=True, backend="eager")
     def step(z, log_t):
-        return mlcontrast.label_supcon_loss(z, y, log_t.exp(), normalize=True, backend="cpu")
+        return mlcontrast.label_supcon_loss(z, y, log_t.exp(), normalize=True, backend="cpu", **refs)
 
     loss = step(z, log_t)
     loss.backward()
-    expected = reference.label_supcon_loss(z.detach(), y, log_t.detach().exp(), normalize=True)
+    expected = reference.label_supcon_loss(z.detach(), y, log_t.detach().exp(), normalize=True, **refs)
     assert_close_by_norm(loss, expected, torch.float32, "loss")
     assert log_t.grad is not None and torch.isfinite(log_t.grad)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_learned_temperature_costs_a_detached_queue_no_gradient_work(backend, monkeypatch):
+    """With a detached queue, τ's gradient comes from the batch rows' work (mlcontrast._detached_rows): every
+    backward the op runs stops its contrast-role gradient at the batch (grad_stop = B)."""
+    from mlcontrast.ops import registry
+
+    device = device_of(backend)
+    calls = []
+    real = registry.backward_op
+
+    def spying(name, b):
+        run = real(name, b)
+
+        def call(*args):
+            calls.append((args[1].shape[0], args[-1]))  # (rows, grad_stop)
+            return run(*args)
+
+        return call
+
+    monkeypatch.setattr(registry, "backward_op", spying)
+    z = torch.randn(9, 6, device=device, requires_grad=True)
+    y, queue, y_queue = make_labels(9, 3).to(device), torch.randn(40, 6, device=device), make_labels(40, 3).to(device)
+    log_t = torch.tensor(-2.0, device=device, requires_grad=True)
+    loss = mlcontrast.label_supcon_loss(z, y, log_t.exp(), normalize=True, ref_features=queue, ref_labels=y_queue,
+                                        backend=backend)  # fmt: skip
+    loss.backward()
+    assert calls == [(49, 9), (9, None)]  # the whole set stopped at the batch, then the batch alone
+    expected = torch.autograd.grad(
+        reference.label_supcon_loss(z, y, log_t.exp(), normalize=True, ref_features=queue, ref_labels=y_queue), log_t
+    )[0]
+    assert_close_by_norm(log_t.grad, expected, torch.float32, "d loss / d log_t")
+

@@ -24,7 +24,7 @@ import torch
 
 from mlcontrast.ops.contract import FUSED_OPS
 
-__all__ = ["FUSED_BACKENDS", "OPS", "TRITON_OP_MODULES", "FusedBackend", "op", "rows_in_input_dtype"]
+__all__ = ["FUSED_BACKENDS", "OPS", "TRITON_OP_MODULES", "FusedBackend", "backward_op", "op", "rows_in_input_dtype"]
 
 #: The fused ops, by their names in both libraries (their schemas: :mod:`mlcontrast.ops.contract`).
 OPS = tuple(FUSED_OPS)
@@ -106,6 +106,19 @@ def op(name: str, backend: str) -> Callable[..., Any]:
     spec = _backend(backend)
     spec.load()
     packet = getattr(getattr(torch.ops, spec.library), name)
+    options = spec.options(name)
+    return functools.partial(packet, **options) if options else packet
+
+
+def backward_op(name: str, backend: str) -> Callable[..., Any]:
+    """The callable that runs the backward op of fused op ``name`` on fused ``backend`` (the contract's
+    ``<name>_backward``), with the backend's options as :func:`op` passes them to the forward."""
+    forward = FUSED_OPS.get(name)
+    if forward is None or forward.backward is None:
+        raise ValueError(f"op must be one of the fused ops with a backward, got {name!r}")
+    spec = _backend(backend)
+    spec.load()
+    packet = getattr(getattr(torch.ops, spec.library), forward.backward)
     options = spec.options(name)
     return functools.partial(packet, **options) if options else packet
 
