@@ -36,6 +36,18 @@ TORCH_LIBRARY(mlcontrast, m) {
         " float temperature, float base_temperature, int anchor_start=0, int? anchor_stop=None,"
         " int contrast_start=0, int? grad_stop=None) -> Tensor");
 
+  // Label-level SupCon of a batch against a detached queue [M, D] (labels [M], -1: no part; its rows
+  // L2-normalised in the kernel when normalize_queue): label_supcon's loss, lse and n_pos of the anchor rows
+  // [anchor_start, anchor_stop) against the other valid batch rows and the valid queue rows, and
+  // queue_mean [N, D]: sum_{j in queue} e^{s_ij - lse_i} q_j of the anchors (0 elsewhere), so that the
+  // backward needs no second pass over the queue, which gets no gradient.
+  m.def("label_supcon_queue(Tensor features, Tensor labels, Tensor queue, Tensor queue_labels, float temperature,"
+        " float base_temperature, bool normalize_queue, int anchor_start=0, int? anchor_stop=None)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("label_supcon_queue_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor queue,"
+        " Tensor queue_labels, Tensor lse, Tensor n_pos, Tensor queue_mean, float temperature,"
+        " float base_temperature, bool normalize_queue, int anchor_start=0, int? anchor_stop=None) -> Tensor");
+
   // Multi-hot (image-level) SupCon over the R rows of the contrast set, targets [R, C] uint8 (1 = label
   // present), positives "jaccard" | "any" | "all" | "mulsupcon" (threshold: jaccard's): (loss, lse, coef,
   // count), each [R]: the per-row loss (0 outside the anchors and on rows without positives), the row

@@ -1,6 +1,12 @@
-r"""``label_supcon`` at a learned (tensor) temperature with detached rows (a queue, a memory), without
-gradient work for them.
+r"""Detached reference rows (a queue, a memory) in ``label_supcon_loss``: no copy of them and no gradient work
+for them, at a number or a learned (tensor) temperature.
 
+* :func:`queue_losses`: the ``label_supcon_queue`` op, where the backend has it, takes the queue as its own
+  input (normalised in the kernel) and saves the softmax-weighted mean of its rows, so that the backward
+  never revisits the queue.
+* Elsewhere, ``label_supcon`` runs on the rows and the queue concatenated, with ``grad_stop`` at the queue.
+
+A learned temperature's exact gradient without gradient work for the detached rows, in both cases:
 :func:`mlcontrast._temperature.pair_scaled` runs the op on the rows times :math:`c = \tau^{-1/2}` at
 temperature 1 and lets autograd differentiate the scaling. Through the scaling, :math:`\tau`'s gradient
 needs every row's gradient, detached ones too: against a queue of M rows the backward would do the M rows'
@@ -25,9 +31,12 @@ from __future__ import annotations
 
 import torch
 
+from mlcontrast import _temperature
+from mlcontrast._temperature import Temperature
 from mlcontrast.ops import registry
+from mlcontrast.ops.contract import FUSED_OPS
 
-__all__ = ["DetachedRowsScaled"]
+__all__ = ["DetachedRowsScaled", "QueueAtLearnedTemperature", "queue_losses", "queue_op_takes"]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -72,3 +81,81 @@ class DetachedRowsScaled(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dz[:kept].mul_(scale.to(dz.dtype))  # dz' = c dz of the rows z' = c z; the detached rows' are 0
         return (dz if ctx.needs_input_grad[0] else None), grad_scale, None, None, None, None
+
+
+class QueueAtLearnedTemperature(torch.autograd.Function):
+    """The per-row losses of the ``label_supcon_queue`` op (a batch against a detached queue) at a tensor
+    temperature :math:`\\tau`, run at ``float(τ)`` (a host sync, as the temperature check makes anyway), with
+    :math:`\\tau`'s exact gradient from the same identity: with the batch rows' gradient dz (queue share
+    included) and ``2 T_S`` from ``label_supcon``'s backward over the batch alone,
+    :math:`\\partial L/\\partial\\tau = \\frac{1}{\\tau}\\big(\\sum_i g_i \\ell_i [\\tau_{base}\\text{ a number}]
+    - T\\big)`, :math:`T = \\sum_k dz_k \\cdot z_k - T_S`.
+
+    ``apply(features, temperature, labels, queue, queue_labels, base_temperature, normalize_queue, anchors,
+    backend)``: ``base_temperature`` a number, or None for the temperature itself.
+    """
+
+    @staticmethod
+    def forward(ctx, features, temperature, labels, queue, queue_labels, base_temperature, normalize_queue, anchors,
+                backend):  # fmt: skip
+        t = float(temperature)
+        base = t if base_temperature is None else float(base_temperature)
+        queue_op = registry.op("label_supcon_queue", backend)
+        rows, lse, n_pos, queue_mean = queue_op(features, labels, queue, queue_labels, t, base, normalize_queue,
+                                                *anchors)  # fmt: skip
+        ctx.save_for_backward(features, labels, queue, queue_labels, lse, n_pos, queue_mean, rows)
+        ctx.others = (t, base, normalize_queue, anchors, backend, base_temperature is not None)
+        ctx.temperature_like = (temperature.dtype, temperature.device)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        features, labels, queue, queue_labels, lse, n_pos, queue_mean, rows = ctx.saved_tensors
+        t, base, normalize_queue, (start, stop), backend, base_is_number = ctx.others
+        backward = registry.backward_op("label_supcon_queue", backend)
+        dz = backward(grad_rows, features, labels, queue, queue_labels, lse, n_pos, queue_mean, t, base,
+                      normalize_queue, start, stop)  # fmt: skip
+        grad_temperature = None
+        if ctx.needs_input_grad[1]:
+            batch_only = registry.backward_op("label_supcon", backend)(grad_rows, features, labels, lse, n_pos, t,
+                                                                       base, start, stop, 0, None)  # fmt: skip
+            pairs = _dot(dz, features) - 0.5 * _dot(batch_only, features)
+            own = _dot(grad_rows, rows) if base_is_number else 0.0
+            dtype, device = ctx.temperature_like
+            grad_temperature = ((own - pairs) / t).to(dtype=dtype, device=device)
+        return dz, grad_temperature, None, None, None, None, None, None, None
+
+
+def queue_op_takes(backend: str, ref_features: torch.Tensor | None, temperature: Temperature) -> bool:
+    """Whether the ``label_supcon_queue`` op computes this call: detached reference rows on a backend that has
+    it (a learned temperature under ``torch.compile`` takes the sync-free path of :func:`_label_supcon_rows`)."""
+    if ref_features is None or ref_features.requires_grad or backend not in FUSED_OPS["label_supcon_queue"].backends:
+        return False
+    learned = _temperature.is_tensor(temperature) and temperature.requires_grad
+    return not (learned and torch.compiler.is_compiling())
+
+
+def queue_losses(
+    backend: str,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    queue: torch.Tensor,
+    queue_labels: torch.Tensor,
+    temperature: Temperature,
+    base_temperature: Temperature,
+    normalize: bool,
+    anchors: tuple[int, int],
+) -> torch.Tensor:
+    """The per-row losses of the anchors ``anchors[0] .. anchors[1]`` of ``rows`` (normalised already, if
+    asked) against the other rows and a detached queue (normalised by the op, if asked), by the
+    ``label_supcon_queue`` op: no copy of the queue, no gradient work for it."""
+    queue = queue.to(rows.dtype)  # as documented: the queue in the features' dtype (no copy when it is)
+    if _temperature.is_tensor(temperature) and temperature.requires_grad:
+        base = None if base_temperature is temperature else base_temperature
+        losses = QueueAtLearnedTemperature.apply(rows, temperature, labels, queue, queue_labels, base, normalize,
+                                                 anchors, backend)  # fmt: skip
+    else:
+        queue_op = registry.op("label_supcon_queue", backend)
+        t, base = _temperature.number(temperature), _temperature.number(base_temperature)
+        losses = queue_op(rows, labels, queue, queue_labels, t, base, normalize, *anchors)[0]
+    return losses[anchors[0] : anchors[1]]

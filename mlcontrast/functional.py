@@ -15,7 +15,7 @@ import torch
 
 from mlcontrast import _backends, _temperature, distributed, reference
 from mlcontrast._base import compute_dtype
-from mlcontrast._detached_rows import DetachedRowsScaled
+from mlcontrast._detached_rows import DetachedRowsScaled, queue_losses, queue_op_takes
 from mlcontrast._layout import legacy_sadcl_gate, multilabel_rows, unit_rows
 from mlcontrast._multihot import multihot_supcon_loss
 from mlcontrast._temperature import Temperature, pair_scaled
@@ -215,20 +215,27 @@ def label_supcon_loss(
         world_size = distributed.check_process_group(process_group)[1]
     backend = _backends.resolve(backend, device, "label_supcon", features, n + m)
     if process_group is not None or ref_features is not None:
+        queue = queue_op_takes(backend, ref_features, temperature)
+        queue_normalize = normalize
         if normalize and backend != "torch":
             # Row-wise, so it commutes with the gather and the cat: each part normalised on its own keeps a
-            # detached queue out of the backward (normalising the cat would send an [N + M, D] gradient back).
+            # detached queue out of the backward (normalising the cat would send an [N + M, D] gradient back);
+            # the queue op normalises its queue itself, without a copy.
             features, normalize = unit_rows(features, backend), False
-            if ref_features is not None:
+            if ref_features is not None and not queue:
                 ref_features = unit_rows(ref_features, backend)
         rows, all_labels, start = features, labels, 0
         if process_group is not None:
             rows, sizes, start = distributed.gather_with_sizes(features, process_group)
             all_labels = distributed.all_gather_no_grad(labels, sizes, process_group)
         count = (all_labels >= 0).sum()  # the anchors of every rank: "mean"'s count
-        rows, all_labels, grad_stop = _with_ref_rows(rows, all_labels, ref_features, ref_labels)
-        args = (temperature, base_temperature, normalize, (start, start + n), grad_stop)
-        losses = _anchor_losses(backend, rows, all_labels, *args)
+        if queue:
+            args = (temperature, base_temperature, queue_normalize, (start, start + n))
+            losses = queue_losses(backend, rows, all_labels, ref_features, ref_labels, *args)
+        else:
+            rows, all_labels, grad_stop = _with_ref_rows(rows, all_labels, ref_features, ref_labels)
+            args = (temperature, base_temperature, normalize, (start, start + n), grad_stop)
+            losses = _anchor_losses(backend, rows, all_labels, *args)
         if process_group is None:
             return reduce_rows(losses, count, reduction)
         return _shard_result(losses, count.clamp(min=1).to(losses.dtype), reduction, process_group, world_size)

@@ -22,6 +22,7 @@ OP_CASES = [
     for name, fused in FUSED_OPS.items()
     if fused.grads
     for p in backends(name)
+    if p.values[0] in fused.backends
 ]
 
 

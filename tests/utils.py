@@ -262,6 +262,12 @@ def sample_inputs(op: str, dtype: torch.dtype, device, requires_grad: bool = Fal
         # Every row, then anchor rows 2 .. 5, then anchors 1 .. 6 against the rows from 2 on with every row's
         # contrast-role gradient (grad_stop = R: the op's backward is the gradient of its forward only then).
         return [(z, y, 0.3, 0.2), (z, y, 0.3, 0.2, 2, 5), (z, y, 0.3, 0.2, 1, 6, 2, 7)]
+    if op == "label_supcon_queue":
+        z, y = leaf(7, 3, grad=g), ints([0, 0, 1, 1, 1, -1, 2])
+        q, yq = leaf(5, 3), ints([2, -1, 0, 3, 0])  # an ignored queue row, a class only the queue has
+        # Every row against the normalised queue, anchor rows 2 .. 5, the queue as given; an empty queue.
+        return [(z, y, q, yq, 0.3, 0.2, True), (z, y, q, yq, 0.3, 0.2, False, 2, 5),
+                (z, y, q[:0], yq[:0], 0.3, 0.2, True)]  # fmt: skip
     if op == "multihot_supcon":
         z = leaf(7, 3, grad=g)
         # Rows 0 and 1 share a label set, row 2 overlaps row 0 at Jaccard 1/3 exactly (the threshold below),

@@ -18,6 +18,7 @@
 // plus O(N) (forward) or O(N D) (backward) per worker, bounded by tiles::kAccumulatorBudgetBytes.
 #include "class_sums.h"
 #include "shared/label_supcon.h"
+#include "label_supcon_tiles.h"
 #include "tiles.h"
 #include "vec_math.h"
 
@@ -102,6 +103,8 @@ void row_lse(const at::Tensor& z, double inv_t, const Plan& plan, const Roles& r
   }
 }
 
+}  // namespace
+
 at::Tensor row_lse(const at::Tensor& z, double inv_t, const Roles& r) {
   auto lse = at::zeros({z.size(0)}, z.options());
   // Every anchor that is a contrast row shares the symmetric tiles.
@@ -109,6 +112,8 @@ at::Tensor row_lse(const at::Tensor& z, double inv_t, const Roles& r) {
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_lse", [&] { row_lse<scalar_t>(z, inv_t, plan, r, lse); });
   return lse;
 }
+
+namespace {
 
 // dZ = H Z (the anchors' own losses) + H^T Z on the rows below grad_end (their contrast role), with
 // H_ij = w_i exp(z_i.z_j / t - lse_i) for the anchors i and their contrast rows j, over the tiles of the
@@ -162,6 +167,8 @@ at::Tensor lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor
   return acc[0];
 }
 
+}  // namespace
+
 at::Tensor lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& w, double inv_t, const Roles& r) {
   // The symmetric anchors are contrast rows that take their contrast role's gradient.
   const auto plan = tiles::plan(r, r.contrast_begin, r.grad_end, z.size(0));
@@ -170,6 +177,8 @@ at::Tensor lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor
                              [&] { dz = lse_grad<scalar_t>(z, lse, w, inv_t, plan, r); });
   return dz;
 }
+
+namespace {
 
 struct ValidSet {
   at::Tensor index;   // undefined when all rows are valid
@@ -213,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_supcon_cpu(const at::Tensor
   const auto v = gather_valid(features, labels);
   if (v.z.size(0) == 0) return label_supcon::outputs_without_valid_rows(features);
   const auto r = label_supcon::valid_roles(labels, v.index, v.z.size(0), args);
-  const auto lse = row_lse(v.z, 1.0 / temperature, r);
+  const auto lse = cpu::row_lse(v.z, 1.0 / temperature, r);
   return label_supcon::outputs(lse, v.z, contrast_class_sums(v.z, v.labels, r.contrast_begin), r, v.index,
                                features.size(0), temperature, base_temperature);
 }
@@ -240,7 +249,7 @@ at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tens
   const auto weights =
       label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype),
                                      label_supcon::valid_values(n_pos, v.index, dtype), temperature, base_temperature);
-  auto dz = lse_grad(v.z, weights.lse, weights.w, 1.0 / temperature, r);  // the rows that take a gradient
+  auto dz = cpu::lse_grad(v.z, weights.lse, weights.w, 1.0 / temperature, r);  // the rows that take a gradient
   const int64_t rows = dz.size(0);
   // The class sums A_c of a_i z_i (a = 0 off the anchors, which lie among those rows), through one scratch
   // that the positive term reuses.

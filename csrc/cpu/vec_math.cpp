@@ -108,7 +108,62 @@ inline void softmax_weights_impl(T* h, int64_t rows, int64_t cols, int64_t ld, c
   }
 }
 
+template <typename T>
+inline void queue_tile_max_impl(T* s, int64_t rows, int64_t cols, int64_t ld, const T* col_scale, const T* col_bias,
+                                T* tile_max) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * ld;
+    T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < cols; ++j) {
+      const T v = row[j] * col_scale[j] + col_bias[j];
+      row[j] = v;
+      m = v > m ? v : m;
+    }
+    tile_max[r] = m;
+  }
+}
+
+template <typename T>
+inline void queue_tile_exp_impl(T* s, int64_t rows, int64_t cols, int64_t ld, const T* shift, const T* col_weight,
+                                T* row_sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * ld;
+    const T m = shift[r];
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      const T p = fast_exp(row[j] - m);
+      sum += p;
+      row[j] = p * col_weight[j];
+    }
+    row_sum[r] += sum;
+  }
+}
+
 }  // namespace
+
+MLC_MULTIVERSION
+void queue_tile_max(float* s, int64_t rows, int64_t cols, int64_t ld, const float* col_scale, const float* col_bias,
+                    float* tile_max) {
+  queue_tile_max_impl(s, rows, cols, ld, col_scale, col_bias, tile_max);
+}
+
+void queue_tile_max(double* s, int64_t rows, int64_t cols, int64_t ld, const double* col_scale,
+                    const double* col_bias, double* tile_max) {
+  queue_tile_max_impl(s, rows, cols, ld, col_scale, col_bias, tile_max);
+}
+
+MLC_MULTIVERSION
+void queue_tile_exp(float* s, int64_t rows, int64_t cols, int64_t ld, const float* shift, const float* col_weight,
+                    float* row_sum) {
+  queue_tile_exp_impl(s, rows, cols, ld, shift, col_weight, row_sum);
+}
+
+void queue_tile_exp(double* s, int64_t rows, int64_t cols, int64_t ld, const double* shift,
+                    const double* col_weight, double* row_sum) {
+  queue_tile_exp_impl(s, rows, cols, ld, shift, col_weight, row_sum);
+}
 
 MLC_MULTIVERSION
 void online_lse_update(const float* s, int64_t rows, int64_t cols, int64_t ld, float* run_max, float* run_sum) {

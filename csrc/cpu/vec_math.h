@@ -30,5 +30,18 @@ void softmax_weights(float* h, int64_t rows, int64_t cols, int64_t ld, const flo
 void softmax_weights(double* h, int64_t rows, int64_t cols, int64_t ld, const double* lse_row,
                      const double* w_row, const double* lse_col, const double* w_col);
 
+// A tile of the one-sided queue pass (label_supcon_queue.cpp), in place. First: s_rj <- s_rj col_scale_j +
+// col_bias_j (bias 0, or -inf for a column that takes no part) and tile_max_r = max_j s_rj. Then, with a
+// row shift (+inf for a row to leave out): s_rj <- exp(s_rj - shift_r) col_weight_j, adding sum_j
+// exp(s_rj - shift_r) to row_sum_r.
+void queue_tile_max(float* s, int64_t rows, int64_t cols, int64_t ld, const float* col_scale, const float* col_bias,
+                    float* tile_max);
+void queue_tile_max(double* s, int64_t rows, int64_t cols, int64_t ld, const double* col_scale,
+                    const double* col_bias, double* tile_max);
+void queue_tile_exp(float* s, int64_t rows, int64_t cols, int64_t ld, const float* shift, const float* col_weight,
+                    float* row_sum);
+void queue_tile_exp(double* s, int64_t rows, int64_t cols, int64_t ld, const double* shift,
+                    const double* col_weight, double* row_sum);
+
 }  // namespace cpu
 }  // namespace mlcontrast

@@ -160,6 +160,28 @@ FUSED_OPS: dict[str, FusedOp] = {
             "loss's (rows neither get 0, and no work)",
         ),
         FusedOp(
+            name="label_supcon_queue",
+            args=(Arg("features", "Tensor"), Arg("labels", "Tensor"), Arg("queue", "Tensor"),
+                  Arg("queue_labels", "Tensor"), _TEMPERATURE, Arg("base_temperature", "float"),
+                  Arg("normalize_queue", "bool"), *_ANCHORS),  # fmt: skip
+            outputs=(
+                Output("loss", _rows, "[N] per-row loss; 0 on ignored rows, rows without positives and outside "
+                       "the anchors"),  # fmt: skip
+                Output("lse", _rows, "[N] LSE_{j in A(i)} s_ij of the anchors over batch and queue (-inf when there "
+                       "is nothing to contrast with); 0 on ignored rows and outside the anchors"),  # fmt: skip
+                Output("n_pos", _rows, "[N] |P(i)| of the valid anchors (batch and queue), 0 elsewhere"),
+                Output("queue_mean", lambda a: tuple(a["features"].shape), "[N, D] sum_{j in queue} "
+                       "e^{s_ij - lse_i} q_j of the anchors (q_j unit rows if normalize_queue), 0 elsewhere"),
+            ),
+            grads=("features",),
+            grad_name="grad_rows",
+            dtype_of=("features",),
+            doc="label-level SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: N) against the other "
+            "valid batch rows and the valid rows of a detached queue [M, D] (L2-normalised in the kernel if "
+            "normalize_queue), P(i) = those of i's label; the queue gets no gradient and no gradient work",
+            backends=("cpu",),
+        ),
+        FusedOp(
             name="multihot_supcon",
             args=(Arg("features", "Tensor"), Arg("targets", "Tensor"), _TEMPERATURE, Arg("base_temperature", "float"),
                   Arg("positives", "str"), Arg("threshold", "float"), *_ANCHORS),  # fmt: skip
