@@ -16,7 +16,9 @@ Inputs: anchors ``[B, D]`` (B = 512, ``--batch``) L2-normalised ``randn`` rows w
 queue ``[M, D]`` L2-normalised rows without grad; labels ``randint(0, 80)`` for both; temperature 0.1,
 ``normalize=True``, reduction ``"mean"``. Each timed iteration is one forward (with grad enabled) and one
 backward. Model FLOPs: the B x (B + M) similarity products, 2·B·(B+M)·D forward, 4·B·(B+M)·D backward (S
-recomputed, dZ of the anchors; the queue gets no gradient), 6·B·(B+M)·D in all.
+recomputed, dZ of the anchors; the queue gets no gradient), 6·B·(B+M)·D in all. The ``cpu`` backend runs the
+``label_supcon_queue`` op, which does 4·B·M·D for the queue part (the forward keeps the softmax-weighted queue
+mean; the backward does not revisit the queue): the TFLOP/s column still counts the convention's 6.
 
     python -m benchmarks.bench_label_supcon_queue --device cpu        # B = 512, M = 4096 ... 65536
     python -m benchmarks.bench_label_supcon_queue --quick             # B = 64, M in {256, 1024}

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: The fused ops, by the names that ``mlcontrast._measured`` and the first-use check use.
-OPS = ("label_supcon", "prototype_nce", "prototype_ce", "update_prototypes", "multihot_supcon")
+OPS = ("label_supcon", "prototype_nce", "prototype_ce", "update_prototypes", "multihot_supcon", "label_supcon_queue")
 FUSED = ("cpu", "triton", "cuda")
 
 # Small on purpose (the interpreted Triton path runs them on CPUs), and odd: no size is a multiple of a
@@ -103,6 +103,9 @@ def _problem(op: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return floats, [_targets(gen, _N, _C), _targets(gen, _M, _C)]
     if op == "label_supcon":
         return [torch.randn(_N, _D, generator=gen)], [_labels(gen, _N, _C)]
+    if op == "label_supcon_queue":  # the batch, then a detached queue of _M rows (ignored rows on both sides)
+        floats = [torch.randn(_B, _D, generator=gen), torch.randn(_M, _D, generator=gen)]
+        return floats, [_labels(gen, _B, _C), _labels(gen, _M, _C)]
     if op == "prototype_nce":
         return [torch.randn(_B, _C, _D, generator=gen), torch.randn(_C, _D, generator=gen)], [_targets(gen, _B, _C)]
     if op == "prototype_ce":
@@ -115,6 +118,9 @@ def _call(op: str, backend: str, floats: list[torch.Tensor], ints: list[torch.Te
     """The public function of ``op`` with ``backend`` (``"torch"`` is the reference)."""
     if op == "label_supcon":
         return functional.label_supcon_loss(floats[0], ints[0], 0.1, 0.07, normalize=True, backend=backend)
+    if op == "label_supcon_queue":
+        return functional.label_supcon_loss(floats[0], ints[0], 0.1, 0.07, normalize=True, ref_features=floats[1],
+                                            ref_labels=ints[1], backend=backend)  # fmt: skip
     if op == "prototype_nce":
         return functional.prototype_nce_loss(floats[0], floats[1], ints[0], 0.07, backend=backend)
     if op == "prototype_ce":
@@ -131,8 +137,10 @@ def _evaluate(op: str, backend: str, floats, ints) -> tuple[torch.Tensor, list[t
         out = _call(op, backend, [floats[0].clone(), floats[1]], ints)
         return out, []
     leaves = [t.detach().clone().requires_grad_() for t in floats]
+    if op == "label_supcon_queue":
+        leaves[1].requires_grad_(False)  # the queue is detached: only the batch gets a gradient
     out = _call(op, backend, leaves, ints)
-    return out.detach(), list(torch.autograd.grad(out, leaves))
+    return out.detach(), list(torch.autograd.grad(out, [t for t in leaves if t.requires_grad]))
 
 
 @contextlib.contextmanager

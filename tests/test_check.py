@@ -91,12 +91,12 @@ def test_broken_kernel_fails_the_check_and_the_exit_status(monkeypatch, tmp_path
     results = check.run_checks("cpu", backends=["cpu"], dtypes=[torch.float32])
     verdicts = {r.op: r.passed for r in results}
     assert verdicts == {"label_supcon": False, "prototype_nce": True, "prototype_ce": True, "update_prototypes": True,
-                        "multihot_supcon": True}  # fmt: skip
+                        "multihot_supcon": True, "label_supcon_queue": True}  # fmt: skip
     assert abs(next(r for r in results if r.op == "label_supcon").loss_rel_err - 0.1) < 1e-6
     argv = ["--device", "cpu", "--backends", "cpu", "--dtypes", "float32", "--json", str(tmp_path / "c.json")]
     assert check.main(argv) == 1
     out = capsys.readouterr().out
-    assert re.search(r"^label_supcon +cpu +float32 +FAIL", out, re.M) and "4 of 5 cases passed: FAILED" in out
+    assert re.search(r"^label_supcon +cpu +float32 +FAIL", out, re.M) and "5 of 6 cases passed: FAILED" in out
     assert json.loads((tmp_path / "c.json").read_text())["passed"] is False
 
 
@@ -126,7 +126,7 @@ def test_a_kernel_that_raises_fails_its_case_only(monkeypatch):
 
     monkeypatch.setattr(functional, "_label_supcon_rows", raising)
     results = check.run_checks("cpu", backends=["cpu"], dtypes=[torch.bfloat16])
-    assert [r.passed for r in results] == [False, True, True, True, True]
+    assert [r.passed for r in results] == [False, True, True, True, True, True]
     assert results[0].error == "RuntimeError: illegal memory access"
     assert "FAIL" in results[0].line() and "illegal memory access" in results[0].line()
 
