@@ -13,6 +13,7 @@ from mlcontrast.train.data import (
     nuswide,
     simulate_partial_labels,
     visual_genome,
+    visual_genome_200,
     voc2007,
 )
 from mlcontrast.train.data.base import default_transform
@@ -111,6 +112,23 @@ def test_visual_genome(tmp_path):
     assert ds.targets.shape == (2, 500)
     assert np.flatnonzero(ds.targets[0]).tolist() == [0, 499]
     assert ds[1][1].sum().item() == 1
+
+
+def test_visual_genome_200_reads_the_200_class_index(tmp_path):
+    # HST's release: the VG-500 image lists with vg_category_200_labels_index.json (HCP-MLR-PL
+    # utils/dataloader.py:55-58); no VG-500 index file is needed
+    for split in ("train", "test"):
+        (tmp_path / f"{split}_list_500.txt").write_text("1.jpg\n2.jpg\n")
+    (tmp_path / "vg_category_200_labels_index.json").write_text(json.dumps({"1.jpg": [0, 199], "2.jpg": [7]}))
+    for n in ("1.jpg", "2.jpg"):
+        _img(tmp_path / "VG_100K" / n)
+    ds = visual_genome_200(tmp_path, "train", transform=TF)
+    assert ds.targets.shape == (2, 200) and np.flatnonzero(ds.targets[0]).tolist() == [0, 199]
+    train, test = build_datasets("vg200", tmp_path, img_size=16)
+    assert train.num_classes == test.num_classes == 200 and len(test) == 2
+    (tmp_path / "vg_category_200_labels_index.json").write_text(json.dumps({"1.jpg": [200], "2.jpg": [7]}))
+    with pytest.raises(ValueError, match=r"out of \[0, 200\)"):
+        visual_genome_200(tmp_path, "train", transform=TF)
 
 
 def test_cub(tmp_path):

@@ -22,7 +22,8 @@ SADCL_COCO_RELEASED = {
     "optimizer": "adamw", "lr": 5e-5, "weight_decay": 5e-3, "scheduler": "onecycle", "pct_start": 0.2,
     "step_size": None, "epochs": 80, "batch_size": 32, "image_size": 448, "augment": "multiscale_crop",
     "backbone": "resnet101", "feature_index": -1, "feature_pool": 1, "train_layers": "layer2,layer3,layer4",
-    "bn_mode": "frozen", "model_ema": 0.9998, "early_stop": 8, "amp": "fp16", "accumulate": 1,
+    "bn_mode": "frozen", "model_ema": 0.9998, "model_ema_start": 0, "early_stop": 8, "early_stop_rule": "sadcl",
+    "stop_on_nan": True, "warmup_epochs": 0, "warmup_lr": None, "amp": "fp16", "accumulate": 1,
     "hidden_dim": 2048, "proj_dim": 1024, "sscl_scope": "local", "sscl_weight": 100.0, "pscl_weight": 50.0,
     "sscl_temperature": 0.2, "pscl_temperature": 0.07, "memory_threshold": 0.8, "cls_weight": 1000.0,
     "legacy_sadcl_mask": True, "legacy_learned_prototypes": True,
@@ -31,19 +32,29 @@ HST_COCO_RELEASED = {
     "optimizer": "adam", "lr": 1e-5, "weight_decay": 5e-4, "scheduler": "step", "step_size": 10,
     "step_gamma": 0.1, "pct_start": None, "epochs": 20, "batch_size": 32, "image_size": 448,
     "augment": "choice_crop", "backbone": "resnet101", "feature_pool": 2, "train_layers": "layer4",
-    "bn_mode": "train", "model_ema": None, "early_stop": None, "amp": None, "hidden_dim": 1024,
+    "bn_mode": "train", "model_ema": None, "early_stop": None, "stop_on_nan": False, "warmup_epochs": 0,
+    "amp": None, "hidden_dim": 1024,
     "hst_sd_dim": 512, "hst_pair_dim": 1024, "hst_embed_dim": 300, "hst_ggnn_steps": 3,
     "hst_generate_label_epoch": 5, "hst_prototypes": 10, "hst_theta_init": 1.0, "hst_theta_decay": 5e-4,
     "hst_cooc_weight": 10.0, "hst_intra_bce_weight": 0.1, "hst_inter_bce_weight": 0.1,
     "hst_instance_weight": 0.05, "hst_prototype_weight": 0.05, "partial_seed": 0, "legacy_hst_sign": True,
     "legacy_hst_neg_neg_push": True, "legacy_hst_cooc_unknown_negative": True,
 }
+# TRM-ML released no code: the guesses from the author's DualCoOp (yu-gi-oh-leilei/DualCoop@018e7c5,
+# config/dualcoop/coco2014_SGD.yaml; VOC's ema_epoch is 2 in voc2007_SGD.yaml)
+TRMML_COCO_GUESSED = {
+    "optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "scheduler": "cosine", "warmup_epochs": 1,
+    "warmup_lr": 1e-5, "epochs": 50, "batch_size": 32, "image_size": 448, "augment": "autoaugment_crop",
+    "trmml_clip_model": "RN101", "model_ema": 0.9998, "model_ema_start": 0, "early_stop": 8,
+    "early_stop_rule": "sadcl", "stop_on_nan": True, "amp": None, "accumulate": 1,
+}
 DIGITS = {
     "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "scheduler": "onecycle", "pct_start": 0.2,
     "epochs": 15, "batch_size": 64, "image_size": 224, "augment": "flip", "backbone": "resnet10t",
     "feature_index": 2, "train_layers": "all", "bn_mode": "train", "model_ema": None, "early_stop": None,
     "amp": None, "accumulate": 1, "hidden_dim": 128, "proj_dim": 64, "sscl_scope": "global",
-    "legacy_sadcl_mask": False,
+    "legacy_sadcl_mask": False, "warmup_epochs": 0, "warmup_lr": None, "model_ema_start": None,
+    "early_stop_rule": None, "stop_on_nan": False,
 }
 REQUIRED = ("method", "dataset", "recipe", "optimizer", "lr", "weight_decay", "scheduler", "epochs", "batch_size",
             "image_size", "backbone", "model_ema")
@@ -71,9 +82,25 @@ def test_paper_recipe_sadcl_vg_is_576px():
     _check(cfg, {**SADCL_COCO_RELEASED, "image_size": 576})
 
 
-@pytest.mark.parametrize("dataset", ["coco2014", "voc2007", "vg"])
+@pytest.mark.parametrize("dataset", ["coco2014", "voc2007", "vg200"])
 def test_paper_recipe_hst(dataset):
     _check(_config("--recipe", "paper", "--method", "hst", "--dataset", dataset), HST_COCO_RELEASED)
+
+
+def test_paper_recipe_hst_vg_points_to_vg200(capsys):
+    # HST's release trains on VG-200 (HCP-MLR-PL utils/dataloader.py:55-58): the VG-500 name has no HST table
+    assert main(["--recipe", "paper", "--method", "hst", "--dataset", "vg", "--print-config"]) == 2
+    assert "--dataset vg200" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["coco2014", "nuswide", "vg", "vg200", "cub"])
+def test_paper_recipe_trmml_is_the_dualcoop_guess(dataset):
+    _check(_config("--recipe", "paper", "--method", "trmml", "--dataset", dataset), TRMML_COCO_GUESSED)
+
+
+def test_paper_recipe_trmml_voc_starts_the_ema_at_epoch_2():
+    cfg = _config("--recipe", "paper", "--method", "trmml", "--dataset", "voc2007")
+    _check(cfg, {**TRMML_COCO_GUESSED, "model_ema_start": 2})
 
 
 def test_digits_recipe_is_the_unchanged_default():
@@ -309,7 +336,7 @@ def test_sscl_scope(monkeypatch, scope, expect_group):
     assert (seen["group"] is marker) == expect_group
 
 
-@pytest.mark.parametrize("augment", ["flip", "multiscale_crop", "choice_crop"])
+@pytest.mark.parametrize("augment", ["flip", "multiscale_crop", "choice_crop", "autoaugment_crop"])
 def test_augment_pipelines(augment):
     from PIL import Image
 

@@ -15,6 +15,7 @@ from mlcontrast.train.argtypes import decay, non_negative_int, optional, positiv
 from mlcontrast.train.data import DATASETS, EMBEDDED
 from mlcontrast.train.data.transforms import AUGMENTS
 from mlcontrast.train.methods import METHODS
+from mlcontrast.train.optim import STOP_RULES
 from mlcontrast.train.recipes import RECIPES, recipe_values, released_files
 
 __all__ = ["DESCRIPTION", "build_parser", "apply_recipe", "resolve_args", "build_method", "resolved_config",
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=positive(int), default=224, help="input size of file datasets")
     g.add_argument("--augment", choices=AUGMENTS, default="flip",
                    help="training pipeline of file datasets: flip (resize + flip), multiscale_crop (SADCL), "
-                        "choice_crop (HST)")
+                        "choice_crop (HST), autoaugment_crop (the author's DualCoOp, for TRM-ML)")
     g.add_argument("--limit-train", type=positive(int), default=None, help="use only the first N training images")
     g.add_argument("--limit-test", type=positive(int), default=None, help="use only the first N test images")
     g = p.add_argument_group("model")
@@ -115,11 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pct-start", type=ratio, default=0.2, help="OneCycle's warm-up share")
     g.add_argument("--step-size", type=positive(int), default=10, help="StepLR's period in epochs")
     g.add_argument("--step-gamma", type=positive(float), default=0.1, help="StepLR's factor")
+    g.add_argument("--warmup-epochs", type=non_negative_int, default=0,
+                   help="train the first N epochs at the constant --warmup-lr; the schedule runs underneath and "
+                        "takes over at its position then (DualCoOp: 1); 0: off")
+    g.add_argument("--warmup-lr", type=positive(float), default=1e-5, help="learning rate of the warm-up epochs")
     g.add_argument("--model-ema", type=optional(decay), default=None, metavar="DECAY",
                    help="keep an EMA of the model's state (e.g. 0.9998), evaluate it beside the raw model and "
                         "report the better (SADCL); none: off")
+    g.add_argument("--model-ema-start", type=non_negative_int, default=0, metavar="EPOCH",
+                   help="the EMA restarts from the model at the start of this epoch (0-based) and is updated and "
+                        "evaluated only from then on (DualCoOp on VOC: 2)")
     g.add_argument("--early-stop", type=optional(positive(int)), default=None, metavar="PATIENCE",
                    help="stop once the best epoch lies more than this many epochs back (SADCL: 8); none: off")
+    g.add_argument("--early-stop-rule", choices=STOP_RULES, default="best",
+                   help="best: the best epoch (better of raw and EMA mAP) is more than PATIENCE epochs back; sadcl: "
+                        "the released rule, which also needs the raw model's best epoch that far back and the last "
+                        "EMA mAP below the EMA's best")
+    g.add_argument("--stop-on-nan", action=argparse.BooleanOptionalAction, default=False,
+                   help="end the run after an epoch whose training loss is NaN (SADCL exits on a NaN loss)")
     g.add_argument("--amp", choices=["bf16", "fp16", "none"], default="none",
                    help="mixed precision (fp16 with a GradScaler; bf16 also on the CPU)")
     g.add_argument("--accumulate", type=positive(int), default=1,
@@ -176,11 +190,13 @@ def method_options(name: str) -> list[str]:
 
 #: options that only mean something with one scheduler
 _SCHEDULER_OPTIONS = {"pct_start": "onecycle", "step_size": "step", "step_gamma": "step"}
+#: options that only mean something when another one is on (``None`` in the configuration otherwise)
+_DEPENDENT_OPTIONS = {"warmup_lr": "warmup_epochs", "model_ema_start": "model_ema", "early_stop_rule": "early_stop"}
 _CONFIG_KEYS = ("method", "dataset", "recipe", "optimizer", "lr", "weight_decay", "scheduler", "pct_start",
-                "step_size", "step_gamma", "epochs", "batch_size", "accumulate", "image_size", "augment",
-                "backbone", "feature_index", "feature_pool", "weights", "train_layers", "bn_mode", "model_ema",
-                "early_stop", "amp", "hidden_dim", "proj_dim", "cls_weight", "known_ratio", "partial_seed", "seed",
-                "backend", "device")
+                "step_size", "step_gamma", "warmup_epochs", "warmup_lr", "epochs", "batch_size", "accumulate",
+                "image_size", "augment", "backbone", "feature_index", "feature_pool", "weights", "train_layers",
+                "bn_mode", "model_ema", "model_ema_start", "early_stop", "early_stop_rule", "stop_on_nan", "amp",
+                "hidden_dim", "proj_dim", "cls_weight", "known_ratio", "partial_seed", "seed", "backend", "device")
 
 
 def resolved_config(args: argparse.Namespace) -> dict:
@@ -193,6 +209,8 @@ def resolved_config(args: argparse.Namespace) -> dict:
     for key in _CONFIG_KEYS:
         value = getattr(args, "img_size" if key == "image_size" else key, None)
         if key in _SCHEDULER_OPTIONS and args.scheduler != _SCHEDULER_OPTIONS[key]:
+            value = None
+        if key in _DEPENDENT_OPTIONS and not getattr(args, _DEPENDENT_OPTIONS[key], None):
             value = None
         cfg[key] = value
     for key in method_options(args.method):

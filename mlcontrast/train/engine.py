@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -282,9 +283,12 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
                                           find_unused_parameters=getattr(model, "has_unused_parameters", False))
     progress = not args.no_progress and dist.main
     partial = args.known_ratio < 1.0
+    stop_rule = {"patience": getattr(args, "early_stop", None), "rule": getattr(args, "early_stop_rule", "best"),
+                 "ema_expected": ema is not None}
+    ema_start = getattr(args, "model_ema_start", 0) or 0
     for epoch in range(start_epoch, args.epochs):
-        if should_stop(history, getattr(args, "early_stop", None)):
-            break  # a resumed run that had already stopped early
+        if should_stop(history, **stop_rule) or (getattr(args, "stop_on_nan", False) and _nan_loss(history)):
+            break  # a resumed run that had already stopped
         t0 = time.time()
         epoch_seed = _epoch_seed(args.seed, epoch)
         _seed_all(epoch_seed + dist.rank)
@@ -292,6 +296,10 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
             plain = DataLoader(train_plain, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
             model.start_epoch(epoch, plain, device)
             model.train()
+        # the EMA restarts from the model here and follows it from now on (after start_epoch's changes)
+        ema_now = ema if ema is not None and epoch >= ema_start else None
+        if ema_now is not None and epoch == ema_start:
+            ema.reset(model)
         if dist.world > 1:
             sampler = DistributedSampler(train_truth, num_replicas=dist.world, rank=dist.rank, shuffle=True,
                                          seed=epoch_seed, drop_last=True)
@@ -328,8 +336,8 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
                 _optimizer_step(optimizer, scaler)
                 if not per_epoch:
                     scheduler.step()
-                if ema is not None:
-                    ema.update(model)
+                if ema_now is not None:
+                    ema_now.update(model)
             if not part_names:
                 part_names = list(parts)
                 sums = torch.zeros(1 + len(part_names), dtype=torch.float64)
@@ -348,7 +356,7 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
             if partial and getattr(model, "makes_pseudo_labels", False):
                 # precision is undefined (null) in an epoch without a single pseudo-positive
                 rec.update(pseudo_label_rates(pseudo, empty_precision=None), pseudo_positives=int(pseudo[0]))
-            rec.update(_evaluate(model, ema, test_set, test_truth, args, device, progress))
+            rec.update(_evaluate(model, ema_now, test_set, test_truth, args, device, progress))
             rec["lr"] = scheduler.get_last_lr()[0]
             rec["time_s"] = time.time() - t0
             history.append(rec)
@@ -360,17 +368,26 @@ def _run(args, device, dist: _Dist, stop_after_epoch):
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }
             save_checkpoint_atomic(state, out / CHECKPOINT_NAME)
-        stop = torch.tensor([float(dist.main and should_stop(history, getattr(args, "early_stop", None)))])
+        nan = dist.main and getattr(args, "stop_on_nan", False) and _nan_loss(history)
+        stop = torch.tensor([float(dist.main and (nan or should_stop(history, **stop_rule)))])
         dist.sum_(stop)  # rank 0 decides; the other ranks follow
         dist.barrier()  # the other ranks wait for the evaluation and the checkpoint
         if stop.item() > 0:
-            if progress:
+            if nan:
+                print(f"mlcontrast-train: stopped after epoch {epoch + 1}: the training loss is NaN", file=sys.stderr)
+            elif progress:
                 tqdm.write(f"early stop after epoch {epoch + 1}: no better mAP for {args.early_stop} epochs")
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     return {"history": history, "step_losses": step_losses, "model": model, "ema": ema,
             "summary": summarize(history)}
+
+
+def _nan_loss(history: list[dict]) -> bool:
+    """The last epoch's mean training loss is NaN (``--stop-on-nan``; SADCL exits on a NaN loss in a step,
+    ``code/lib_sadcl/engine.py:100-130``, or in validation, ``main_worker.py:280-289``)."""
+    return bool(history) and math.isnan(history[-1]["loss"])
 
 
 def _optimizer_step(optimizer, scaler) -> None:

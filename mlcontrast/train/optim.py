@@ -1,5 +1,6 @@
-"""What the engine builds around the model: the optimizer and its schedule, which parts train, the model
-EMA, mixed precision and early stopping (each one option of ``mlcontrast-train``)."""
+"""What the engine builds around the model: the optimizer and its schedule (with an optional constant
+warm-up), which parts train, the model EMA, mixed precision and early stopping (each one option of
+``mlcontrast-train``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import torch.nn as nn
 
 from mlcontrast.train.models import Backbone
 
-__all__ = ["build_optimizer", "configure_backbones", "ModelEMA", "autocast", "grad_scaler", "should_stop"]
+__all__ = ["build_optimizer", "ConstantWarmup", "configure_backbones", "ModelEMA", "autocast", "grad_scaler",
+           "should_stop", "STOP_RULES"]
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: int):
     """``(optimizer, scheduler, per_epoch)``: ``per_epoch`` says the scheduler steps once per epoch (StepLR, as
     HST) rather than once per optimizer step (OneCycle and cosine).
+
+    ``--warmup-epochs W`` (> 0) trains the first W epochs at the constant ``--warmup-lr`` and wraps the
+    schedule in :class:`ConstantWarmup`; with W = 0 (the default) the schedule is returned as is.
 
     ``adamw`` decouples the weight decay; ``adam`` and ``sgd`` (momentum 0.9) add it to the gradient (L2).
     Only parameters with ``requires_grad`` are optimised (frozen stages stay out, as in both releases).
@@ -44,7 +49,57 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.step_gamma)
     else:
         raise ValueError(f"unknown scheduler {sched!r}")
-    return optimizer, scheduler, sched == "step"
+    per_epoch = sched == "step"
+    warmup = getattr(args, "warmup_epochs", 0) or 0
+    if warmup > 0:
+        steps = warmup if per_epoch else warmup * steps_per_epoch
+        scheduler = ConstantWarmup(optimizer, scheduler, steps, args.warmup_lr)
+    return optimizer, scheduler, per_epoch
+
+
+class ConstantWarmup:
+    """The first ``steps`` scheduler steps train at the constant ``lr``; the wrapped schedule runs underneath
+    unchanged, so after the warm-up the learning rate is the schedule's at that position, not its start
+    (the constant warm-up of the author's DualCoOp, ``optim/lr_scheduler.py:35-54,135-143`` with
+    ``warmup_recount = False``, ``config_opt.py:182``).
+
+    Before each step the schedule's own last learning rates go back into the optimizer, because the
+    chainable schedules (StepLR, the cosine) compute the next rate from the current one.
+
+    Args:
+        optimizer: the optimizer whose ``param_groups`` get the learning rates.
+        schedule: the wrapped scheduler (stepped on every :meth:`step`, the warm-up included).
+        steps: warm-up length in scheduler steps (epochs × steps per epoch for a per-iteration schedule).
+        lr: the constant warm-up learning rate (DualCoOp: 1e-5).
+    """
+
+    def __init__(self, optimizer, schedule, steps: int, lr: float) -> None:
+        self.optimizer, self.schedule, self.steps, self.lr = optimizer, schedule, steps, lr
+        self.count = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        lrs = self.schedule.get_last_lr() if self.count >= self.steps else [self.lr] * len(self.optimizer.param_groups)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+    def step(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.schedule.get_last_lr()):
+            group["lr"] = lr
+        self.schedule.step()
+        self.count += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        self.schedule.load_state_dict(state["schedule"])
+        self._apply()
 
 
 def configure_backbones(model: nn.Module, args: argparse.Namespace) -> None:
@@ -88,6 +143,12 @@ class ModelEMA:
             else:
                 ema.copy_(value)
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average from ``model``'s current state (``--model-ema-start``: the releases build a
+        new ModelEma at that epoch, SADCL ``main_worker.py:199-200``, DualCoOp ``main_worker.py:118-119``)."""
+        self.module.load_state_dict(model.state_dict())
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "module": self.module.state_dict()}
 
@@ -117,11 +178,45 @@ def _score(rec: dict) -> float:
     return max(scores, default=float("-inf"))
 
 
-def should_stop(history: list[dict], patience: int | None) -> bool:
-    """Early stopping, as SADCL: stop once the best epoch (by the better of raw and EMA mAP) lies more than
-    ``patience`` epochs back. ``history`` holds the epoch records so far."""
+def _first_best(scores: list[float]) -> int:
+    """The first index reaching the maximum, or -1 when none is above 0 (as the releases' ``best_* = 0``
+    initial values with strict ``>`` updates)."""
+    best, where = 0.0, -1
+    for i, v in enumerate(scores):
+        if v > best:  # NaN and -inf never update
+            best, where = v, i
+    return where
+
+
+#: ``--early-stop-rule`` choices
+STOP_RULES = ("best", "sadcl")
+
+
+def should_stop(history: list[dict], patience: int | None, rule: str = "best", ema_expected: bool = False) -> bool:
+    """Early stopping after the epochs of ``history`` (the epoch records so far).
+
+    - ``best``: stop once the best epoch (by the better of raw and EMA mAP) lies more than ``patience``
+      epochs back.
+    - ``sadcl``: the released rule (SADCL ``code/lib_sadcl/main_worker.py:292-301``; the author's DualCoOp
+      ``main_worker.py:201-206`` has the same): stop once *both* that best epoch and the raw model's own
+      best epoch lie more than ``patience`` epochs back, *and* the last EMA mAP is below the best EMA mAP
+      so far. Without ``--model-ema`` the EMA clause is skipped; with ``ema_expected`` (an EMA that starts
+      later) an epoch without an EMA evaluation never stops, as the releases' 0 never lies below their 0.
+    """
     if not patience or not history:
         return False
-    scores = [_score(rec) for rec in history]
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first epoch reaching the maximum
-    return len(scores) - 1 - best > patience
+    last = len(history) - 1
+    if rule == "best":
+        scores = [_score(rec) for rec in history]
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first epoch reaching the maximum
+        return last - best > patience
+    if rule != "sadcl":
+        raise ValueError(f"unknown early-stop rule {rule!r}; choose from {STOP_RULES}")
+    best = _first_best([_score(rec) for rec in history])
+    raw_best = _first_best([rec["mAP"] for rec in history])
+    if best < 0 or last - max(best, raw_best) <= patience:
+        return False
+    emas = [rec["ema"]["mAP"] for rec in history if "ema" in rec]
+    if "ema" not in history[-1]:
+        return not (ema_expected or emas)
+    return len(history) > 1 and emas[-1] < max([0.0, *(v for v in emas if v == v)])

@@ -10,10 +10,12 @@
     ``checkpoint/SADCL/ResNet_448_MSCOCO14/config.json``; ``code/lib_sadcl/...``);
   - H = ``HCPLab-SYSU/HCP-MLR-PL`` at d9fd300 (``scripts/HST.sh``, ``HST.py``, ``model/...``, ``utils/...``);
   - TRM-ML released no code: its values are guesses (marked so), mostly from the same author's DualCoOp
-    reproduction (research/seeds_methods.md §4.2).
+    reproduction, D = ``yu-gi-oh-leilei/DualCoop`` at 018e7c5 (``config/dualcoop/{coco2014,voc2007}_SGD.yaml``,
+    ``code/lib_dualcoop_newoptim/...``; research/seeds_methods.md §4.2).
 
   Only COCO has a released script for SADCL and HST; the other datasets reuse the COCO values (marked
-  "guess") except where a released file says otherwise.
+  "guess") except where a released file says otherwise. HST's Visual Genome is VG-200 (``--dataset vg200``);
+  SADCL's is VG-500 (``--dataset vg``).
 
 Keys are the option names of ``mlcontrast-train`` (argparse ``dest``). ``batch_size`` is per process, as
 everywhere in the package: SADCL's released global batch of 64 is 32 on each of 2 GPUs.
@@ -42,7 +44,9 @@ SADCL_COCO = {
     "train_layers": "layer2,layer3,layer4",  # S backbone.py:90 stem and layer1 frozen
     "bn_mode": "frozen",               # S backbone.py:137 norm_layer=FrozenBatchNorm2d
     "model_ema": 0.9998,               # S coco.sh:42 --ema-decay 0.9998, from epoch 0 (config.json ema_epoch)
-    "early_stop": 8,                   # S main_worker.py:294 stop when epoch - best epoch > 8
+    "early_stop": 8,                   # S coco.sh:41 --early-stop; main_worker.py:294 patience 8
+    "early_stop_rule": "sadcl",        # S main_worker.py:292-301: raw best epoch too, and last EMA mAP < its best
+    "stop_on_nan": True,               # S engine.py:100-130 (NaN training loss), main_worker.py:280-289: exit(1)
     "amp": "fp16",                     # S coco.sh:41 --amp; engine.py:16,67 GradScaler + autocast
     "accumulate": 1,                   # S: no accumulation
     "hidden_dim": 2048,                # S coco.sh:39 --hidden_dim 2048 (FFN 8192 = 4·d, as LabelDecoder)
@@ -98,41 +102,51 @@ HST_COCO = {
 }
 
 HST_VOC = {**HST_COCO}                 # guess: HST.sh's settings (the repo has only the COCO script)
-HST_VG = {**HST_COCO}                  # guess: HST.sh's settings
+HST_VG200 = {**HST_COCO}               # guess: HST.sh's settings; VG-200: H utils/dataloader.py:55-58, config.py:25
 
 # ------------------------------------------------------------------------------------------------ TRM-ML
 TRMML_COCO = {
-    "optimizer": "sgd",                # guess: the author's DualCoOp, config/dualcoop/*_SGD.yaml (seeds §4.2)
-    "lr": 2e-3,                        # guess: ibid.
-    "weight_decay": 5e-4,              # guess: ibid.
-    "scheduler": "cosine",             # guess: ibid. (its 1-epoch constant warm-up at 1e-5 is not reproduced)
-    "epochs": 50,                      # guess: ibid.
-    "batch_size": 32,                  # guess: official DualCoOp
-    "img_size": 448,                   # guess: DualCoOp's partial-label setting (paper §4 not readable here)
-    "augment": "flip",                 # guess: DualCoOp uses RandomResizedCrop(0.5-1) + RandAugment, not built in
-    "trmml_clip_model": "RN101",       # guess: the author's DualCoOp config (RN101)
+    # every value is a guess: TRM-ML released no code; D = the same author's DualCoOp (see the module docstring)
+    "optimizer": "sgd",                # guess: D coco2014_SGD.yaml:92,95 SGD, momentum 0.9
+    "lr": 2e-3,                        # guess: D coco2014_SGD.yaml:101
+    "weight_decay": 5e-4,              # guess: D coco2014_SGD.yaml:97
+    "scheduler": "cosine",             # guess: D coco2014_SGD.yaml:93 (D steps it per epoch, train.py:97-98)
+    "warmup_epochs": 1,                # guess: D coco2014_SGD.yaml:104-105 constant warm-up, 1 epoch
+    "warmup_lr": 1e-5,                 # guess: D config_opt.py:180 warmup_cos_lr (lr_scheduler.py:135-143)
+    "epochs": 50,                      # guess: D coco2014_SGD.yaml:130
+    "batch_size": 32,                  # guess: D coco2014_SGD.yaml:100 64 over 2 GPUs (coco.sh; get_dataset.py:17)
+    "img_size": 448,                   # guess: D coco2014_SGD.yaml:21,32
+    "augment": "autoaugment_crop",     # guess: D coco2014_SGD.yaml:36-38; transforms.py:220-257
+    "trmml_clip_model": "RN101",       # guess: D coco2014_SGD.yaml:45
     "train_layers": "all",             # paper Fig. 2 caption: the CLIP encoders are frozen by the method itself
     "bn_mode": "train",                # (frozen CLIP stays in eval mode: trmml_encoders.py)
     "feature_pool": 1,                 # guess
-    "model_ema": 0.9998,               # guess: the author's DualCoOp (from its epoch 2; here from epoch 0)
-    "early_stop": None,                # guess
-    "amp": None,                       # guess
+    "model_ema": 0.9998,               # guess: D coco2014_SGD.yaml:131
+    "model_ema_start": 0,              # guess: D coco2014_SGD.yaml:132 (voc2007_SGD.yaml:126: 2)
+    "early_stop": 8,                   # guess: D coco2014_SGD.yaml:126; main_worker.py:201-206 (SADCL's rule)
+    "early_stop_rule": "sadcl",        # guess: ibid.
+    "stop_on_nan": True,               # guess: D main_worker.py:189-198 exit(1) on a NaN validation loss
+    "amp": None,                       # guess: D coco2014_SGD.yaml:125 amp False
     "accumulate": 1,                   # guess
 }
 
-TRMML_VOC = {**TRMML_COCO}             # guess
+TRMML_VOC = {**TRMML_COCO, "model_ema_start": 2}  # guess: D voc2007_SGD.yaml:126 ema_epoch 2
 TRMML_NUSWIDE = {**TRMML_COCO}         # guess
 TRMML_VG = {**TRMML_COCO}              # guess
+TRMML_VG200 = {**TRMML_COCO}           # guess (a TRM-ML summary names VG-200 among its datasets: research/trmml.md)
 TRMML_CUB = {**TRMML_COCO}             # guess
 
 #: (method, dataset) → the ``paper`` recipe's values
 PAPER: dict[tuple[str, str], dict] = {
     ("sadcl", "coco2014"): SADCL_COCO, ("sadcl", "voc2007"): SADCL_VOC, ("sadcl", "nuswide"): SADCL_NUSWIDE,
     ("sadcl", "vg"): SADCL_VG,
-    ("hst", "coco2014"): HST_COCO, ("hst", "voc2007"): HST_VOC, ("hst", "vg"): HST_VG,
+    ("hst", "coco2014"): HST_COCO, ("hst", "voc2007"): HST_VOC, ("hst", "vg200"): HST_VG200,
     ("trmml", "coco2014"): TRMML_COCO, ("trmml", "voc2007"): TRMML_VOC, ("trmml", "nuswide"): TRMML_NUSWIDE,
-    ("trmml", "vg"): TRMML_VG, ("trmml", "cub"): TRMML_CUB,
+    ("trmml", "vg"): TRMML_VG, ("trmml", "vg200"): TRMML_VG200, ("trmml", "cub"): TRMML_CUB,
 }
+
+#: (method, dataset) without a table, whose release uses another dataset name here
+_NEARBY = {("hst", "vg"): "HST's release trains on VG-200 (HCP-MLR-PL utils/dataloader.py:55-58): use --dataset vg200"}
 
 
 # ----------------------------------------------------------------------------------- files the releases load
@@ -164,11 +178,11 @@ RELEASED_FILES: dict[tuple[str, str], dict[str, str]] = {
         "hst_class_embeddings": _H_WORDS.format(c=c, path=path),
     } for ds, c, path in (("coco2014", 80, "data/coco/vectors.npy"),
                           ("voc2007", 20, "data/voc_devkit/VOC2007/voc07_vector.npy"),
-                          ("vg", 200, "data/vg/vg_200_vector.npy"))},
+                          ("vg200", 200, "data/vg/vg_200_vector.npy"))},
     **{("trmml", ds): {
         "trmml_clip_checkpoint": "CLIP RN101 weights as a local open_clip file (guess: the author's DualCoOp "
                                  "config; TRM-ML released no code)",
-    } for ds in ("coco2014", "voc2007", "nuswide", "vg", "cub")},
+    } for ds in ("coco2014", "voc2007", "nuswide", "vg", "vg200", "cub")},
 }
 
 
@@ -185,6 +199,9 @@ def recipe_values(recipe: str, method: str, dataset: str) -> dict:
         return {}
     if recipe != "paper":
         raise ValueError(f"unknown recipe {recipe!r}; choose from {RECIPES}")
+    if (method, dataset) in _NEARBY:
+        raise ValueError(f"--recipe paper has no settings for --method {method} --dataset {dataset}: "
+                         f"{_NEARBY[(method, dataset)]}")
     if (method, dataset) not in PAPER:
         have = sorted(f"{m}/{d}" for m, d in PAPER)
         raise ValueError(f"--recipe paper has no settings for --method {method} --dataset {dataset} (released "

@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Callable
 
 from mlcontrast.train.data.base import ImageFileDataset, MultiLabelDataset, default_transform
-from mlcontrast.train.data.datasets import VOC_CLASSES, coco2014, cub200, nuswide, visual_genome, voc2007
+from mlcontrast.train.data.datasets import (VOC_CLASSES, coco2014, cub200, nuswide, visual_genome,
+                                            visual_genome_200, voc2007)
 from mlcontrast.train.data.digits import DigitMosaics, digits
 from mlcontrast.train.data.mnist_mosaic import MNISTMosaics, mnist_mosaic
 from mlcontrast.train.data.partial import simulate_partial_labels
 
 __all__ = ["DATASETS", "EMBEDDED", "build_datasets", "simulate_partial_labels", "MultiLabelDataset",
            "ImageFileDataset", "DigitMosaics", "digits", "MNISTMosaics", "mnist_mosaic", "voc2007", "coco2014",
-           "nuswide", "visual_genome", "cub200", "default_transform", "VOC_CLASSES"]
+           "nuswide", "visual_genome", "visual_genome_200", "cub200", "default_transform", "VOC_CLASSES"]
 
 # name → (loader, train split, test split)
 DATASETS: dict[str, tuple[Callable, str, str]] = {
@@ -21,7 +22,8 @@ DATASETS: dict[str, tuple[Callable, str, str]] = {
     "voc2007": (voc2007, "trainval", "test"),
     "coco2014": (coco2014, "train", "val"),
     "nuswide": (nuswide, "train", "test"),
-    "vg": (visual_genome, "train", "test"),
+    "vg": (visual_genome, "train", "test"),         # VG-500 (SADCL)
+    "vg200": (visual_genome_200, "train", "test"),  # VG-200 (HST)
     "cub": (cub200, "train", "test"),
 }
 

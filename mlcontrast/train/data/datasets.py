@@ -10,7 +10,8 @@ Each returns an :class:`~mlcontrast.train.data.base.ImageFileDataset` of ``(imag
 - NUS-WIDE: ``ImageList/{Train,Test}Imagelist.txt`` (Windows ``\\`` separators allowed), ``Groundtruth/Labels_{Train,
   Test}.txt`` (one line of 81 0/1 per image), images under ``Flickr/``; images without any label are dropped.
 - Visual Genome: ``{train,test}_list_500.txt`` (file names), ``vg_category_500_labels_index.json`` (file name →
-  class indices), images under ``VG_100K/``.
+  class indices), images under ``VG_100K/``. VG-200 (``--dataset vg200``, what HST trains on) reads the same
+  lists and images with ``vg_category_200_labels_index.json``.
 - CUB-200-2011: ``images.txt``, ``train_test_split.txt``, ``attributes/image_attribute_labels.txt``, ``images/``;
   targets are the 312 binary attributes (``is_present``).
 """
@@ -26,7 +27,7 @@ import numpy as np
 
 from mlcontrast.train.data.base import ImageFileDataset, require_dir, require_file
 
-__all__ = ["VOC_CLASSES", "voc2007", "coco2014", "nuswide", "visual_genome", "cub200"]
+__all__ = ["VOC_CLASSES", "voc2007", "coco2014", "nuswide", "visual_genome", "visual_genome_200", "cub200"]
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -123,6 +124,13 @@ def visual_genome(root, split: str = "train", transform: Callable | None = None,
         targets[r, cls] = 1
     paths = [root / "VG_100K" / n for n in names]
     return ImageFileDataset(paths, targets, [f"class{i}" for i in range(num_classes)], transform)
+
+
+def visual_genome_200(root, split: str = "train", transform: Callable | None = None) -> ImageFileDataset:
+    """Visual Genome with the 200 categories HST's release trains on: the VG-500 image lists with
+    ``vg_category_200_labels_index.json`` (HCP-MLR-PL@d9fd300 ``utils/dataloader.py:55-58``, 200 classes at
+    ``config.py:25``; SADCL's VG-500 reads ``vg_category_500_labels_index.json``, ``get_dataset.py:207-215``)."""
+    return visual_genome(root, split, transform, num_classes=200)
 
 
 def cub200(root, split: str = "train", transform: Callable | None = None) -> ImageFileDataset:
