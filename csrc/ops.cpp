@@ -54,12 +54,13 @@ TORCH_LIBRARY(mlcontrast, m) {
   // log-sum-exp over all other rows (-inf for an anchor with nothing to contrast with), the mean positive
   // weight (mulsupcon: the number of label anchors) and the number of positives (mulsupcon: of label
   // anchors); lse, coef and count are 0 outside the anchors.
+  // The backward gives the rows before grad_stop (R when None) their contrast-role gradient, as label_supcon's.
   m.def("multihot_supcon(Tensor features, Tensor targets, float temperature, float base_temperature,"
-        " str positives, float threshold, int anchor_start=0, int? anchor_stop=None)"
+        " str positives, float threshold, int anchor_start=0, int? anchor_stop=None, int? grad_stop=None)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("multihot_supcon_backward(Tensor grad_rows, Tensor features, Tensor targets, Tensor lse, Tensor coef,"
         " Tensor count, float temperature, float base_temperature, str positives, float threshold,"
-        " int anchor_start=0, int? anchor_stop=None) -> Tensor");
+        " int anchor_start=0, int? anchor_stop=None, int? grad_stop=None) -> Tensor");
 
   // Sample-to-prototype cross-entropy: (loss, lse, norm), each [N]: the per-row loss (0 on ignored
   // rows), the row log-sum-exp over the C classes and max(|z_i|, eps).

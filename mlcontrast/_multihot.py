@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mlcontrast import _backends, distributed, reference
+from mlcontrast import _backends, _temperature, distributed, reference
 from mlcontrast._layout import unit_rows
 from mlcontrast._temperature import Temperature, pair_scaled
 from mlcontrast._validation import (
@@ -70,18 +70,20 @@ def _anchor_rows(
     threshold: float,
     normalize: bool,
     anchors: tuple[int, int],
+    grad_stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The losses of the anchor rows ``anchors[0] .. anchors[1]`` of the contrast set ``features``, and what
-    each adds to the ``"mean"``'s count K (its label anchors for mulsupcon, else 1 if it has positives)."""
+    each adds to the ``"mean"``'s count K (its label anchors for mulsupcon, else 1 if it has positives); rows
+    from ``grad_stop`` on (detached reference rows) get no gradient and cost no gradient work."""
     start, stop = anchors
     if backend == "torch":
         return reference.multihot_supcon_anchor_rows(
-            features, present, temperature, base_temperature, positives, threshold, normalize, start, stop
+            features, present, temperature, base_temperature, positives, threshold, normalize, start, stop, grad_stop
         )
     z = unit_rows(features, backend) if normalize else features
     z, tau, base, factor = pair_scaled(z, temperature, base_temperature)
     op = registry.op("multihot_supcon", backend)
-    loss, _, _, count = op(z, present, tau, base, positives, float(threshold), start, stop)
+    loss, _, _, count = op(z, present, tau, base, positives, float(threshold), start, stop, grad_stop)
     loss, count = loss[start:stop], count[start:stop]
     loss = loss if factor is None else loss * factor
     return loss, (count if positives == "mulsupcon" else count > 0)
@@ -163,14 +165,23 @@ def multihot_supcon_loss(
     n, m = features.shape[0], 0 if ref_features is None else ref_features.shape[0]
     backend = _backends.resolve(backend, features.device, "multihot_supcon", features, n + m)
     rows, present, start = features, _present(targets), 0
+    unit = normalize and backend != "torch"
+    if unit:  # row-wise, so it commutes with the gather and the cat: a detached queue stays out of the backward
+        rows, normalize = unit_rows(features, backend), False
     if process_group is not None:
-        rows, sizes, start = distributed.gather_with_sizes(features, process_group)
+        rows, sizes, start = distributed.gather_with_sizes(rows, process_group)
         present = distributed.all_gather_no_grad(present, sizes, process_group)
+    grad_stop = None
     if ref_features is not None:
-        rows = torch.cat([rows, ref_features.to(features.dtype)])
+        # Detached ref rows cost no gradient work, but for a learned temperature, whose gradient flows through
+        # the scaling of every row (pair_scaled).
+        learned = _temperature.is_tensor(temperature) and temperature.requires_grad
+        grad_stop = None if ref_features.requires_grad or learned else rows.shape[0]
+        refs = unit_rows(ref_features, backend) if unit else ref_features
+        rows = torch.cat([rows, refs.to(rows.dtype)])
         present = torch.cat([present, _present(ref_targets)])
     args = (temperature, base_temperature, positives, threshold, normalize)
-    losses, counts = _anchor_rows(backend, rows, present, *args, (start, start + n))
+    losses, counts = _anchor_rows(backend, rows, present, *args, (start, start + n), grad_stop)
     count = counts.sum()
     if process_group is None:
         return reduce_rows(losses, count, reduction)

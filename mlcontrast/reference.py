@@ -244,10 +244,13 @@ def multihot_supcon_anchor_rows(
     normalize: bool = False,
     start: int = 0,
     stop: int | None = None,
+    grad_stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The losses of the anchor rows ``start .. stop`` of :func:`multihot_supcon_loss`, densely, against every
     row of ``features`` (the contrast set), and what each adds to the ``"mean"``'s count K: 1 for an anchor
-    with positives (0 without) for jaccard / any / all, its number of label anchors for mulsupcon.
+    with positives (0 without) for jaccard / any / all, its number of label anchors for mulsupcon. Rows from
+    ``grad_stop`` on (None: none) enter the other anchors' contrast sets detached: the op ``multihot_supcon``'s
+    definition (:mod:`mlcontrast.ops.contract`).
 
     ``targets`` ``[R, C]``: 1 (or True) = label present, anything else absent.
     """
@@ -257,7 +260,8 @@ def multihot_supcon_anchor_rows(
     stop = r if stop is None else stop
     y = (targets == 1).to(z.dtype)  # [R, C] label sets as 0/1
     anchors = torch.arange(start, stop, device=z.device)
-    logits = z[start:stop] @ z.T / temperature  # s_ij, [n, R]
+    contrasted = z if grad_stop is None or grad_stop >= r else torch.cat([z[:grad_stop], z[grad_stop:].detach()])
+    logits = z[start:stop] @ contrasted.T / temperature  # s_ij, [n, R]
     not_self = anchors[:, None] != torch.arange(r, device=z.device)[None, :]  # A(i): every other row
     lse = _masked_lse(logits, not_self, dim=1)
     scale = temperature / base_temperature

@@ -514,10 +514,11 @@ def _multihot_targets(n: int, c: int, seed: int) -> torch.Tensor:
 
 
 def _check_multihot(emu: _Emulation, dtype, tc, loss_tol, grad_tol, positives, n, d, c, threshold=0.5, anchors=None,
-                    shifted=True, seed=0):  # fmt: skip
+                    shifted=True, seed=0, grad_stop=None):  # fmt: skip
     """The op's forward and backward composed from the emulated kernels as the api composes them
     (csrc/cuda/multihot_supcon_api.cpp, shared/multihot_supcon.h), against the reference's per-row losses,
-    positive counts and gradient. ``shifted``: the backward's one exp per pair (else two exps)."""
+    positive counts and gradient. ``shifted``: the backward's one exp per pair (else two exps); ``grad_stop``:
+    the rows from it on take no contrast-role gradient (a detached memory)."""
     from mlcontrast import reference
     from mlcontrast.ops.multihot_supcon import _mulsupcon_positive_grad, _mulsupcon_positives
 
@@ -550,7 +551,7 @@ def _check_multihot(emu: _Emulation, dtype, tc, loss_tol, grad_tol, positives, n
 
     zr = zd.clone().requires_grad_()
     expected, expected_k = reference.multihot_supcon_anchor_rows(
-        zr, targets, temperature, base_temperature, positives, threshold, False, begin, end
+        zr, targets, temperature, base_temperature, positives, threshold, False, begin, end, grad_stop
     )
     if positives == "mulsupcon":
         assert torch.equal(count[begin:end].long(), expected_k), "label anchors"
@@ -580,11 +581,11 @@ def _check_multihot(emu: _Emulation, dtype, tc, loss_tol, grad_tol, positives, n
     emu.run(
         "multihot_bwd", *common, g_scale, repr(bound) if shifted else "-", positives, threshold, emu.file("z", z),
         emu.file("y", targets), emu.file("w", w), emu.file("lse_eff", lse_eff), emu.file("pair", pair),
-        emu.file("alpha", alpha), emu.file("dz"),
+        emu.file("alpha", alpha), emu.file("dz"), *(() if grad_stop is None else (grad_stop,)),
     )  # fmt: skip
     dz = emu.read("dz", acc, n, d)
     if positives == "mulsupcon":
-        dz += _mulsupcon_positive_grad(z, targets, a, acc)  # the class sums' part (negated)
+        dz += _mulsupcon_positive_grad(z, targets, a, acc, grad_stop)  # the class sums' part (negated)
     assert _rel(dz, zr.grad) <= grad_tol, (DTYPE_NAMES[dtype], tc, positives, n, d, c, anchors, _rel(dz, zr.grad))
 
 
@@ -605,6 +606,11 @@ def test_emulated_multihot_supcon_kernels(emulators, tmp_path, dtype, tc, loss_t
     anchor_cases = [(150, 20, 7, (70, 135)), (100, 9, 5, (0, 40)), (100, 9, 5, (60, 100)), (40, 5, 5, (17, 17))]
     for n, d, c, anchors in anchor_cases:
         _check_multihot(emu, dtype, tc, loss_tol, grad_tol, positives, n, d, c, 1 / 3, anchors, shifted=n != 100)
+    # A batch against a detached memory (grad_stop at the batch, inside a tile and on its boundary), and
+    # anchors partly past grad_stop (their own gradient only).
+    for n, d, c, anchors, grad_stop in [(150, 20, 7, (0, 40), 40), (130, 9, 13, (0, 64), 64), (90, 8, 5, (10, 50), 30)]:
+        _check_multihot(emu, dtype, tc, loss_tol, grad_tol, positives, n, d, c, 1 / 3, anchors, shifted=n != 130,
+                        grad_stop=grad_stop)  # fmt: skip
 
 
 @needs_emulator

@@ -206,6 +206,40 @@ def test_detached_ref_rows_get_no_gradient_and_change_the_loss(backend):
     torch.testing.assert_close(mean, with_ref.sum() / k)
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("positives", ["jaccard", "mulsupcon"])
+def test_a_detached_queue_costs_no_gradient_work(backend, positives, monkeypatch):
+    """The op's backward gets grad_stop = B (the queue takes no contrast-role gradient and no work; the op's
+    own tests check that semantics against the reference), and the batch's gradient is the reference's."""
+    from mlcontrast.ops import registry
+
+    dev = device_of(backend)
+    seen = []
+    real = registry.op
+
+    def spying(name, b):
+        run = real(name, b)
+
+        def call(*args):
+            seen.append(args[-1])  # grad_stop
+            return run(*args)
+
+        return call
+
+    monkeypatch.setattr(registry, "op", spying)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(9, 6, generator=g, dtype=torch.float64).to(dev).requires_grad_()
+    targets = (torch.rand(9, 4, generator=g) < 0.4).long().to(dev)
+    queue = torch.randn(40, 6, generator=g, dtype=torch.float64).to(dev)
+    queue_targets = (torch.rand(40, 4, generator=g) < 0.4).long().to(dev)
+    kw = dict(positives=positives, normalize=True, ref_features=queue, ref_targets=queue_targets)
+    loss = mlcontrast.multihot_supcon_loss(z, targets, backend=backend, **kw)
+    assert seen == [9]
+    expected = reference.multihot_supcon_loss(z, targets, **kw)
+    assert_close_by_norm(loss.detach(), expected.detach(), torch.float64, "loss")
+    assert_close_by_norm(grads(loss, z)[0], grads(expected, z)[0], torch.float64, "features' gradient")
+
+
 @pytest.mark.parametrize("backend", _all_backends())
 def test_ref_rows_in_another_dtype_are_cast_to_the_features_dtype(backend):
     dev = _dev(backend)

@@ -274,8 +274,9 @@ def sample_inputs(op: str, dtype: torch.dtype, device, requires_grad: bool = Fal
         # row 3 has no label, label 4 only row 5: every mode once, two of them on anchor rows.
         y = ints([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 0],
                   [0, 0, 0, 0, 1], [1, 0, 1, 0, 0]]).to(torch.uint8)  # fmt: skip
+        # grad_stop = R: the op's backward is the gradient of its forward only then (as label_supcon's).
         return [(z, y, 0.3, 0.2, "jaccard", 1 / 3), (z, y, 0.3, 0.2, "any", 0.5, 2, 5), (z, y, 0.3, 0.2, "all", 0.5),
-                (z, y, 0.3, 0.2, "mulsupcon", 0.5, 1, 6)]  # fmt: skip
+                (z, y, 0.3, 0.2, "mulsupcon", 0.5, 1, 6, 7)]  # fmt: skip
     if op == "prototype_ce":
         z, p = leaf(6, 3, grad=g), leaf(4, 3, grad=g)
         return [(z, ints([0, 3, -1, 1, 1, 2]), p, 0.3)]

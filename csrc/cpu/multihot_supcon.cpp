@@ -18,6 +18,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -322,12 +323,17 @@ void forward_stats(const at::Tensor& z, const LabelMasks& masks, const Rule& rul
 // with soft_i = 0 must have lse_i = +inf, rows outside the anchors soft = pair = 0.
 template <typename T, class Rule>
 at::Tensor backward_tiles(const at::Tensor& z, const LabelMasks& masks, const Rule& rule,
-                          const multihot_supcon::BackwardWeights& wts, double inv_t, const Range& a) {
+                          const multihot_supcon::BackwardWeights& wts, double inv_t, const Range& a,
+                          int64_t grad_end) {
   const int64_t n = z.size(0), d = z.size(1);
-  const int64_t workers = tiles::triangle_workers(tiles::row_blocks(a), n * d * z.element_size());
+  // The anchors below grad_end share the symmetric tiles; the others (and every column from grad_end on)
+  // get one-sided tiles, whose columns take their side only below grad_end (tiles.h, as label_supcon).
+  const auto plan = tiles::plan(a, 0, grad_end, n);
+  const int64_t rows_out = std::min(n, std::max(a.end, grad_end));  // the rows that take a gradient
+  const int64_t workers = tiles::triangle_workers(plan.blocks(), rows_out * d * z.element_size());
   // Worker 0's buffer becomes the result; the others are added to it in order and freed.
   std::vector<at::Tensor> acc(workers);
-  for (auto& buffer : acc) buffer = at::zeros({n, d}, z.options());
+  for (auto& buffer : acc) buffer = at::zeros({rows_out, d}, z.options());
   const T* lse = wts.lse.data_ptr<T>();
   const T* soft = wts.soft.data_ptr<T>();
   const T* pair = wts.pair.data_ptr<T>();
@@ -339,9 +345,9 @@ at::Tensor backward_tiles(const at::Tensor& z, const LabelMasks& masks, const Ru
     PairScratch pairs;
     for (int64_t worker = w0; worker < w1; ++worker) {
       auto& dz = acc[worker];
-      tiles::for_each_block(worker, workers, a, [&](int64_t i0, int64_t rows) {
+      tiles::for_each_block(worker, workers, plan, [&](int64_t i0, int64_t rows, bool symmetric) {
         const auto zi = z.narrow(0, i0, rows);
-        tiles::for_each_tile(i0, rows, a, n, [&](int64_t j0, int64_t cols, Tile tile) {
+        tiles::for_each_tile(i0, rows, symmetric, plan, [&](int64_t j0, int64_t cols, Tile tile) {
           const auto zj = z.narrow(0, j0, cols);
           auto h = h_buf.narrow(0, 0, rows).narrow(1, 0, cols);
           tiles::similarity_tile(h, zi, zj, inv_t);
@@ -349,14 +355,16 @@ at::Tensor backward_tiles(const at::Tensor& z, const LabelMasks& masks, const Ru
           const bool both = tile == Tile::kSymmetric;
           T* hp = h.data_ptr<T>();
           softmax_weights(hp, rows, cols, ld, lse + i0, soft + i0, both ? lse + j0 : nullptr, both ? soft + j0 : nullptr);
-          if (tile == Tile::kDiagonal) tiles::fill_diagonal(h, i0, j0, 0.0);
+          if (tiles::meets_diagonal(i0, rows, j0, cols)) tiles::fill_diagonal(h, i0, j0, 0.0);
           if constexpr (Rule::kPairs) {
             for_each_positive<T>(masks, rule, i0, rows, j0, cols, pairs, [&](int64_t r, int64_t c, T w) {
               hp[r * ld + c] -= w * (pair[i0 + r] + (both ? pair[j0 + c] : T(0)));
             });
           }
           dz.narrow(0, i0, rows).addmm_(h, zj);
-          dz.narrow(0, j0, cols).addmm_(h.t(), zi);
+          // The columns' side: every column of a symmetric tile; those below grad_end of the others.
+          const int64_t side = both ? cols : std::clamp<int64_t>(grad_end - j0, 0, cols);
+          if (side > 0) dz.narrow(0, j0, side).addmm_(h.narrow(1, 0, side).t(), zi);
         });
       });
     }
@@ -365,7 +373,10 @@ at::Tensor backward_tiles(const at::Tensor& z, const LabelMasks& masks, const Ru
     acc[0].add_(acc[worker]);
     acc[worker] = at::Tensor();
   }
-  return acc[0];
+  if (rows_out == n) return acc[0];
+  auto full = at::zeros({n, d}, z.options());  // the rows past them (a detached memory): 0, no work
+  full.narrow(0, 0, rows_out).copy_(acc[0]);
+  return full;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -374,12 +385,13 @@ at::Tensor backward_tiles(const at::Tensor& z, const LabelMasks& masks, const Ru
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihot_supcon_cpu(
     const at::Tensor& features, const at::Tensor& targets, double temperature, double base_temperature,
-    c10::string_view positives, double threshold, int64_t anchor_start, std::optional<int64_t> anchor_stop) {
+    c10::string_view positives, double threshold, int64_t anchor_start, std::optional<int64_t> anchor_stop,
+    std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
   MLC_CHECK_CPU(features);
   MLC_CHECK_CPU(targets);
   const auto o = multihot_supcon::check_inputs(features, targets, temperature, base_temperature, positives, threshold,
-                                               anchor_start, anchor_stop);
+                                               anchor_start, anchor_stop, grad_stop);
   const auto z = to_compute(features);
   RowStats stats;
   stats.lse = at::zeros({z.size(0)}, z.options());
@@ -403,11 +415,11 @@ at::Tensor multihot_supcon_backward_cpu(const at::Tensor& grad_rows, const at::T
                                         const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& coef,
                                         const at::Tensor& count, double temperature, double base_temperature,
                                         c10::string_view positives, double threshold, int64_t anchor_start,
-                                        std::optional<int64_t> anchor_stop) {
+                                        std::optional<int64_t> anchor_stop, std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
   for (const auto* t : {&grad_rows, &features, &targets, &lse, &coef, &count}) MLC_CHECK_CPU(*t);
   const auto o = multihot_supcon::check_inputs(features, targets, temperature, base_temperature, positives, threshold,
-                                               anchor_start, anchor_stop);
+                                               anchor_start, anchor_stop, grad_stop);
   multihot_supcon::check_backward_rows(grad_rows, lse, coef, count, features.size(0));
   // Contiguous, whatever the features' strides (the fake kernel says so).
   if (o.anchors() == 0) return at::zeros(features.sizes(), features.options());
@@ -421,9 +433,13 @@ at::Tensor multihot_supcon_backward_cpu(const at::Tensor& grad_rows, const at::T
   const Range a{o.begin, o.end};
   at::Tensor dz;
   AT_DISPATCH_FLOATING_TYPES(dtype, "multihot_supcon_backward", [&] {
-    with_rule(o, [&](const auto& rule) { dz = backward_tiles<scalar_t>(z, masks, rule, wts, 1.0 / temperature, a); });
+    with_rule(o, [&](const auto& rule) {
+      dz = backward_tiles<scalar_t>(z, masks, rule, wts, 1.0 / temperature, a, o.grad_end);
+    });
   });
-  if (!o.pairs()) dz.sub_(multihot_supcon::mulsupcon_positive_grad(multihot_supcon::class_terms(z, targets), z, wts.a));
+  if (!o.pairs()) {
+    dz.sub_(multihot_supcon::mulsupcon_positive_grad(multihot_supcon::class_terms(z, targets), z, wts.a, o.grad_end));
+  }
   return dz.to(features.scalar_type());
 }
 

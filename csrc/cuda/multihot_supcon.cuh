@@ -243,10 +243,15 @@ __global__ void __launch_bounds__(kThreads) pairs_grad_kernel(const MultihotSupc
   const Acc pair_i = i < n ? pair[i] : Acc(0);
   const bool staged = p.pairs.words <= kStagedWords;
   const RowLabels row(p.pairs, i, n, staged);
+  // Row i takes the other anchors' terms (its contrast role) only below grad_end (params.h).
+  const bool side_i = i < q.grad_end;
 
-  // Outside the anchors w = pair = 0: such a row block needs only the anchors' columns.
+  // Outside the anchors w = pair = 0: such a row block needs only the anchors' columns, and none if no row
+  // of it takes a contrast-role gradient (a detached memory: no work).
   const bool anchor_block = i0 < q.anchor_end && i0 + BM > q.anchor_begin;
-  const int64_t j_begin = anchor_block ? 0 : q.anchor_begin, j_end = anchor_block ? n : q.anchor_end;
+  const bool side_block = i0 < q.grad_end;
+  const int64_t j_begin = anchor_block ? 0 : q.anchor_begin;
+  const int64_t j_end = anchor_block ? n : (side_block ? q.anchor_end : q.anchor_begin);
 
   typename Cfg::Grad grad;
   grad.init();
@@ -266,8 +271,9 @@ __global__ void __launch_bounds__(kThreads) pairs_grad_kernel(const MultihotSupc
       Acc g = Acc(0);
       if (i < n && j < n && j != i) {
         const Acc s = S[r * Cfg::LDS + c] * inv_t;
-        g = one_exp ? acc_exp(s - shift) * (w_i + w_j[c]) : w_i * acc_exp(s - lse_i) + w_j[c] * acc_exp(s - lse_j[c]);
-        const Acc pair_ij = pair_i + pair_j[c];
+        const Acc w_col = side_i ? w_j[c] : Acc(0), pair_col = side_i ? pair_j[c] : Acc(0);
+        g = one_exp ? acc_exp(s - shift) * (w_i + w_col) : w_i * acc_exp(s - lse_i) + w_col * acc_exp(s - lse_j[c]);
+        const Acc pair_ij = pair_i + pair_col;
         Acc w;
         if (pair_ij != Acc(0) && row.size > 0 &&
             positive_pair(p.pairs, overlap(p.pairs, row, cols, c, i, j, n, staged), row.size, cols.sizes[c], w)) {

@@ -21,12 +21,12 @@ using multihot_supcon::Positives;
 
 Options check_arguments(const at::Tensor& features, const at::Tensor& targets, double temperature,
                         double base_temperature, c10::string_view positives, double threshold, int64_t anchor_start,
-                        std::optional<int64_t> anchor_stop) {
+                        std::optional<int64_t> anchor_stop, std::optional<int64_t> grad_stop) {
   MLC_CHECK_CUDA(features);
   MLC_CHECK_CUDA(targets);
   MLC_CHECK_SAME_DEVICE(features, targets);
   const auto o = multihot_supcon::check_inputs(features, targets, temperature, base_temperature, positives, threshold,
-                                               anchor_start, anchor_stop);
+                                               anchor_start, anchor_stop, grad_stop);
   dtype_of(features.scalar_type());
   return o;
 }
@@ -76,10 +76,11 @@ LabelSets label_sets(const at::Tensor& targets, const Options& o) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multihot_supcon_cuda(
     const at::Tensor& features, const at::Tensor& targets, double temperature, double base_temperature,
-    c10::string_view positives, double threshold, int64_t anchor_start, std::optional<int64_t> anchor_stop) {
+    c10::string_view positives, double threshold, int64_t anchor_start, std::optional<int64_t> anchor_stop,
+    std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
   const auto o = check_arguments(features, targets, temperature, base_temperature, positives, threshold,
-                                 anchor_start, anchor_stop);
+                                 anchor_start, anchor_stop, grad_stop);
   const c10::cuda::CUDAGuard device_guard(features.device());
   // The kernels read the features in their own dtype (16-bit features get no fp32 copy).
   const auto z = features.detach().contiguous();
@@ -116,10 +117,10 @@ at::Tensor multihot_supcon_backward_cuda(const at::Tensor& grad_rows, const at::
                                          const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& coef,
                                          const at::Tensor& count, double temperature, double base_temperature,
                                          c10::string_view positives, double threshold, int64_t anchor_start,
-                                         std::optional<int64_t> anchor_stop) {
+                                         std::optional<int64_t> anchor_stop, std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
   const auto o = check_arguments(features, targets, temperature, base_temperature, positives, threshold,
-                                 anchor_start, anchor_stop);
+                                 anchor_start, anchor_stop, grad_stop);
   for (const auto* t : {&grad_rows, &lse, &coef, &count}) {
     MLC_CHECK_CUDA(*t);
     MLC_CHECK_SAME_DEVICE(features, *t);
@@ -136,8 +137,8 @@ at::Tensor multihot_supcon_backward_cuda(const at::Tensor& grad_rows, const at::
                                                      row_values(lse), row_values(coef), row_values(count), o);
   auto dz = at::empty(z.sizes(), z.options().dtype(dtype));
   const double inv_t = 1.0 / temperature;
-  const auto softmax = softmax_grad(z, wts.soft, wts.lse, dz, inv_t, o.begin, o.end,
-                                    o.pairs() ? wts.pair : at::Tensor());
+  auto softmax = softmax_grad(z, wts.soft, wts.lse, dz, inv_t, o.begin, o.end, o.pairs() ? wts.pair : at::Tensor());
+  softmax.params.grad_end = o.grad_end;  // the rows from grad_end on take no contrast-role gradient (params.h)
   if (o.pairs()) {
     const auto labels = label_sets(targets, o);
     MultihotSupconBwdParams p;
@@ -150,7 +151,8 @@ at::Tensor multihot_supcon_backward_cuda(const at::Tensor& grad_rows, const at::
     run_label_supcon_bwd(softmax.params, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto zc = to_compute(features);
-    dz.sub_(multihot_supcon::mulsupcon_positive_grad(multihot_supcon::class_terms(zc, targets), zc, wts.a));
+    dz.sub_(multihot_supcon::mulsupcon_positive_grad(multihot_supcon::class_terms(zc, targets), zc, wts.a,
+                                                     o.grad_end));
   }
   return dz.to(features.scalar_type());
 }

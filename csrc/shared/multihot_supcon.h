@@ -15,6 +15,7 @@
 
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -42,14 +43,18 @@ struct Options {
   double threshold = 0.5;
   int64_t begin = 0;
   int64_t end = 0;
+  int64_t grad_end = 0;  // rows below it take their contrast role's gradient (grad_stop; R when None)
 
   bool pairs() const { return positives != Positives::kMulSupCon; }
   int64_t anchors() const { return end - begin; }
+  // The rows that take any gradient: the anchors and the rows below grad_end; the rest get 0 and no work.
+  int64_t rows_with_grad() const { return std::max(end, grad_end); }
 };
 
 inline Options check_inputs(const at::Tensor& features, const at::Tensor& targets, double temperature,
                             double base_temperature, c10::string_view positives, double threshold,
-                            int64_t anchor_start, std::optional<int64_t> anchor_stop) {
+                            int64_t anchor_start, std::optional<int64_t> anchor_stop,
+                            std::optional<int64_t> grad_stop) {
   MLC_CHECK_FLOAT(features);
   MLC_CHECK_DIM(features, 2);
   MLC_CHECK_DIM(targets, 2);
@@ -71,6 +76,9 @@ inline Options check_inputs(const at::Tensor& features, const at::Tensor& target
   TORCH_CHECK(0 <= o.begin && o.begin <= o.end && o.end <= n,
               "anchor rows must satisfy 0 <= anchor_start <= anchor_stop <= R = ", n, ", got ", anchor_start, " and ",
               o.end);
+  o.grad_end = grad_stop.value_or(n);
+  TORCH_CHECK(0 <= o.grad_end && o.grad_end <= n, "grad_stop must satisfy 0 <= grad_stop <= R = ", n, ", got ",
+              o.grad_end);
   return o;
 }
 
@@ -156,14 +164,22 @@ inline BackwardWeights backward_weights(const at::Tensor& g, const at::Tensor& l
 
 // d/dZ of sum_i a_i t b_i for "mulsupcon" (subtracted from the softmax part). With B_ip = sum_c y_ic y_pc v_c,
 // t b_i = sum_{p != i} B_ip z_i.z_p, so the gradient at row k is
-//   a_k ((Y v) M)_k + ((Y v) A)_k - 2 a_k q_k z_k,  A_c = sum_i y_ic a_i z_i,  q_k = sum_c y_kc v_c.
-inline at::Tensor mulsupcon_positive_grad(const ClassTerms& k, const at::Tensor& z, const at::Tensor& a) {
+//   a_k (((Y v) M)_k - q_k z_k)   (its own loss; a = 0 off the anchors)
+//   + ((Y v) A)_k - a_k q_k z_k   (its contrast role, only below grad_end),
+// A_c = sum_i y_ic a_i z_i, q_k = sum_c y_kc v_c.
+inline at::Tensor mulsupcon_positive_grad(const ClassTerms& k, const at::Tensor& z, const at::Tensor& a,
+                                          int64_t grad_end) {
   const auto yv = k.y * k.inv;
   const auto a_column = a.unsqueeze(1);
-  const auto weighted = at::matmul(k.y.t(), z * a_column);  // A: [C, D]
+  const auto self_weight = (a * yv.sum(1)).unsqueeze(1);
   auto grad = at::mm(yv, k.sums).mul_(a_column);
-  grad.add_(at::mm(yv, weighted));
-  grad.addcmul_(z, (a * yv.sum(1)).unsqueeze(1), -2);
+  grad.addcmul_(z, self_weight, -1);
+  if (grad_end > 0) {
+    const auto weighted = at::matmul(k.y.t(), z * a_column);  // A: [C, D]
+    auto side = grad.narrow(0, 0, grad_end);
+    side.add_(at::mm(yv.narrow(0, 0, grad_end), weighted));
+    side.addcmul_(z.narrow(0, 0, grad_end), self_weight.narrow(0, 0, grad_end), -1);
+  }
   return grad;
 }
 

@@ -184,7 +184,7 @@ FUSED_OPS: dict[str, FusedOp] = {
         FusedOp(
             name="multihot_supcon",
             args=(Arg("features", "Tensor"), Arg("targets", "Tensor"), _TEMPERATURE, Arg("base_temperature", "float"),
-                  Arg("positives", "str"), Arg("threshold", "float"), *_ANCHORS),  # fmt: skip
+                  Arg("positives", "str"), Arg("threshold", "float"), *_ANCHORS, Arg("grad_stop", "int?", None)),  # fmt: skip
             outputs=(
                 Output("loss", _rows, "[R] per-row loss; 0 on rows without positives and outside the anchors"),
                 Output("lse", _rows, "[R] LSE_{j != i} s_ij of the anchors over every other row (-inf when there "
@@ -197,7 +197,9 @@ FUSED_OPS: dict[str, FusedOp] = {
             grad_name="grad_rows",
             dtype_of=("features",),
             doc="multi-hot SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: R) against all R rows; "
-            "targets [R, C] uint8 (1 = label present), positives 'jaccard' | 'any' | 'all' | 'mulsupcon'",
+            "targets [R, C] uint8 (1 = label present), positives 'jaccard' | 'any' | 'all' | 'mulsupcon'; the "
+            "backward gives rows j < grad_stop (None: R) their contrast-role gradient and the anchors their own "
+            "loss's (rows neither get 0, and no work)",
         ),
         FusedOp(
             name="prototype_ce",

@@ -208,21 +208,33 @@ def _mulsupcon_positives(z, present, start, stop, temperature, dtype) -> tuple[t
     return count, b
 
 
-def _mulsupcon_positive_grad(z, present, a, dtype) -> torch.Tensor:
+def _mulsupcon_positive_grad(z, present, a, dtype, grad_stop: int | None = None) -> torch.Tensor:
     """d/dZ of :math:`-\\sum_i a_i \\tau b_i` (mulsupcon's positives), [R, D] in ``dtype``: with
     :math:`\\tau b_i = \\sum_{p \\ne i} B_{ip} z_i \\cdot z_p`, :math:`B = Y V Y^T`, the gradient at row k is
-    :math:`-(a_k (Y V M)_k + (Y V A)_k - 2 a_k q_k z_k)`, :math:`A = Y^T \\mathrm{diag}(a) Z`,
-    :math:`q = Y v`."""
+    :math:`-(a_k ((Y V M)_k - q_k z_k) + [k < \\text{grad\\_stop}] ((Y V A)_k - a_k q_k z_k))` (its own loss,
+    then its contrast role), :math:`A = Y^T \\mathrm{diag}(a) Z`, :math:`q = Y v`."""
     y, v, sums = _class_terms(z, present, dtype)
     zc, yv = z.to(dtype), y * v
-    weighted = y.T @ (zc * a[:, None])  # A: [C, D]
-    grad = (yv @ sums) * a[:, None] + yv @ weighted - 2 * (a * yv.sum(1))[:, None] * zc
+    self_weight = (a * yv.sum(1))[:, None]
+    grad = (yv @ sums) * a[:, None] - self_weight * zc
+    side = z.shape[0] if grad_stop is None else grad_stop
+    if side > 0:
+        weighted = y.T @ (zc * a[:, None])  # A: [C, D]
+        grad[:side] += yv[:side] @ weighted - self_weight[:side] * zc[:side]
     return -grad
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers and torch.library glue
 # ----------------------------------------------------------------------------------------------
+
+
+def _grad_stop(n: int, grad_stop: int | None) -> int:
+    """``grad_stop`` checked, None as R."""
+    stop = n if grad_stop is None else grad_stop
+    if not 0 <= stop <= n:
+        raise ValueError(f"grad_stop must satisfy 0 <= grad_stop <= R = {n}, got {stop}")
+    return stop
 
 
 def _common_args(z, present, counts, start, stop, scale_shift, mode, threshold) -> dict:
@@ -243,6 +255,7 @@ def multihot_supcon(
     threshold: float,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
+    grad_stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Per-row loss and statistics of multi-hot SupCon (forward launcher).
 
@@ -255,6 +268,7 @@ def multihot_supcon(
         threshold: the least Jaccard ratio of a positive, in (0, 1] (``"jaccard"`` only).
         anchor_start, anchor_stop: the anchor rows (``anchor_stop=None``: R). Only they get a loss;
             every row stays in their contrast sets.
+        grad_stop: the backward's (see :func:`multihot_supcon_backward`); checked here.
 
     Returns:
         ``(loss, lse, coef, count)``, each ``[R]`` in fp32 (fp64 for fp64 features), 0 outside the
@@ -271,6 +285,7 @@ def multihot_supcon(
     z = features.contiguous()
     n, d = z.shape
     start, stop = _anchor_range(n, anchor_start, anchor_stop)
+    _grad_stop(n, grad_stop)
     dtype = compute_dtype(z.dtype)
     zero = torch.zeros((), dtype=dtype, device=z.device)
     present, counts = _targets(targets)
@@ -320,6 +335,7 @@ def multihot_supcon_backward(
     threshold: float,
     anchor_start: int = 0,
     anchor_stop: int | None = None,
+    grad_stop: int | None = None,
 ) -> torch.Tensor:
     r"""Gradient of :math:`\sum_i g_i \ell_i` with respect to the features (backward launcher).
 
@@ -329,6 +345,8 @@ def multihot_supcon_backward(
         features, targets, temperature, base_temperature, positives, threshold, anchor_start, anchor_stop:
             as given to :func:`multihot_supcon`.
         lse, coef, count: ``[R]`` statistics saved by :func:`multihot_supcon`.
+        grad_stop: rows below it (None: R) get the gradient of their contrast role; the anchors always get
+            that of their own loss; other rows get 0 and cost no work (a detached memory).
 
     Returns:
         ``[R, D]`` gradient in the dtype of ``features``.
@@ -337,6 +355,7 @@ def multihot_supcon_backward(
     z = features.contiguous()
     n, d = z.shape
     start, stop = _anchor_range(n, anchor_start, anchor_stop)
+    side = _grad_stop(n, grad_stop)
     if stop == start:
         return torch.zeros((n, d), dtype=features.dtype, device=z.device)
     dtype = compute_dtype(z.dtype)
@@ -357,7 +376,7 @@ def multihot_supcon_backward(
     mulsupcon = mode == MODES["mulsupcon"]
     # mulsupcon's positives, through class sums; a one-element stand-in (never read) for the other modes.
     if mulsupcon:
-        extra = _mulsupcon_positive_grad(z, present, a, dtype)
+        extra = _mulsupcon_positive_grad(z, present, a, dtype, side)
     else:
         extra = torch.zeros((1, 1), dtype=dtype, device=z.device)
     cfg = _config(d, z.dtype, "bwd")
@@ -365,7 +384,7 @@ def multihot_supcon_backward(
     launch(_multihot_supcon_bwd_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), max(1, triton.cdiv(d, cfg["BLOCK_DZ"]))))(
         DZ=grad, stride_dz=grad.stride(0), EXTRA=extra, stride_extra=extra.stride(0),
         **_common_args(z, present, counts, start, stop, scale_shift, mode, threshold), LSE2=lse2, W=w, P=p,
-        ALPHA=alpha, TWO_EXP=two_exp, HAS_EXTRA=mulsupcon, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        ALPHA=alpha, TWO_EXP=two_exp, GRAD_STOP=side, HAS_EXTRA=mulsupcon, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_DZ=cfg["BLOCK_DZ"], SCALE_G=z.dtype == torch.float16,
         **_chunks(d, present.shape[1], cfg, z, not mulsupcon), **cfg["options"],
     )  # fmt: skip

@@ -174,19 +174,24 @@ def _row_stats(NY, LSE2, W, P, ALPHA, idx, idx_in):
 @triton.jit
 def _gradient_weights(
     dots, weight, scale, shift, two_exp, i0, j0, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, p_i, p_j, alpha_i,
-    alpha_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    alpha_j, side_i, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # G_ij = W_i 2^(s2_ij - lse2_i) + W_j 2^(s2_ij - lse2_j) - w_ij [j in P(i)] (P_i + P_j), i != j (the
-    # pair relation and w are symmetric). With the fixed shift one exp serves both softmax terms:
-    # 2^(s2 - shift) (alpha_i + alpha_j), valid while no row is far below the shift (two_exp = 0; else one
-    # exp each). Rows with W = 0 carry alpha = 0 and lse2 = +inf: their terms are exactly 0, never NaN.
+    # G_ij = W_i 2^(s2_ij - lse2_i) + [i side] W_j 2^(s2_ij - lse2_j) - w_ij [j in P(i)] (P_i + [i side] P_j),
+    # i != j (the pair relation and w are symmetric): row i's own loss, and its contrast role in row j's
+    # loss where it takes that gradient (side_i: below grad_stop). With the fixed shift one exp serves both
+    # softmax terms: 2^(s2 - shift) (alpha_i + alpha_j), valid while no row is far below the shift
+    # (two_exp = 0; else one exp each). Rows with W = 0 carry alpha = 0 and lse2 = +inf: their terms are
+    # exactly 0, never NaN.
     s2 = dots * scale + (bias_i[:, None] + bias_j[None, :])
     s2, weight = _off_diagonal(s2, weight, i0, j0, BLOCK_M, BLOCK_N)
+    side = side_i[:, None]
     if two_exp:
-        g = w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]) + w_j[None, :] * tl.exp2(s2 - lse2_j[None, :])
+        g = w_i[:, None] * tl.exp2(s2 - lse2_i[:, None]) + tl.where(side, w_j[None, :], 0.0) * tl.exp2(
+            s2 - lse2_j[None, :]
+        )
     else:
-        g = tl.exp2(s2 - shift) * (alpha_i[:, None] + alpha_j[None, :])
-    return g - weight * (p_i[:, None] + p_j[None, :])
+        g = tl.exp2(s2 - shift) * (alpha_i[:, None] + tl.where(side, alpha_j[None, :], 0.0))
+    return g - weight * (p_i[:, None] + tl.where(side, p_j[None, :], 0.0))
 
 
 @triton.jit
@@ -211,6 +216,7 @@ def _multihot_supcon_bwd_kernel(
     ANCHOR_STOP,
     SCALE_SHIFT,  # [2]: log2(e) / temperature and the shift, as in the forward
     TWO_EXP,  # [1] int32: 1 when a row with a loss is far below the shift (see _gradient_weights)
+    GRAD_STOP,  # rows below it take the gradient of their contrast role; anchors always that of their loss
     O_STAR,
     U_STAR,
     MODE: tl.constexpr,
@@ -243,9 +249,11 @@ def _multihot_supcon_bwd_kernel(
     y_i0 = _target_chunk(Y, stride_y, rows, row_in & (MODE != MULSUPCON), tl.arange(0, BLOCK_C), C)
     offs_dz = slab * BLOCK_DZ + tl.arange(0, BLOCK_DZ)
 
+    side_i = rows < GRAD_STOP
     anchor_block = (i0 < ANCHOR_STOP) & (i0 + BLOCK_M > ANCHOR_START)
     j_start = tl.where(anchor_block, 0, ANCHOR_START)
-    j_stop = tl.where(anchor_block, N, ANCHOR_STOP)
+    # A block of neither anchors nor rows below GRAD_STOP (a detached memory) visits nothing: dZ = 0.
+    j_stop = tl.where(anchor_block, N, tl.where(i0 < GRAD_STOP, ANCHOR_STOP, ANCHOR_START))
     dz = tl.zeros([BLOCK_M, BLOCK_DZ], acc_dtype)
     for j0 in range(j_start, j_stop, BLOCK_N):
         cols = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -261,7 +269,7 @@ def _multihot_supcon_bwd_kernel(
         )  # fmt: skip
         g = _gradient_weights(
             s, weight, scale, shift, two_exp, i0, j0, bias_i, bias_j, lse2_i, lse2_j, w_i, w_j, p_i, p_j, alpha_i,
-            alpha_j, BLOCK_M, BLOCK_N,
+            alpha_j, side_i, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         if (NUM_D_CHUNKS == 1) and (BLOCK_DZ == BLOCK_D):
             z_j = z_j0  # one chunk is all of D and the slab: the tile already loaded

@@ -6,7 +6,7 @@
 //   emulate_kernels multihot_fwd DTYPE TC N D C INV_T BEGIN END SHIFT RULE THRESHOLD
 //                                z targets lse count coef b
 //   emulate_kernels multihot_bwd DTYPE TC N D C INV_T BEGIN END G_SCALE SHIFT RULE THRESHOLD
-//                                z targets w lse pair alpha dz
+//                                z targets w lse pair alpha dz [GRAD_END]
 //   emulate_kernels nce_fwd     DTYPE ROWS C D INV_T                  z unit_p logits norm
 //   emulate_kernels nce_bwd     DTYPE ROWS C D INV_T                  z unit_p dlogits grad_z grad_unit_p
 //   emulate_kernels nce_grid    DTYPE B C D     (prints the backward's split and grids; runs nothing)
@@ -158,7 +158,7 @@ void set_rows(Params& p, void* z, int64_t n, int64_t d, double inv_t, DType dtyp
 }
 
 // multihot_fwd / multihot_bwd (see the header): arguments from argv[3].
-int run_multihot(const std::string& op, DType dtype, char** argv) {
+int run_multihot(const std::string& op, DType dtype, int argc, char** argv) {
   const std::size_t es = elem_size(dtype), as = acc_size(dtype);
   const bool tc = std::stoi(argv[3]) != 0;
   const int64_t n = std::stoll(argv[4]), d = std::stoll(argv[5]), c = std::stoll(argv[6]);
@@ -216,6 +216,7 @@ int run_multihot(const std::string& op, DType dtype, char** argv) {
   p.softmax.anchor_end = end;
   p.softmax.ld_dz = d;
   p.softmax.alpha = shift != nullptr ? alpha.get() : nullptr;
+  p.softmax.grad_end = argc > 21 ? std::stoll(argv[21]) : n;  // the optional GRAD_END after dz
   p.pairs = labels.pairs;
   p.pair = pair.get();
   dispatch(dtype, tc, [&]<typename T, bool TC>() {
@@ -301,7 +302,7 @@ int run(int argc, char** argv) {
 
   if (op == "multihot_fwd" || op == "multihot_bwd") {
     if (argc < (op == "multihot_fwd" ? 19 : 21)) throw std::runtime_error("too few arguments for " + op);
-    return run_multihot(op, dtype, argv);
+    return run_multihot(op, dtype, argc, argv);
   }
 
   if (op == "nce_grid") {
