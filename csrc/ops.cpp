@@ -41,12 +41,14 @@ TORCH_LIBRARY(mlcontrast, m) {
   // [anchor_start, anchor_stop) against the other valid batch rows and the valid queue rows, and
   // queue_mean [N, D]: sum_{j in queue} e^{s_ij - lse_i} q_j of the anchors (0 elsewhere), so that the
   // backward needs no second pass over the queue, which gets no gradient.
+  // grad_stop: as label_supcon's, for the batch rows (the queue never gets a gradient).
   m.def("label_supcon_queue(Tensor features, Tensor labels, Tensor queue, Tensor queue_labels, float temperature,"
-        " float base_temperature, bool normalize_queue, int anchor_start=0, int? anchor_stop=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+        " float base_temperature, bool normalize_queue, int anchor_start=0, int? anchor_stop=None,"
+        " int? grad_stop=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("label_supcon_queue_backward(Tensor grad_rows, Tensor features, Tensor labels, Tensor queue,"
         " Tensor queue_labels, Tensor lse, Tensor n_pos, Tensor queue_mean, float temperature,"
-        " float base_temperature, bool normalize_queue, int anchor_start=0, int? anchor_stop=None) -> Tensor");
+        " float base_temperature, bool normalize_queue, int anchor_start=0, int? anchor_stop=None,"
+        " int? grad_stop=None) -> Tensor");
 
   // Multi-hot (image-level) SupCon over the R rows of the contrast set, targets [R, C] uint8 (1 = label
   // present), positives "jaccard" | "any" | "all" | "mulsupcon" (threshold: jaccard's): (loss, lse, coef,

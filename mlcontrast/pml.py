@@ -44,9 +44,11 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from mlcontrast import _backends
+from mlcontrast._extension import EXTENSION_ERROR
 from mlcontrast._layout import unit_rows
 from mlcontrast._validation import check_backend
 from mlcontrast.ops import registry
+from mlcontrast.ops.contract import FUSED_OPS
 
 __all__ = ["SupConLoss"]
 
@@ -126,6 +128,7 @@ class SupConLoss(_PMLSupConLoss):
         if not _has_positive_and_negative_pairs(ids, ref_ids, classes, skipped):
             return self.zero_losses()
         backend = self._backend(embeddings, n + m)
+        t = float(self.temperature)  # τ_base = τ: PML has no base temperature
         # Each part normalised on its own: a detached memory then stays out of the backward.
         anchors = unit_rows(embeddings, backend)
         if same_set:  # the batch against itself, minus self
@@ -138,19 +141,29 @@ class SupConLoss(_PMLSupConLoss):
         else:  # the memory without the anchors' own slots, the anchors in their place
             keep = torch.ones(m, dtype=torch.bool, device=ref_emb.device)
             keep[skipped] = False
-            rows = torch.cat([anchors, unit_rows(ref_emb[keep].detach(), backend).to(anchors.dtype)])
-            row_ids = torch.cat([ids, ref_ids[keep]])
+            memory, memory_ids = ref_emb[keep].detach().to(anchors.dtype), ref_ids[keep]
+            if backend in FUSED_OPS["label_supcon_queue"].backends:
+                # The rest of the memory as the queue op's queue (normalised in the kernel, no cat); the anchors
+                # as contrast rows are the memory's detached copies: no contrast-role gradient (grad_stop 0).
+                queue_op = registry.op("label_supcon_queue", backend)
+                return _element_losses(queue_op(anchors, ids, memory, memory_ids, t, t, True, 0, n, 0)[0], embeddings)
+            rows = torch.cat([anchors, unit_rows(memory, backend).to(anchors.dtype)])
+            row_ids = torch.cat([ids, memory_ids])
             contrast_start, grad_stop = 0, 0
-        label_supcon = registry.op("label_supcon", backend)
-        t = float(self.temperature)  # τ_base = τ: PML has no base temperature
-        losses = label_supcon(rows, row_ids, t, t, 0, n, contrast_start, grad_stop)[0][:n]
-        return {
-            "loss": {
-                "losses": losses.to(embeddings.dtype),
-                "indices": torch.arange(n, device=embeddings.device),
-                "reduction_type": "element",
-            }
+        losses = registry.op("label_supcon", backend)(rows, row_ids, t, t, 0, n, contrast_start, grad_stop)[0]
+        return _element_losses(losses, embeddings)
+
+
+def _element_losses(losses: torch.Tensor, embeddings: torch.Tensor) -> dict:
+    """PML's loss dictionary for the per-anchor losses of the fused path."""
+    n = embeddings.shape[0]
+    return {
+        "loss": {
+            "losses": losses[:n].to(embeddings.dtype),
+            "indices": torch.arange(n, device=embeddings.device),
+            "reduction_type": "element",
         }
+    }
 
 
 def _dense_ids(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -159,8 +172,10 @@ def _dense_ids(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Te
     return inverse[: labels.shape[0]], inverse[labels.shape[0] :], classes.numel()
 
 
-#: Pairs checked at a time: the scratch stays in cache and no O(pairs) buffer is allocated per call.
+#: Pairs checked at a time by the torch ops: the scratch stays in cache and no O(pairs) buffer is allocated.
 _PAIR_CHUNK = 1 << 18
+#: Whether the extension's one-pass CPU check (csrc/cpu/pair_lists.cpp) is there.
+_NATIVE_CHECK = EXTENSION_ERROR is None and hasattr(torch.ops.mlcontrast_pml, "pairs_of_kind")
 
 
 def _pairs_of_kind(rows: torch.Tensor, cols: torch.Tensor, n: int, m: int, same_pair: torch.Tensor, same: bool) -> bool:
@@ -171,6 +186,8 @@ def _pairs_of_kind(rows: torch.Tensor, cols: torch.Tensor, n: int, m: int, same_
     ends bound them all). One O(pairs) pass, in chunks: no O(pairs) buffer is allocated."""
     if rows.dim() != 1 or rows.shape != cols.shape or rows.is_floating_point() or cols.is_floating_point():
         return False
+    if _NATIVE_CHECK and rows.device.type == "cpu" and rows.dtype == cols.dtype == torch.int64:
+        return torch.ops.mlcontrast_pml.pairs_of_kind(rows, cols, same_pair, n, m, same)  # one pass, in C++
     total = rows.numel()
     keys = torch.empty(min(total, _PAIR_CHUNK), dtype=torch.int64, device=rows.device)
     flags = torch.empty(keys.shape, dtype=torch.bool, device=rows.device)

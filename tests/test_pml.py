@@ -147,21 +147,30 @@ def test_index_tuples_that_are_not_all_pairs_in_order_take_the_dense_path(change
     assert ours.last_path == "dense"
 
 
-def test_pairs_checked_across_chunk_boundaries(monkeypatch):
-    """The pair lists are checked in chunks: a chunk size of 7 makes every boundary a case, in order
-    (fused) and with one swap across a boundary (dense)."""
-    monkeypatch.setattr(__import__("mlcontrast.pml").pml, "_PAIR_CHUNK", 7)
+@pytest.mark.parametrize("native", [False, True])
+def test_pairs_checked_across_chunk_boundaries(native, monkeypatch):
+    """The pair lists are checked in chunks, by torch ops (a chunk size of 7 makes every boundary a case) or by
+    the extension's parallel pass (its chunks split the list between threads): in order, fused; one swap of
+    neighbours anywhere, at either end or around the middle, dense."""
+    import mlcontrast.pml as drop_in
+
+    if native and not drop_in._NATIVE_CHECK:
+        pytest.skip("the extension's pair check is not built")
+    monkeypatch.setattr(drop_in, "_NATIVE_CHECK", native)
+    monkeypatch.setattr(drop_in, "_PAIR_CHUNK", 7)
     e, y = _data(n=9)
-    r, ry = _data(n=11, seed=4)
+    r, ry = _data(n=11 if not native else 9000, seed=4)
     a1, p, a2, n = _all_pairs(y, ry)
     ours = SupConLoss(0.1)
     _compare(ours, losses.SupConLoss(0.1), e, y, indices_tuple=(a1, p, a2, n), ref_emb=r, ref_labels=ry)
     assert ours.last_path == "fused"
-    order = torch.arange(a2.numel())
-    order[6], order[7] = 7, 6  # the last pair of the first chunk and the first of the second
-    _compare(ours, losses.SupConLoss(0.1), e, y, indices_tuple=(a1, p, *_reordered((a2, n), order)),
-             ref_emb=r, ref_labels=ry)  # fmt: skip
-    assert ours.last_path == "dense"
+    total = a2.numel()
+    for at in (0, 6, total // 2 - 1, total // 2, total - 2):
+        order = torch.arange(total)
+        order[at], order[at + 1] = at + 1, at
+        _compare(ours, losses.SupConLoss(0.1), e, y, indices_tuple=(a1, p, *_reordered((a2, n), order)),
+                 ref_emb=r, ref_labels=ry)  # fmt: skip
+        assert ours.last_path == "dense", at
 
 
 @pytest.mark.parametrize("memory_size, batches", [(64, [16, 16, 16, 16, 16]), (50, [12, 7, 20, 13, 9])])

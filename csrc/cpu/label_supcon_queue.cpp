@@ -222,9 +222,9 @@ ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> label_supcon_queue_cpu(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& queue, const at::Tensor& queue_labels,
     double temperature, double base_temperature, bool normalize_queue, int64_t anchor_start,
-    std::optional<int64_t> anchor_stop) {
+    std::optional<int64_t> anchor_stop, std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
-  const RoleArgs args{anchor_start, anchor_stop, 0, std::nullopt};
+  const RoleArgs args{anchor_start, anchor_stop, 0, grad_stop};
   check_arguments(features, labels, queue, queue_labels, args);
   const int64_t n = features.size(0), d = features.size(1);
   const auto v = gather_valid(features, labels);
@@ -256,9 +256,9 @@ at::Tensor label_supcon_queue_backward_cpu(const at::Tensor& grad_rows, const at
                                            const at::Tensor& queue_labels, const at::Tensor& lse,
                                            const at::Tensor& n_pos, const at::Tensor& queue_mean, double temperature,
                                            double base_temperature, bool normalize_queue, int64_t anchor_start,
-                                           std::optional<int64_t> anchor_stop) {
+                                           std::optional<int64_t> anchor_stop, std::optional<int64_t> grad_stop) {
   MLC_KERNEL_GUARD();
-  const RoleArgs args{anchor_start, anchor_stop, 0, std::nullopt};
+  const RoleArgs args{anchor_start, anchor_stop, 0, grad_stop};
   check_arguments(features, labels, queue, queue_labels, args);
   MLC_CHECK_CPU(grad_rows);
   MLC_CHECK_CPU(lse);
@@ -277,14 +277,20 @@ at::Tensor label_supcon_queue_backward_cpu(const at::Tensor& grad_rows, const at
   const auto weights =
       label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype),
                                      label_supcon::valid_values(n_pos, v.index, dtype), temperature, base_temperature);
-  auto dz = cpu::lse_grad(v.z, weights.lse, weights.w, 1.0 / temperature, r);  // the batch part: every valid row
+  auto dz = cpu::lse_grad(v.z, weights.lse, weights.w, 1.0 / temperature, r);  // the batch part
   // The queue part of the anchors' own gradient: w_i sum_j p_ij q_j = w_i O_i.
   const int64_t count = r.end - r.begin;
   const auto mean = gather_rows(to_compute(queue_mean, dtype), v.index).narrow(0, r.begin, count);
   dz.narrow(0, r.begin, count).addcmul_(mean, weights.w.narrow(0, r.begin, count).unsqueeze(1));
-  auto scratch = at::mul(v.z, weights.a.unsqueeze(1));
-  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse, scratch);
+  const int64_t rows = dz.size(0);  // the rows that take a gradient: anchors and rows below grad_stop
+  auto scratch = at::mul(v.z.narrow(0, 0, rows), weights.a.narrow(0, 0, rows).unsqueeze(1));
+  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse.narrow(0, 0, rows), scratch);
   label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted, r, scratch);
+  if (rows < v.z.size(0)) {  // the others: 0, and no work
+    auto full = at::zeros_like(v.z);
+    full.narrow(0, 0, rows).copy_(dz);
+    dz = full;
+  }
   return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
 }
 

@@ -163,7 +163,7 @@ FUSED_OPS: dict[str, FusedOp] = {
             name="label_supcon_queue",
             args=(Arg("features", "Tensor"), Arg("labels", "Tensor"), Arg("queue", "Tensor"),
                   Arg("queue_labels", "Tensor"), _TEMPERATURE, Arg("base_temperature", "float"),
-                  Arg("normalize_queue", "bool"), *_ANCHORS),  # fmt: skip
+                  Arg("normalize_queue", "bool"), *_ANCHORS, Arg("grad_stop", "int?", None)),  # fmt: skip
             outputs=(
                 Output("loss", _rows, "[N] per-row loss; 0 on ignored rows, rows without positives and outside "
                        "the anchors"),  # fmt: skip
@@ -178,7 +178,9 @@ FUSED_OPS: dict[str, FusedOp] = {
             dtype_of=("features",),
             doc="label-level SupCon of the anchor rows [anchor_start, anchor_stop) (stop None: N) against the other "
             "valid batch rows and the valid rows of a detached queue [M, D] (L2-normalised in the kernel if "
-            "normalize_queue), P(i) = those of i's label; the queue gets no gradient and no gradient work",
+            "normalize_queue), P(i) = those of i's label; the queue gets no gradient and no gradient work, and "
+            "batch rows j >= grad_stop (None: N) none for their contrast role (a batch whose copies are the "
+            "contrast rows, as in a cross-batch memory)",
             backends=("cpu",),
         ),
         FusedOp(
