@@ -18,13 +18,15 @@ BACKENDS = [b for b in contract.FUSED_OPS["label_supcon_queue"].backends if b in
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no backend with the label_supcon_queue op here")
 
 
-def _dense(z, y, queue, queue_labels, t, tb, normalize_queue, start, stop):
-    """(loss, lse, n_pos, queue_mean) of the anchors start .. stop, densely, from reference.py's rows."""
+def _dense(z, y, queue, queue_labels, t, tb, normalize_queue, start, stop, grad_stop=None):
+    """(loss, lse, n_pos, queue_mean) of the anchors start .. stop, densely, from reference.py's rows (batch rows
+    from ``grad_stop`` on contrasted detached, as the queue)."""
     q = F.normalize(queue, dim=1, eps=1e-8) if normalize_queue else queue
     n = z.shape[0]
     rows, labels = torch.cat([z, q]), torch.cat([y, queue_labels])
     loss = torch.zeros(n, dtype=z.dtype)
-    loss[start:stop] = reference.label_supcon_anchor_rows(rows, labels, t, tb, False, start, stop, 0, n)
+    detached_from = n if grad_stop is None else grad_stop
+    loss[start:stop] = reference.label_supcon_anchor_rows(rows, labels, t, tb, False, start, stop, 0, detached_from)
     s = z[start:stop] @ rows.T / t
     valid = labels >= 0
     contrast = valid[None, :] & (torch.arange(rows.shape[0])[None, :] != torch.arange(start, stop)[:, None])
@@ -59,6 +61,24 @@ def test_op_against_the_dense_definition(backend, dtype, normalize_queue, n, m, 
     (got,) = torch.autograd.grad((outputs[0] * weights).sum(), z)
     (want,) = torch.autograd.grad((expected[0] * weights).sum(), z)
     assert_close_by_norm(got, want, dtype, "features' gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("anchors, grad_stop", [((0, 11), 0), ((0, 11), 6), ((2, 9), 4), ((0, 11), 11)])
+def test_grad_stop_detaches_the_batch_rows_from_it_on(backend, anchors, grad_stop):
+    """Batch rows from grad_stop on take no contrast-role gradient (CrossBatchMemory's anchors, whose memory
+    copies are the contrast rows); the anchors keep their own loss's gradient."""
+    g = torch.Generator().manual_seed(grad_stop)
+    z = torch.randn(11, 5, generator=g, dtype=torch.float64).requires_grad_()
+    y, queue, queue_labels = make_labels(11, 3), torch.randn(40, 5, generator=g, dtype=torch.float64), make_labels(40, 3)
+    op = registry.op("label_supcon_queue", backend)
+    loss = op(z, y, queue, queue_labels, 0.2, 0.2, True, *anchors, grad_stop)[0]
+    expected = _dense(z, y, queue, queue_labels, 0.2, 0.2, True, *anchors, grad_stop)[0]
+    weights = torch.randn(11, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad((loss * weights).sum(), z)
+    (want,) = torch.autograd.grad((expected * weights).sum(), z)
+    assert_close_by_norm(loss.detach(), expected.detach(), torch.float64, "loss")
+    assert_close_by_norm(got, want, torch.float64, "features' gradient")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -267,7 +267,7 @@ def sample_inputs(op: str, dtype: torch.dtype, device, requires_grad: bool = Fal
         q, yq = leaf(5, 3), ints([2, -1, 0, 3, 0])  # an ignored queue row, a class only the queue has
         # Every row against the normalised queue, anchor rows 2 .. 5, the queue as given; an empty queue.
         return [(z, y, q, yq, 0.3, 0.2, True), (z, y, q, yq, 0.3, 0.2, False, 2, 5),
-                (z, y, q[:0], yq[:0], 0.3, 0.2, True)]  # fmt: skip
+                (z, y, q[:0], yq[:0], 0.3, 0.2, True, 0, None, 7)]  # fmt: skip
     if op == "multihot_supcon":
         z = leaf(7, 3, grad=g)
         # Rows 0 and 1 share a label set, row 2 overlaps row 0 at Jaccard 1/3 exactly (the threshold below),
