@@ -180,20 +180,6 @@ at::Tensor lse_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor
 
 namespace {
 
-struct ValidSet {
-  at::Tensor index;   // undefined when all rows are valid
-  at::Tensor z;       // [Nv, D] compute dtype
-  at::Tensor labels;  // [Nv]
-};
-
-ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
-  ValidSet v;
-  v.index = valid_rows(labels);
-  v.z = gather_rows(to_compute(features), v.index);
-  v.labels = gather_rows(labels, v.index);
-  return v;
-}
-
 // The class sums M_c and counts of the contrast rows [contrast_begin, Nv), with the classes of all valid
 // rows (an anchor's class may have no contrast row).
 ClassSums contrast_class_sums(const at::Tensor& z, const at::Tensor& labels, int64_t contrast_begin) {
@@ -250,19 +236,7 @@ at::Tensor label_supcon_backward_cpu(const at::Tensor& grad_rows, const at::Tens
       label_supcon::backward_weights(g, label_supcon::valid_values(lse, v.index, dtype),
                                      label_supcon::valid_values(n_pos, v.index, dtype), temperature, base_temperature);
   auto dz = cpu::lse_grad(v.z, weights.lse, weights.w, 1.0 / temperature, r);  // the rows that take a gradient
-  const int64_t rows = dz.size(0);
-  // The class sums A_c of a_i z_i (a = 0 off the anchors, which lie among those rows), through one scratch
-  // that the positive term reuses.
-  auto scratch = at::mul(v.z.narrow(0, 0, rows), weights.a.narrow(0, 0, rows).unsqueeze(1));
-  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse.narrow(0, 0, rows), scratch);
-  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted, r, scratch);
-  if (rows < v.z.size(0)) {  // one zero fill for the detached rows, not a cat's second pass over them
-    auto full = at::empty({v.z.size(0), dz.size(1)}, dz.options());
-    full.narrow(0, 0, rows).copy_(dz);
-    full.narrow(0, rows, v.z.size(0) - rows).zero_();
-    dz = full;
-  }
-  return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
+  return finish_backward(dz, v, weights, sums, r, features);
 }
 
 }  // namespace

@@ -205,20 +205,6 @@ QueueState queue_pass(const at::Tensor& za, const Queue& q) {
   return out;
 }
 
-struct ValidSet {
-  at::Tensor index;   // undefined when all rows are valid
-  at::Tensor z;       // [Nv, D] compute dtype
-  at::Tensor labels;  // [Nv]
-};
-
-ValidSet gather_valid(const at::Tensor& features, const at::Tensor& labels) {
-  ValidSet v;
-  v.index = valid_rows(labels);
-  v.z = gather_rows(to_compute(features), v.index);
-  v.labels = gather_rows(labels, v.index);
-  return v;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> label_supcon_queue_cpu(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& queue, const at::Tensor& queue_labels,
     double temperature, double base_temperature, bool normalize_queue, int64_t anchor_start,
@@ -282,16 +268,7 @@ at::Tensor label_supcon_queue_backward_cpu(const at::Tensor& grad_rows, const at
   const int64_t count = r.end - r.begin;
   const auto mean = gather_rows(to_compute(queue_mean, dtype), v.index).narrow(0, r.begin, count);
   dz.narrow(0, r.begin, count).addcmul_(mean, weights.w.narrow(0, r.begin, count).unsqueeze(1));
-  const int64_t rows = dz.size(0);  // the rows that take a gradient: anchors and rows below grad_stop
-  auto scratch = at::mul(v.z.narrow(0, 0, rows), weights.a.narrow(0, 0, rows).unsqueeze(1));
-  const auto weighted = at::zeros_like(sums.sums).index_add_(0, sums.inverse.narrow(0, 0, rows), scratch);
-  label_supcon::subtract_positive_term_(dz, v.z, weights.a, sums, weighted, r, scratch);
-  if (rows < v.z.size(0)) {  // the others: 0, and no work
-    auto full = at::zeros_like(v.z);
-    full.narrow(0, 0, rows).copy_(dz);
-    dz = full;
-  }
-  return scatter_rows(dz, v.index, features.size(0)).to(features.scalar_type());
+  return finish_backward(dz, v, weights, sums, r, features);
 }
 
 }  // namespace
