@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_close_by_norm, backends, device_of, make_labels, make_targets
+from utils import assert_close_by_norm, backends, device_of, make_labels, make_targets, record_op_calls
 
 import mlcontrast
 from mlcontrast import reference
@@ -169,32 +169,22 @@ def test_a_learned_temperature_costs_a_detached_queue_no_gradient_work(backend, 
     backward ops run are the queue op's (which gives the queue no gradient) where the backend has it, else
     label_supcon's with its contrast-role gradient stopped at the batch (grad_stop = B); then label_supcon's
     over the batch alone."""
-    from mlcontrast.ops import contract, registry
+    from mlcontrast.ops import contract
 
     device = device_of(backend)
-    calls = []
-    real = registry.backward_op
-
-    def spying(name, b):
-        run = real(name, b)
-
-        def call(*args):
-            calls.append((name, args[1].shape[0], args[-1] if name == "label_supcon" else None))
-            return run(*args)
-
-        return call
-
-    monkeypatch.setattr(registry, "backward_op", spying)
+    calls = record_op_calls(monkeypatch, "backward_op")
     z = torch.randn(9, 6, device=device, requires_grad=True)
     y, queue, y_queue = make_labels(9, 3).to(device), torch.randn(40, 6, device=device), make_labels(40, 3).to(device)
     log_t = torch.tensor(-2.0, device=device, requires_grad=True)
     loss = mlcontrast.label_supcon_loss(z, y, log_t.exp(), normalize=True, ref_features=queue, ref_labels=y_queue,
                                         backend=backend)  # fmt: skip
     loss.backward()
+    # (op, rows, grad_stop of label_supcon's backward)
+    seen = [(name, args[1].shape[0], args[-1] if name == "label_supcon" else None) for name, args in calls]
     if backend in contract.FUSED_OPS["label_supcon_queue"].backends:
-        assert calls == [("label_supcon_queue", 9, None), ("label_supcon", 9, None)]
+        assert seen == [("label_supcon_queue", 9, None), ("label_supcon", 9, None)]
     else:  # the whole set stopped at the batch, then the batch alone
-        assert calls == [("label_supcon", 49, 9), ("label_supcon", 9, None)]
+        assert seen == [("label_supcon", 49, 9), ("label_supcon", 9, None)]
     expected = torch.autograd.grad(
         reference.label_supcon_loss(z, y, log_t.exp(), normalize=True, ref_features=queue, ref_labels=y_queue), log_t
     )[0]

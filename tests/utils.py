@@ -289,6 +289,34 @@ def sample_inputs(op: str, dtype: torch.dtype, device, requires_grad: bool = Fal
     raise KeyError(f"no sample inputs for {op!r}: add them here with its entry in FUSED_OPS")
 
 
+def record_op_calls(monkeypatch, lookup: str = "op") -> list:
+    """Records every call of the fused ops that ``mlcontrast.ops.registry.<lookup>`` (``"op"`` or
+    ``"backward_op"``) hands out from now on, as ``(name, args)``; the calls still run.
+
+    Example:
+        >>> calls = record_op_calls(monkeypatch)
+        >>> mlcontrast.label_supcon_loss(z, y, backend="cpu")
+        >>> [name for name, _ in calls]
+        ['label_supcon']
+    """
+    from mlcontrast.ops import registry
+
+    calls = []
+    real = getattr(registry, lookup)
+
+    def spying(name, backend):
+        run = real(name, backend)
+
+        def call(*args, **kwargs):
+            calls.append((name, args))
+            return run(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(registry, lookup, spying)
+    return calls
+
+
 def backward_inputs(op: str, args: tuple, outputs: tuple) -> tuple:
     """The arguments of ``<op>_backward`` after the forward call ``op(*args) -> outputs``: a random
     incoming gradient, the tensor inputs, the saved statistics, the other inputs (the contract's order)."""
