@@ -46,41 +46,43 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class DetachedRowsScaled(torch.autograd.Function):
-    """The per-row losses of ``label_supcon`` on ``features * scale`` at temperature 1 (anchors ``anchors``,
-    every row a contrast row), with the rows from ``grad_stop`` on detached: they get no gradient and cost
-    no gradient work, and ``scale`` gets its exact gradient (module docstring).
+    """The outputs of the pairwise op ``name`` (``"label_supcon"``, or ``"multihot_supcon"`` but for mulsupcon,
+    whose class weights span the whole set) on ``features * scale`` at temperature 1, with the rows from
+    ``grad_stop`` on detached: they get no gradient and cost no gradient work, and ``scale`` gets its exact
+    gradient (module docstring).
 
-    ``apply(features, scale, labels, backend, anchors, grad_stop)``: ``features`` ``[R, D]``, ``scale`` a
-    0-dim tensor (:math:`\\tau^{-1/2}`), ``labels`` ``[R]``, a fused ``backend``, ``anchors`` ``(start,
-    stop)`` with ``stop <= grad_stop < R``.
+    ``apply(features, scale, labels, backend, name, others, grad_stop)``: ``features`` ``[R, D]``, ``scale`` a
+    0-dim tensor (:math:`\tau^{-1/2}`), ``labels`` the op's ``[R]`` labels or ``[R, C]`` targets, a fused
+    ``backend``, ``others`` the op's arguments between those two tensors and ``grad_stop`` (its last: both
+    temperatures 1 and the anchors ``(start, stop)`` with ``stop <= grad_stop < R``). Returns the op's outputs;
+    the statistics after the rows are not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, features, scale, labels, backend, anchors, grad_stop):
-        start, stop = anchors
+    def forward(ctx, features, scale, labels, backend, name, others, grad_stop):
         z = features * scale
-        rows, lse, n_pos = registry.op("label_supcon", backend)(z, labels, 1.0, 1.0, start, stop, 0, grad_stop)
-        ctx.save_for_backward(z, labels, lse, n_pos, scale)
-        ctx.backend, ctx.anchors, ctx.grad_stop = backend, anchors, grad_stop
-        return rows
+        outputs = registry.op(name, backend)(z, labels, *others, grad_stop)
+        ctx.save_for_backward(z, labels, scale, *outputs[1:])
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.call = (backend, name, others, grad_stop)
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        z, labels, lse, n_pos, scale = ctx.saved_tensors
-        start, stop = ctx.anchors
-        kept = ctx.grad_stop
-        backward = registry.backward_op("label_supcon", ctx.backend)
-        dz = backward(grad_rows, z, labels, lse, n_pos, 1.0, 1.0, start, stop, 0, kept)  # 0 from kept on
+    def backward(ctx, grad_rows, *unused_stat_grads):
+        z, labels, scale, *stats = ctx.saved_tensors
+        backend, name, others, kept = ctx.call
+        backward = registry.backward_op(name, backend)
+        dz = backward(grad_rows, z, labels, *stats, *others, kept)  # 0 from kept on
         grad_scale = None
         if ctx.needs_input_grad[1]:
             # The same pairs' gradient over the kept rows alone, from the full statistics: 2 T_S.
-            kept_only = backward(grad_rows[:kept], z[:kept], labels[:kept], lse[:kept], n_pos[:kept], 1.0, 1.0,
-                                 start, stop, 0, None)  # fmt: skip
+            kept_stats = (s[:kept] for s in stats)
+            kept_only = backward(grad_rows[:kept], z[:kept], labels[:kept], *kept_stats, *others, None)
             t = _dot(dz[:kept], z[:kept]) - 0.5 * _dot(kept_only, z[:kept])
             grad_scale = (2 * t / scale).to(scale.dtype)
         if ctx.needs_input_grad[0]:
             dz[:kept].mul_(scale.to(dz.dtype))  # dz' = c dz of the rows z' = c z; the detached rows' are 0
-        return (dz if ctx.needs_input_grad[0] else None), grad_scale, None, None, None, None
+        return (dz if ctx.needs_input_grad[0] else None), grad_scale, None, None, None, None, None
 
 
 class QueueAtLearnedTemperature(torch.autograd.Function):

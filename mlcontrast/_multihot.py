@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from mlcontrast import _backends, _temperature, distributed, reference
+from mlcontrast._base import compute_dtype
+from mlcontrast._detached_rows import DetachedRowsScaled
 from mlcontrast._layout import unit_rows
 from mlcontrast._temperature import Temperature, pair_scaled
 from mlcontrast._validation import (
@@ -81,9 +83,17 @@ def _anchor_rows(
             features, present, temperature, base_temperature, positives, threshold, normalize, start, stop, grad_stop
         )
     z = unit_rows(features, backend) if normalize else features
-    z, tau, base, factor = pair_scaled(z, temperature, base_temperature)
-    op = registry.op("multihot_supcon", backend)
-    loss, _, _, count = op(z, present, tau, base, positives, float(threshold), start, stop, grad_stop)
+    if _temperature.is_tensor(temperature) and temperature.requires_grad and grad_stop is not None:
+        # τ's gradient flows through every scaled row, detached ones too: taken from the others' work alone.
+        tau = temperature.to(device=z.device, dtype=compute_dtype(z.dtype))
+        factor = None if base_temperature is temperature else tau / base_temperature
+        others = (1.0, 1.0, positives, float(threshold), start, stop)
+        loss, _, _, count = DetachedRowsScaled.apply(z, tau.rsqrt(), present, backend, "multihot_supcon", others,
+                                                     grad_stop)  # fmt: skip
+    else:
+        z, tau, base, factor = pair_scaled(z, temperature, base_temperature)
+        op = registry.op("multihot_supcon", backend)
+        loss, _, _, count = op(z, present, tau, base, positives, float(threshold), start, stop, grad_stop)
     loss, count = loss[start:stop], count[start:stop]
     loss = loss if factor is None else loss * factor
     return loss, (count if positives == "mulsupcon" else count > 0)
@@ -173,10 +183,10 @@ def multihot_supcon_loss(
         present = distributed.all_gather_no_grad(present, sizes, process_group)
     grad_stop = None
     if ref_features is not None:
-        # Detached ref rows cost no gradient work, but for a learned temperature, whose gradient flows through
-        # the scaling of every row (pair_scaled).
+        # Detached ref rows cost no gradient work; with a learned temperature too (DetachedRowsScaled) but for
+        # mulsupcon, whose class weights span the whole set (its refs then take their gradient work).
         learned = _temperature.is_tensor(temperature) and temperature.requires_grad
-        grad_stop = None if ref_features.requires_grad or learned else rows.shape[0]
+        grad_stop = None if ref_features.requires_grad or (learned and positives == "mulsupcon") else rows.shape[0]
         refs = unit_rows(ref_features, backend) if unit else ref_features
         rows = torch.cat([rows, refs.to(rows.dtype)])
         present = torch.cat([present, _present(ref_targets)])

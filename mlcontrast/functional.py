@@ -71,8 +71,8 @@ def _label_supcon_rows(
         # τ's gradient flows through every scaled row, detached ones too: taken from the others' work alone.
         tau = temperature.to(device=features.device, dtype=compute_dtype(features.dtype))
         factor = None if base_temperature is temperature else tau / base_temperature
-        anchors = (anchor_start, n if anchor_stop is None else anchor_stop)
-        rows = DetachedRowsScaled.apply(features, tau.rsqrt(), labels, backend, anchors, grad_stop)
+        others = (1.0, 1.0, anchor_start, n if anchor_stop is None else anchor_stop, 0)
+        rows = DetachedRowsScaled.apply(features, tau.rsqrt(), labels, backend, "label_supcon", others, grad_stop)[0]
     else:
         z, tau, base, factor = pair_scaled(features, temperature, base_temperature)
         rows = registry.op("label_supcon", backend)(z, labels, tau, base, anchor_start, anchor_stop, 0, grad_stop)[0]

@@ -26,7 +26,15 @@ def _problems(device):
     queue = torch.randn(31, 12, generator=g, dtype=torch.float64).to(device)  # detached reference rows
     y_queue = make_labels(31, 4, ignore_fraction=0.2).to(device)
     refs = {"ref_features": queue, "ref_labels": y_queue}
+    t_queue = make_targets(31, 5).to(device)
+    multihot_refs = {"ref_features": queue, "ref_targets": t_queue}
     return [
+        ("multihot_jaccard_queue", lambda tau, z, b: mlcontrast.multihot_supcon_loss(z, t, tau, 0.1, normalize=True,
+                                                                                      backend=b, **multihot_refs),
+         lambda tau, z: reference.multihot_supcon_loss(z, t, tau, 0.1, normalize=True, **multihot_refs), [z]),
+        ("multihot_mulsupcon_queue", lambda tau, z, b: mlcontrast.multihot_supcon_loss(z, t, tau, positives="mulsupcon",
+                                                                                        backend=b, **multihot_refs),
+         lambda tau, z: reference.multihot_supcon_loss(z, t, tau, positives="mulsupcon", **multihot_refs), [z]),
         ("label_supcon_queue", lambda tau, z, b: mlcontrast.label_supcon_loss(z, y, tau, 0.07, normalize=True,
                                                                               backend=b, **refs),
          lambda tau, z: reference.label_supcon_loss(z, y, tau, 0.07, normalize=True, **refs), [z]),
@@ -189,3 +197,21 @@ def test_a_learned_temperature_costs_a_detached_queue_no_gradient_work(backend, 
         reference.label_supcon_loss(z, y, log_t.exp(), normalize=True, ref_features=queue, ref_labels=y_queue), log_t
     )[0]
     assert_close_by_norm(log_t.grad, expected, torch.float32, "d loss / d log_t")
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_learned_temperature_costs_a_detached_multihot_queue_no_gradient_work(backend, monkeypatch):
+    """multihot_supcon's backward stops at the batch (grad_stop = B), then runs over the batch alone; τ's
+    gradient is still exact."""
+    device = device_of(backend)
+    calls = record_op_calls(monkeypatch, "backward_op")
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(9, 6, generator=g).to(device).requires_grad_()
+    targets, queue, queue_targets = make_targets(9, 4).to(device), torch.randn(40, 6).to(device), make_targets(40, 4)
+    kw = dict(normalize=True, ref_features=queue, ref_targets=queue_targets.to(device))
+    log_t = torch.tensor(-2.0, device=device, requires_grad=True)
+    mlcontrast.multihot_supcon_loss(z, targets, log_t.exp(), backend=backend, **kw).backward()
+    assert [(args[1].shape[0], args[-1]) for _, args in calls] == [(49, 9), (9, None)]  # (rows, grad_stop)
+    expected = torch.autograd.grad(reference.multihot_supcon_loss(z, targets, log_t.exp(), **kw), log_t)[0]
+    assert_close_by_norm(log_t.grad, expected, torch.float32, "d loss / d log_t")
+
