@@ -1,5 +1,5 @@
-r"""Detached reference rows (a queue, a memory) in ``label_supcon_loss``: no copy of them and no gradient work
-for them, at a number or a learned (tensor) temperature.
+r"""Detached reference rows (a queue, a memory) in ``label_supcon_loss`` (and ``multihot_supcon_loss``): no copy
+of them (label_supcon on the CPU) and no gradient work for them, at a number or a learned (tensor) temperature.
 
 * :func:`queue_losses`: the ``label_supcon_queue`` op, where the backend has it, takes the queue as its own
   input (normalised in the kernel) and saves the softmax-weighted mean of its rows, so that the backward
