@@ -133,8 +133,7 @@ def queue_op_takes(backend: str, ref_features: torch.Tensor | None, temperature:
     it (a learned temperature under ``torch.compile`` takes the sync-free path of :func:`_label_supcon_rows`)."""
     if ref_features is None or ref_features.requires_grad or backend not in FUSED_OPS["label_supcon_queue"].backends:
         return False
-    learned = _temperature.is_tensor(temperature) and temperature.requires_grad
-    return not (learned and torch.compiler.is_compiling())
+    return not (_temperature.learned(temperature) and torch.compiler.is_compiling())
 
 
 def queue_losses(
@@ -152,7 +151,7 @@ def queue_losses(
     asked) against the other rows and a detached queue (normalised by the op, if asked), by the
     ``label_supcon_queue`` op: no copy of the queue, no gradient work for it."""
     queue = queue.to(rows.dtype)  # as documented: the queue in the features' dtype (no copy when it is)
-    if _temperature.is_tensor(temperature) and temperature.requires_grad:
+    if _temperature.learned(temperature):
         base = None if base_temperature is temperature else base_temperature
         losses = QueueAtLearnedTemperature.apply(rows, temperature, labels, queue, queue_labels, base, normalize,
                                                  anchors, backend)  # fmt: skip

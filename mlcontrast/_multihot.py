@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from mlcontrast import _backends, _temperature, distributed, reference
-from mlcontrast._base import compute_dtype
 from mlcontrast._detached_rows import DetachedRowsScaled
 from mlcontrast._layout import unit_rows
 from mlcontrast._temperature import Temperature, pair_scaled
@@ -83,13 +82,11 @@ def _anchor_rows(
             features, present, temperature, base_temperature, positives, threshold, normalize, start, stop, grad_stop
         )
     z = unit_rows(features, backend) if normalize else features
-    if _temperature.is_tensor(temperature) and temperature.requires_grad and grad_stop is not None:
+    if _temperature.learned(temperature) and grad_stop is not None:
         # τ's gradient flows through every scaled row, detached ones too: taken from the others' work alone.
-        tau = temperature.to(device=z.device, dtype=compute_dtype(z.dtype))
-        factor = None if base_temperature is temperature else tau / base_temperature
+        scale, factor = _temperature.row_scale(z, temperature, base_temperature)
         others = (1.0, 1.0, positives, float(threshold), start, stop)
-        loss, _, _, count = DetachedRowsScaled.apply(z, tau.rsqrt(), present, backend, "multihot_supcon", others,
-                                                     grad_stop)  # fmt: skip
+        loss, _, _, count = DetachedRowsScaled.apply(z, scale, present, backend, "multihot_supcon", others, grad_stop)
     else:
         z, tau, base, factor = pair_scaled(z, temperature, base_temperature)
         op = registry.op("multihot_supcon", backend)
@@ -185,8 +182,8 @@ def multihot_supcon_loss(
     if ref_features is not None:
         # Detached ref rows cost no gradient work; with a learned temperature too (DetachedRowsScaled) but for
         # mulsupcon, whose class weights span the whole set (its refs then take their gradient work).
-        learned = _temperature.is_tensor(temperature) and temperature.requires_grad
-        grad_stop = None if ref_features.requires_grad or (learned and positives == "mulsupcon") else rows.shape[0]
+        mulsupcon_learned = positives == "mulsupcon" and _temperature.learned(temperature)
+        grad_stop = None if ref_features.requires_grad or mulsupcon_learned else rows.shape[0]
         refs = unit_rows(ref_features, backend) if unit else ref_features
         rows = torch.cat([rows, refs.to(rows.dtype)])
         present = torch.cat([present, _present(ref_targets)])

@@ -22,8 +22,8 @@ import torch
 
 from mlcontrast._base import NORM_EPS, compute_dtype
 
-__all__ = ["Temperature", "check_temperature", "is_tensor", "number", "pair_scaled", "prototype_ce_derivative",
-           "prototype_nce_derivative", "straight_through"]
+__all__ = ["Temperature", "check_temperature", "is_tensor", "learned", "number", "pair_scaled", "row_scale",
+           "prototype_ce_derivative", "prototype_nce_derivative", "straight_through"]
 
 #: A temperature: a positive number, or a 0-dim floating tensor (which may require grad).
 Temperature = float | torch.Tensor
@@ -53,6 +53,22 @@ def check_temperature(value: Temperature, name: str = "temperature", tensor_ok: 
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def learned(temperature: Temperature) -> bool:
+    """Whether ``temperature`` is learned: a tensor that requires grad."""
+    return is_tensor(temperature) and temperature.requires_grad
+
+
+def row_scale(
+    rows: torch.Tensor, temperature: torch.Tensor, base_temperature: Temperature
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""For a tensor temperature: the scale :math:`\tau^{-1/2}` of the ``rows`` (in their compute dtype, on their
+    device) and the factor :math:`\tau/\tau_{base}` of their losses (None when ``base_temperature`` is the
+    temperature itself, the default)."""
+    tau = temperature.to(device=rows.device, dtype=compute_dtype(rows.dtype))
+    factor = None if base_temperature is temperature else tau / base_temperature
+    return tau.rsqrt(), factor
+
+
 def number(temperature: Temperature) -> float:
     """The temperature as a Python float (a host sync for a tensor)."""
     return float(temperature.detach()) if is_tensor(temperature) else float(temperature)
@@ -70,16 +86,15 @@ def pair_scaled(
     """
     if not is_tensor(temperature):
         return rows, float(temperature), float(base_temperature), None
-    tau = temperature.to(device=rows.device, dtype=compute_dtype(rows.dtype))
-    factor = None if base_temperature is temperature else tau / base_temperature
-    return rows * tau.rsqrt(), 1.0, 1.0, factor
+    scale, factor = row_scale(rows, temperature, base_temperature)
+    return rows * scale, 1.0, 1.0, factor
 
 
 def straight_through(value: torch.Tensor, temperature: Temperature, derivative: torch.Tensor) -> torch.Tensor:
     """``value`` plus :math:`(\\tau - \\operatorname{sg}(\\tau))` ``derivative``: the same value, and the gradient
     ``derivative`` (:math:`\\partial\\,\\text{value} / \\partial\\tau`, same shape as ``value``) for a tensor
     temperature that requires grad; ``value`` itself otherwise."""
-    if not (is_tensor(temperature) and temperature.requires_grad):
+    if not learned(temperature):
         return value
     tau = temperature.to(device=value.device, dtype=value.dtype)
     return value + (tau - tau.detach()) * derivative.detach().to(value.dtype)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from mlcontrast import _backends, _temperature, distributed, reference
-from mlcontrast._base import compute_dtype
 from mlcontrast._detached_rows import DetachedRowsScaled, queue_losses, queue_op_takes
 from mlcontrast._layout import legacy_sadcl_gate, multilabel_rows, unit_rows
 from mlcontrast._multihot import multihot_supcon_loss
@@ -66,13 +65,11 @@ def _label_supcon_rows(
     ``grad_stop`` on get gradients only as anchors (detached reference rows: no gradient work). A tensor
     temperature scales the rows instead (:func:`mlcontrast._temperature.pair_scaled`)."""
     n = features.shape[0]
-    learned = _temperature.is_tensor(temperature) and temperature.requires_grad
-    if learned and grad_stop is not None and grad_stop < n:
+    if _temperature.learned(temperature) and grad_stop is not None and grad_stop < n:
         # τ's gradient flows through every scaled row, detached ones too: taken from the others' work alone.
-        tau = temperature.to(device=features.device, dtype=compute_dtype(features.dtype))
-        factor = None if base_temperature is temperature else tau / base_temperature
+        scale, factor = _temperature.row_scale(features, temperature, base_temperature)
         others = (1.0, 1.0, anchor_start, n if anchor_stop is None else anchor_stop, 0)
-        rows = DetachedRowsScaled.apply(features, tau.rsqrt(), labels, backend, "label_supcon", others, grad_stop)[0]
+        rows = DetachedRowsScaled.apply(features, scale, labels, backend, "label_supcon", others, grad_stop)[0]
     else:
         z, tau, base, factor = pair_scaled(features, temperature, base_temperature)
         rows = registry.op("label_supcon", backend)(z, labels, tau, base, anchor_start, anchor_stop, 0, grad_stop)[0]
@@ -454,7 +451,7 @@ def prototype_nce_loss(
         return reference.prototype_nce_loss(features, prototypes, targets, temperature)
     prototype_nce = registry.op("prototype_nce", backend)
     loss, stats, logits, _ = prototype_nce(features, prototypes, targets, _temperature.number(temperature))
-    if not _temperature.is_tensor(temperature) or not temperature.requires_grad:
+    if not _temperature.learned(temperature):
         return loss
     derivative = _temperature.prototype_nce_derivative(stats, logits, targets, temperature)
     return _temperature.straight_through(loss, temperature, derivative)
@@ -505,7 +502,7 @@ def prototype_ce_loss(
         return reference.prototype_ce_loss(features, labels, prototypes, temperature)
     prototype_ce = registry.op("prototype_ce", backend)
     rows, lse, _ = prototype_ce(features, labels, prototypes, _temperature.number(temperature))
-    if _temperature.is_tensor(temperature) and temperature.requires_grad:
+    if _temperature.learned(temperature):
         derivative = _temperature.prototype_ce_derivative(features, labels, prototypes, lse, temperature)
         rows = _temperature.straight_through(rows, temperature, derivative)
     return reduce_rows(rows, (labels >= 0).sum(), "mean")
