@@ -83,6 +83,27 @@ def test_grad_stop_detaches_the_batch_rows_from_it_on(backend, anchors, grad_sto
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_anchors_without_positives_and_an_ignored_queue(backend):
+    """A class only one batch row has and the queue lacks: loss 0, finite gradient; a queue whose rows are all
+    ignored: the batch alone, as label_supcon's own op; an anchor with nothing to contrast with: lse -inf."""
+    op = registry.op("label_supcon_queue", backend)
+    z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 7, -1])  # class 7: one row, not in the queue
+    queue, queue_labels = torch.randn(9, 4, dtype=torch.float64), torch.tensor([0, 1, 2, -1, 0, 1, 2, 2, -1])
+    loss, lse, n_pos, _ = op(z, y, queue, queue_labels, 0.2, 0.2, True)
+    assert loss[4] == 0 and n_pos[4] == 0 and loss[5] == 0 and torch.isfinite(lse[4])
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    assert torch.isfinite(grad).all()
+    ignored = torch.full((9,), -1)
+    got = op(z, y, queue, ignored, 0.2, 0.2, True)
+    want = registry.op("label_supcon", backend)(z, y, 0.2, 0.2)
+    for name, a, b in zip(("loss", "lse", "n_pos"), got, want):
+        assert_close_by_norm(a.detach(), b.detach(), torch.float64, name)
+    lone = op(z[:1], y[:1], queue, ignored, 0.2, 0.2, True)
+    assert lone[1][0] == float("-inf") and lone[0][0] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_queue_is_read_as_given(backend):
     """A strided queue (a view into a larger buffer, as a ring buffer's slice may be) and a fp64 queue for
     fp32 features give the results of the contiguous fp32 queue."""

@@ -207,6 +207,34 @@ def test_detached_ref_rows_get_no_gradient_and_change_the_loss(backend):
 
 
 @pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("positives", ["jaccard", "any", "all", "mulsupcon"])
+@pytest.mark.parametrize("r, anchors, grad_stop", [(23, (0, 7), 7), (23, (0, 7), 12), (23, (3, 9), 5), (23, (0, 23), 0),
+                                                   (67, (0, 31), 31)])  # fmt: skip
+def test_op_grad_stop_against_the_reference(backend, positives, r, anchors, grad_stop):
+    """The op's grad_stop: rows from it on take no contrast-role gradient (the anchors past it keep their own
+    loss's), against reference.multihot_supcon_anchor_rows with those rows detached; rows without labels and
+    anchors without positives included."""
+    from mlcontrast.ops import registry
+
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(r + grad_stop)
+    z = torch.nn.functional.normalize(torch.randn(r, 6, generator=g, dtype=torch.float64), dim=1)
+    targets = (torch.rand(r, 5, generator=g) < 0.35).to(torch.uint8)
+    targets[1] = 0  # a row without labels: in every contrast set, no loss of its own
+    weights = torch.randn(r, generator=g, dtype=torch.float64)
+    leaf = z.clone().to(dev).requires_grad_()
+    op = registry.op("multihot_supcon", backend)
+    loss = op(leaf, targets.to(dev), 0.3, 0.2, positives, 1 / 3, *anchors, grad_stop)[0]
+    (got,) = torch.autograd.grad((loss * weights.to(dev)).sum(), leaf)
+    ref_leaf = z.clone().requires_grad_()
+    expected, _ = reference.multihot_supcon_anchor_rows(ref_leaf, targets, 0.3, 0.2, positives, 1 / 3, False, *anchors,
+                                                        grad_stop)  # fmt: skip
+    (want,) = torch.autograd.grad((expected * weights[anchors[0] : anchors[1]]).sum(), ref_leaf)
+    assert_close_by_norm(loss[anchors[0] : anchors[1]].detach().cpu(), expected.detach(), torch.float64, "loss")
+    assert_close_by_norm(got.cpu(), want, torch.float64, "features' gradient")
+
+
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("positives", ["jaccard", "mulsupcon"])
 def test_a_detached_queue_costs_no_gradient_work(backend, positives, monkeypatch):
     """The op's backward gets grad_stop = B (the queue takes no contrast-role gradient and no work; the op's
